@@ -2,8 +2,38 @@
 01 - Sample-adaptive kernel selection (GigaGAN Sec. 3.2, Eq. 1-2), built on StyleGAN2's
 modulated convolution.
 
-THIS FILE IS BEING WRITTEN. The equalized-learning-rate layers below are final API;
-the modulated conv, kernel bank, noise and resampling follow.
+What. The convolution layer of GigaGAN's generator. Each layer owns a bank of N kernels
+{K_1 .. K_N}; every sample mixes its own kernel from the bank, with weights read off its
+style vector w (Eq. 1-2):
+
+    K = sum_i K_i * softmax(W_filter^T w + b_filter)_i
+
+and then modulates and demodulates that kernel with a second affine of w, exactly as
+StyleGAN2 does (Karras et al. 2020, Sec. 2.2):
+
+    s = A(w)                                    one scale per input channel, init 1
+    w'_oikl  = s_i * K_oikl                     modulation
+    w''_oikl = w'_oikl / sqrt(sum_ikl w'_oikl^2 + eps)   demodulation
+
+Why. A StyleGAN2 layer has one kernel for every sample, so the style can only rescale its
+input channels. Open-world text-to-image needs more capacity, but wider convs are too
+costly, since the same operation is repeated at every pixel. The bank multiplies the conv
+parameters by N at almost no compute: the mixture is formed once per sample, before the
+convolution (B*N*C_out*C_in*K*K multiply-adds, versus B*H*W*C_out*C_in*K*K for the conv),
+and the convolution itself costs the same as StyleGAN2's. Different prompts can then use
+different filters. With N = 1 the
+softmax of a single logit is exactly 1, and the layer IS StyleGAN2's modulated conv.
+
+Also here, because everything later builds on them: equalized-learning-rate layers, noise
+injection, and 2x up/down sampling with a fixed [1, 3, 3, 1] blur (the generator, the
+discriminator and the real-image pyramid all use them).
+
+A modulated conv can be run two ways (STYLE.md rule 5):
+    naive  loop over the batch, one F.conv2d per sample with its own kernel (obviously right)
+    fused  fold the batch into conv groups, one F.conv2d with groups=B (fast; the default)
+tests/test_kernel_selection.py checks that they agree.
+
+Run:  python 01_kernel_selection.py      (a CPU demo, about a second)
 
 Shape legend (shared by every numbered file):
     B batch, C channels, H W height width, N kernels in a bank, S style (w) width,
@@ -43,15 +73,17 @@ class EqualLinear(nn.Module):
     ):
         super().__init__()
         assert activation in (None, "lrelu"), activation
+        # stored W ~ N(0, 1/lr_mul^2): after the runtime c the effective weight is He-scaled
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
+        # stored b = bias_init / lr_mul, so the effective lr_mul * b starts at bias_init
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init) / lr_mul)) if bias else None
         self.weight_gain = lr_mul / math.sqrt(in_features)  # the runtime scale c
         self.lr_mul = lr_mul
         self.activation = activation
 
     def forward(self, x):                                    # (..., in_features)
-        w = self.weight * self.weight_gain
-        b = self.bias * self.lr_mul if self.bias is not None else None
+        w = self.weight * self.weight_gain                   # effective weight c * W
+        b = self.bias * self.lr_mul if self.bias is not None else None  # effective bias
         x = F.linear(x, w, b)                                # (..., out_features)
         return lrelu_gain(x) if self.activation == "lrelu" else x
 
@@ -73,12 +105,329 @@ class EqualConv2d(nn.Module):
     ):
         super().__init__()
         assert activation in (None, "lrelu"), activation
+        # stored unit normal; the runtime gain below gives the He scale 1 / sqrt(fan_in)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)  # fan_in = C_in * K * K
         self.stride, self.padding = stride, kernel_size // 2
         self.activation = activation
 
     def forward(self, x):                                    # (B, C_in, H, W)
         x = F.conv2d(x, self.weight * self.weight_gain, self.bias, self.stride, self.padding)
         return lrelu_gain(x) if self.activation == "lrelu" else x  # (B, C_out, H/stride, W/stride)
+
+
+# -----------------------------------------------------------------------------
+# 2x resampling with a fixed [1, 3, 3, 1] binomial blur (StyleGAN2's resample filter)
+#
+# Halving a grid without a low-pass filter aliases: plain subsampling x[..., ::2, ::2] turns
+# a one-pixel checkerboard into a flat wrong colour. The binomial [1, 3, 3, 1] / 8 is a
+# cheap approximation of a Gaussian; its 2D version is the outer product with itself. It is
+# fixed (a buffer, never trained) and applied per channel (depthwise conv, groups=C).
+# Both functions are linear and built from conv ops, so they support double backward (R1).
+
+def blur_filter(device=None, dtype=None):
+    """The 4x4 blur outer([1,3,3,1], [1,3,3,1]) / 64; its taps sum to 1."""
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)  # (4,) binomial row
+    f = torch.outer(f, f)                                    # (4, 4) separable 2D filter
+    return f / f.sum()                                       # unit DC gain: constants pass unchanged
+
+
+def upsample2x(x, f=None):
+    """(B, C, H, W) -> (B, C, 2H, 2W): zero insertion, then the blur times 4.
+
+    With edge replication this is exactly bilinear interpolation (align_corners=False):
+    each new pixel is 3/4 of its nearest old pixel plus 1/4 of the next one, per axis.
+    """
+    B, C, H, W = x.shape
+    f = blur_filter() if f is None else f                    # (4, 4)
+    # only 1 of 4 output pixels receives an input sample, so the taps used per output pixel
+    # sum to 1/4: the gain 4 keeps a constant image constant
+    k = (f.to(x.dtype) * 4).repeat(C, 1, 1, 1)               # (C, 1, 4, 4) one filter per channel
+    x = F.pad(x, (1, 1, 1, 1), mode="replicate")             # (B, C, H+2, W+2) repeat the edges
+    # transposed conv = zero insertion + filtering; padding 3 crops the replicated border
+    x = F.conv_transpose2d(x, k, stride=2, padding=3, groups=C)  # (B, C, 2H, 2W)
+    return x
+
+
+def downsample2x(x, f=None):
+    """(B, C, H, W) -> (B, C, H/2, W/2): blur, then keep every second pixel (anti-aliased).
+
+    Output pixel j averages input pixels 2j-1 .. 2j+2 with weights 1, 3, 3, 1 (per axis),
+    centred between 2j and 2j+1, so the half-size grid is aligned like average pooling.
+    """
+    B, C, H, W = x.shape
+    assert H % 2 == 0 and W % 2 == 0, f"downsample2x needs even sizes, got {(H, W)}"
+    f = blur_filter() if f is None else f                    # (4, 4)
+    k = f.to(x.dtype).repeat(C, 1, 1, 1)                     # (C, 1, 4, 4) one filter per channel
+    # reflected edges (this project's choice): a one-pixel checkerboard averages to its mean
+    # right up to the border, and a constant image stays constant (no dark frame)
+    x = F.pad(x, (1, 1, 1, 1), mode="reflect")               # (B, C, H+2, W+2)
+    x = F.conv2d(x, k, stride=2, groups=C)                   # (B, C, H/2, W/2)
+    return x
+
+
+class Upsample2x(nn.Module):
+    """upsample2x as a module, holding the blur filter as a buffer (moves with .to(device))."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("f", blur_filter(), persistent=False)  # (4, 4) fixed, not in checkpoints
+
+    def forward(self, x):                                    # (B, C, H, W)
+        return upsample2x(x, self.f)                         # (B, C, 2H, 2W)
+
+
+class Downsample2x(nn.Module):
+    """downsample2x as a module, holding the blur filter as a buffer (moves with .to(device))."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("f", blur_filter(), persistent=False)  # (4, 4) fixed, not in checkpoints
+
+    def forward(self, x):                                    # (B, C, H, W)
+        return downsample2x(x, self.f)                       # (B, C, H/2, W/2)
+
+
+# -----------------------------------------------------------------------------
+# Noise injection (StyleGAN): per-pixel randomness for stochastic detail (hair, texture)
+
+class NoiseInjection(nn.Module):
+    """x + strength_c * n, with n ~ N(0, 1) per pixel, one noise image shared by all channels."""
+
+    def __init__(
+        self,
+        channels=1,  # C for a per-channel strength; 1 gives StyleGAN2's single scalar
+    ):
+        super().__init__()
+        # init 0: a new layer starts noise-free and learns how much randomness helps
+        self.strength = nn.Parameter(torch.zeros(channels))  # (C,) or (1,)
+
+    def forward(self, x, noise=None):
+        """x (B, C, H, W); noise (B or 1, 1, H, W), or None to draw fresh N(0, 1) noise.
+
+        Pass `noise` explicitly for deterministic outputs (tests, fixed-noise sampling).
+        """
+        B, C, H, W = x.shape
+        if noise is None:
+            noise = torch.randn(B, 1, H, W, device=x.device, dtype=x.dtype)  # (B, 1, H, W)
+        assert noise.dim() == 4 and noise.shape[0] in (1, B) and noise.shape[1:] == (1, H, W), noise.shape
+        return x + self.strength.view(1, -1, 1, 1) * noise  # (B, C, H, W) broadcast over channels
+
+
+# -----------------------------------------------------------------------------
+# StyleGAN2 modulated convolution: naive (per-sample loop) and fused (grouped conv)
+
+def modulate_weight(weight, styles, demodulate=True, eps=1e-8):
+    """Per-sample kernels of a modulated conv, batched.
+
+    weight (C_out, C_in, K, K) shared, or (B, C_out, C_in, K, K) one per sample;
+    styles (B, C_in). Returns (B, C_out, C_in, K, K); with demodulate=True every
+    output channel's kernel has unit L2 norm (up to eps), for every sample.
+    """
+    B, C_in = styles.shape
+    if weight.dim() == 4:
+        weight = weight.unsqueeze(0)                         # (1, C_out, C_in, K, K) shared by the batch
+    w = weight * styles.view(B, 1, C_in, 1, 1)               # (B, C_out, C_in, K, K)  w'_oikl = s_i * w_oikl
+    if demodulate:
+        # d_o = 1 / sqrt(sum_ikl w'_oikl^2 + eps): for unit-variance, independent inputs the
+        # output variance is sum_ikl w'^2, so dividing by its root restores unit variance
+        d = (w.square().sum(dim=(2, 3, 4), keepdim=True) + eps).rsqrt()  # (B, C_out, 1, 1, 1)
+        w = w * d                                            # w''_oikl = d_o * w'_oikl
+    return w
+
+
+def _modulated_conv2d_naive(x, weight, styles, demodulate, padding, eps):
+    """Reference: one ordinary conv per sample, the formulas written out directly."""
+    outs = []
+    for b in range(x.shape[0]):
+        wb = weight[b] if weight.dim() == 5 else weight      # (C_out, C_in, K, K) this sample's kernel
+        wb = wb * styles[b].view(1, -1, 1, 1)                # w'_oikl = s_i * w_oikl
+        if demodulate:
+            # w''_oikl = w'_oikl / sqrt(sum_ikl w'_oikl^2 + eps)
+            wb = wb / torch.sqrt((wb ** 2).sum(dim=(1, 2, 3), keepdim=True) + eps)
+        outs.append(F.conv2d(x[b : b + 1], wb, padding=padding))  # (1, C_out, H', W')
+    return torch.cat(outs)                                   # (B, C_out, H', W')
+
+
+def _modulated_conv2d_fused(x, weight, styles, demodulate, padding, eps):
+    """Fast path: the batch becomes conv groups, so one F.conv2d serves every sample."""
+    B, C_in, H, W = x.shape
+    w = modulate_weight(weight, styles, demodulate, eps)     # (B, C_out, C_in, K, K)
+    C_out, K = w.shape[1], w.shape[-1]
+    x = x.reshape(1, B * C_in, H, W)                         # (1, B*C_in, H, W) sample b = channel group b
+    w = w.reshape(B * C_out, C_in, K, K)                     # (B*C_out, C_in, K, K) group b = sample b's kernel
+    # groups=B: output group b only sees input group b, i.e. sample b with its own kernel
+    out = F.conv2d(x, w, padding=padding, groups=B)          # (1, B*C_out, H', W')
+    return out.reshape(B, C_out, *out.shape[2:])             # (B, C_out, H', W')
+
+
+def modulated_conv2d(x, weight, styles, demodulate=True, padding=None, fused=True, eps=1e-8):
+    """StyleGAN2's modulated (and demodulated) convolution, stride 1.
+
+    x (B, C_in, H, W); weight (C_out, C_in, K, K) shared or (B, C_out, C_in, K, K) per
+    sample; styles (B, C_in); padding defaults to K // 2 (same size for odd K).
+    fused=True runs one grouped conv, fused=False the per-sample reference loop.
+    Returns (B, C_out, H', W').
+    """
+    B, C_in, H, W = x.shape
+    assert styles.shape == (B, C_in), (styles.shape, x.shape)
+    assert weight.dim() in (4, 5), weight.shape
+    assert weight.dim() == 4 or weight.shape[0] == B, (weight.shape, B)
+    assert weight.shape[-3] == C_in, (weight.shape, C_in)
+    padding = weight.shape[-1] // 2 if padding is None else padding
+    conv = _modulated_conv2d_fused if fused else _modulated_conv2d_naive
+    out = conv(x, weight, styles, demodulate, padding, eps)  # (B, C_out, H', W')
+    assert out.shape[:2] == (B, weight.shape[-4]), out.shape
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The sample-adaptive kernel bank (GigaGAN Eq. 1-2)
+
+class AdaptiveConv2d(nn.Module):
+    """GigaGAN's conv layer: a per-sample mixture of N kernels, modulated by w.
+
+    forward(x (B, C_in, H, W), w (B, S), noise=None) -> (B, C_out, H*up, W*up):
+        K   = sum_i softmax(W_filter^T w + b_filter)_i * K_i     (Eq. 1-2)   per sample
+        y   = modconv(upsample(x) if up == 2 else x, K, s = A(w))           StyleGAN2
+        out = act(y + strength * noise + bias)
+    With n_kernels=1 this is exactly a StyleGAN2 modulated conv layer. With
+    demodulate=False, kernel_size=1, activation=None, noise=False it is a ToRGB layer.
+    """
+
+    def __init__(
+        self,
+        in_channels,         # C_in
+        out_channels,        # C_out
+        kernel_size,         # K, odd; padding K // 2 keeps H, W
+        w_dim,               # S, width of the style vector w
+        n_kernels=1,         # N, kernels in the bank (1 = StyleGAN2); per-resolution N is [U]
+        demodulate=True,     # normalise each output channel's kernel (off for ToRGB)
+        up=1,                # 1, or 2 to double H and W before the conv
+        activation="lrelu",  # "lrelu" (with gain sqrt(2)) or None
+        noise=True,          # add a NoiseInjection after the conv
+    ):
+        super().__init__()
+        assert kernel_size % 2 == 1, "odd kernel sizes only (same padding)"
+        assert up in (1, 2), up
+        assert activation in (None, "lrelu"), activation
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.w_dim, self.n_kernels = kernel_size, w_dim, n_kernels
+        self.demodulate, self.up, self.activation = demodulate, up, activation
+        # the bank {K_i}, stored unit normal (equalized LR); one parameter, no Python list
+        self.weight = nn.Parameter(torch.randn(n_kernels, out_channels, in_channels, kernel_size, kernel_size))
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)  # runtime He scale c = 1/sqrt(fan_in)
+        # W_filter, b_filter of Eq. 2: w -> N selection logits (bias init 0: uniform on average)
+        self.affine_select = EqualLinear(w_dim, n_kernels)
+        # StyleGAN2's affine A: w -> styles s, one per input channel; bias init 1 so s ~ 1 at start
+        self.affine_style = EqualLinear(w_dim, in_channels, bias_init=1.0)
+        self.bias = nn.Parameter(torch.zeros(out_channels))  # (C_out,) added after the conv and noise
+        self.noise = NoiseInjection(out_channels) if noise else None  # per-channel strength (project's choice)
+        # up=2, this project's choice: blur-upsample x 2 (bilinear), then a stride-1 conv
+        # ("resize-convolution"). StyleGAN2 instead runs a stride-2 transposed conv and blurs
+        # after it, which is 4x cheaper; ours is the same kind of linear map, and the
+        # fused and naive paths share it unchanged.
+        self.upsample = Upsample2x() if up == 2 else None
+        self.fused = True  # grouped-conv fast path; False runs the per-sample reference loop
+
+    def selection_weights(self, w):
+        """softmax(W_filter^T w + b_filter): how much of each kernel each sample uses. (B, N)"""
+        assert w.shape[1:] == (self.w_dim,), w.shape
+        logits = self.affine_select(w)                       # (B, N)
+        return logits.softmax(dim=1)                         # (B, N), rows sum to 1
+
+    def kernel(self, w):
+        """Each sample's mixed kernel K = c * sum_i p_i K_i, before modulation. (B, C_out, C_in, K, K)"""
+        p = self.selection_weights(w)                        # (B, N)
+        # one einsum over the bank for the whole batch: K_b = sum_n p_bn * K_n
+        k = torch.einsum("bn,noikl->boikl", p, self.weight)  # (B, C_out, C_in, K, K)
+        return k * self.weight_gain                          # equalized LR (cancels under demodulation)
+
+    def forward(self, x, w, noise=None, fused=None):
+        """x (B, C_in, H, W), w (B, S), noise (B or 1, 1, H*up, W*up) or None -> (B, C_out, H*up, W*up).
+
+        fused=None uses self.fused.
+        """
+        B, C, H, W = x.shape
+        assert C == self.in_channels, (x.shape, self.in_channels)
+        assert w.shape == (B, self.w_dim), (w.shape, B, self.w_dim)
+        assert noise is None or self.noise is not None, "this layer was built with noise=False"
+        fused = self.fused if fused is None else fused
+        kernel = self.kernel(w)                              # (B, C_out, C_in, K, K) Eq. 1-2
+        styles = self.affine_style(w)                        # (B, C_in) s = A(w)
+        if self.upsample is not None:
+            x = self.upsample(x)                             # (B, C_in, 2H, 2W)
+        x = modulated_conv2d(x, kernel, styles, self.demodulate, fused=fused)  # (B, C_out, H*up, W*up)
+        if self.noise is not None:
+            x = self.noise(x, noise)                         # + strength_c * n, per pixel
+        x = x + self.bias.view(1, -1, 1, 1)                  # (B, C_out, H*up, W*up)
+        if self.activation == "lrelu":
+            x = lrelu_gain(x)
+        assert x.shape == (B, self.out_channels, H * self.up, W * self.up), x.shape
+        return x
+
+    def extra_repr(self):
+        return (f"in={self.in_channels}, out={self.out_channels}, k={self.kernel_size}, w_dim={self.w_dim}, "
+                f"N={self.n_kernels}, demod={self.demodulate}, up={self.up}, act={self.activation}, fused={self.fused}")
+
+
+# -----------------------------------------------------------------------------
+
+def demo():
+    """Build a 4-kernel adaptive conv, run a batch, and check the facts that are the concept."""
+    torch.manual_seed(0)
+    B, C_in, C_out, S, N, R = 4, 16, 32, 64, 4, 16           # batch, channels, style width, bank, resolution
+    layer = AdaptiveConv2d(C_in, C_out, 3, w_dim=S, n_kernels=N)
+    n_params = sum(p.numel() for p in layer.parameters())
+    print(f"AdaptiveConv2d: bank {tuple(layer.weight.shape)} (N, C_out, C_in, K, K), {n_params:,} parameters")
+    x = torch.randn(B, C_in, R, R)                           # (B, C_in, H, W) unit-std input
+    w = torch.randn(B, S)                                    # (B, S) one style vector per sample
+
+    # 1. kernel selection: a softmax over the bank, different for every sample (Eq. 2)
+    p = layer.selection_weights(w)                           # (B, N)
+    print("selection weights (B, N):")
+    for b in range(B):
+        print("   sample", b, " ".join(f"{v:.3f}" for v in p[b].tolist()))
+    assert torch.allclose(p.sum(dim=1), torch.ones(B)), "softmax rows must sum to 1"
+    assert (p[0] - p[1:]).abs().amax() > 1e-3, "selection must depend on w"
+
+    # 2. the full layer: mixed kernel -> modulation -> demodulation -> noise, bias, lrelu
+    y = layer(x, w)                                          # (B, C_out, H, W)
+    print(f"x {tuple(x.shape)}, w {tuple(w.shape)} -> kernel {tuple(layer.kernel(w).shape)} -> y {tuple(y.shape)}")
+
+    # 3. demodulation: unit-std input gives unit-std output, whatever the styles' scale
+    z = modulated_conv2d(x, layer.kernel(w), 10 * layer.affine_style(w))  # styles x 10 on purpose
+    std = z[..., 1:-1, 1:-1].std().item()                    # interior: zero padding lowers the border
+    print(f"demodulated conv output std {std:.3f} (input std {x.std().item():.3f})")
+    assert 0.9 < std < 1.1, std
+
+    # 4. fused (grouped conv) == naive (per-sample loop), for up=1 and up=2
+    for up in (1, 2):
+        lay = AdaptiveConv2d(C_in, C_out, 3, w_dim=S, n_kernels=N, up=up)
+        with torch.no_grad():
+            lay.noise.strength.fill_(0.1)                    # make the noise term visible
+        noise = torch.randn(B, 1, R * up, R * up)            # shared, so both paths see the same noise
+        y_fused = lay(x, w, noise, fused=True)
+        y_naive = lay(x, w, noise, fused=False)
+        err = (y_fused - y_naive).abs().max().item()
+        print(f"up={up}: out {tuple(y_fused.shape)}, max |fused - naive| = {err:.2e}")
+        assert err < 1e-5, err
+
+    # 5. N = 1 is StyleGAN2: the softmax of one logit is exactly 1, the kernel is the bank's only one
+    one = AdaptiveConv2d(C_in, C_out, 3, w_dim=S, n_kernels=1)
+    assert torch.equal(one.selection_weights(w), torch.ones(B, 1))
+    assert torch.equal(one.kernel(w), (one.weight[0] * one.weight_gain).expand(B, -1, -1, -1, -1))
+    print("N=1: selection weights are exactly 1, kernel is the single StyleGAN2 kernel")
+
+    # 6. the fixed blur resampling keeps constants and halves/doubles the size
+    c = torch.full((1, 3, 8, 8), 0.7)
+    print(f"upsample2x {tuple(c.shape)} -> {tuple(upsample2x(c).shape)}, "
+          f"downsample2x -> {tuple(downsample2x(c).shape)}")
+    assert torch.allclose(upsample2x(c), torch.full((1, 3, 16, 16), 0.7))
+    assert torch.allclose(downsample2x(c), torch.full((1, 3, 4, 4), 0.7))
+    print("ok")
+
+
+if __name__ == "__main__":
+    demo()
