@@ -1,0 +1,662 @@
+"""
+05 - The losses that train GigaGAN (Sec. 3.3-3.4, Eq. 7-9; Sec. 3.5 for LPIPS).
+
+What. Every term the base model and the upsampler are trained with, as small functions of
+discriminator outputs and embeddings, plus two composite helpers that train.py calls once
+per step (they only sum named terms and return a dict of floats for logging; the loop
+itself - D step, lazy R1, G step, EMA - stays written out in train.py).
+
+    non-saturating logistic loss, summed over all MS-I/O predictions (Eq. 7):
+        L_D = sum_p E[softplus(-D_p(x, c))] + E[softplus(D_p(G(c), c))]
+        L_G = sum_p E[softplus(-D_p(G(c), c))]
+    matching-aware loss (Eq. 8): a wrong caption c^ turns any pair into a FAKE pair,
+        V_match = E[softplus(D(x, c^))] + E[softplus(D(G(c), c^))]      (D minimises it)
+    CLIP contrastive loss (Eq. 9), frozen CLIP, generated images against the batch's captions:
+        L_CLIP = E[-log exp(e_img(G(c_0)) . e_txt(c_0) / tau) / sum_n exp(e_img(G(c_0)) . e_txt(c_n) / tau)]
+    vision-aided loss: the same non-saturating loss on a second discriminator that sees
+        frozen CLIP image features and the caption embedding (Kumari et al. 2022)
+    R1 (Mescheder et al. 2018) on real images and every real pyramid level, lazy:
+        R1 = sum_levels E_b ||d(sum_p D_p(x, c)) / d x_level||^2,  applied as gamma/2 * R1 * interval
+    LPIPS (Zhang et al. 2018) for the upsampler, weight 10.
+
+Why. The plain GAN loss only asks "is this a real image?"; a text-conditioned D can answer
+that while ignoring the text. The matching-aware pairs make ignoring the text costly for D,
+and the CLIP and vision-aided terms bring in a pretrained notion of image-text agreement.
+
+The G side of the matching-aware loss (Table 1: "matching-aware D" 27.29 FID -> "G and D"
+21.66). Eq. 7 puts V_match(G_i, D_ij) inside the G-D game, but the only part of Eq. 8 that
+depends on G is softplus(D(G(c), c^)). Two readings are possible:
+  (i)  zero-sum / non-saturating: G minimises softplus(-D(G(c), c^)), i.e. G tries to make
+       its image look REAL under a caption it does not depict. D learns that real images
+       with wrong captions are fake, so the data itself does not satisfy this: it pulls G
+       away from the data and against text alignment.
+  (ii) G minimises softplus(+D(G(c), c^)): G's image, like a real one, should be judged
+       FAKE under a wrong caption. The data satisfies it (D -> fake on every mismatched
+       pair), so it leaves the GAN's fixed point alone, and it is a contrastive push toward
+       alignment - consistent with Table 1, where adding it raises the CLIP score
+       (0.250 -> 0.254) as well as improving FID.
+This file implements (ii) (this project's reading; the paper gives no formula for it):
+the G-side term has the SAME sign as D's, and grows with D(G(c), c^). `match_g=False` gives
+the Table 1 "D only" row. tests/test_losses.py checks the sign.
+
+How train.py uses it (one step; the loop stays in train.py):
+    text = clip.text_features(captions); emb = clip.embed_text(captions)
+    perm, valid = mismatched_permutation(captions, return_valid=True)
+    wrong = permute_text(text, perm); ids = caption_ids(captions)
+    D step:  loss, logs = discriminator_loss(D, real_pyr, G(z, *text), text, wrong, cfg, wrong_valid=valid,
+                                             clip=clip, vd=vd, text_embed=emb, wrong_text_embed=emb[perm])
+    R1 step: every cfg.r1_interval steps, loss, logs = lazy_r1_loss(D, real_pyr, text, cfg)
+    G step:  loss, logs = generator_loss(D, G(z, *text), text, wrong, cfg, wrong_valid=valid, clip=clip,
+                                         vd=vd, text_embed=emb, wrong_text_embed=emb[perm], caption_ids=ids)
+    (upsampler: vd=None, plus lpips=LPIPS("vgg"), lpips_target=the real high-res image)
+
+Run:  python 05_losses.py        (a CPU demo with toy stand-ins, a few seconds)
+
+Shape legend (shared by every numbered file):
+    B batch, C channels, H W height width, L text tokens, D text width, E embedding width,
+    P number of discriminator predictions (15 for the 5-level MS-I/O D).
+    A pyramid is a list of (B, 3, H_i, W_i) images in [-1, 1], FINEST first.
+    `text` is the (tokens (B, L, D), mask (B, L) bool, eot (B,) long) triple from 00_clip.
+"""
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LossConfig:
+    """Weights and switches of every loss term; each marked paper value or project choice."""
+
+    match_d: bool = True            # paper value: on, Eq. 8 for D, (real, c^) and (G(c), c^) are fake
+    match_g: bool = True            # paper value: on (Table 1 "G and D"); the G term's form is project choice (ii)
+    match_weight: float = 1.0       # paper value: Eq. 7 adds V_match to V_GAN with weight 1
+    clip_weight: float = 1.0        # project choice: lambda_CLIP of Eq. 9 (the paper gives no number)
+    clip_temperature: float = 0.01  # project choice: CLIP's own trained scale (logit_scale = 100)
+    vision_weight: float = 0.5      # project choice: weight of the vision-aided terms (G and D)
+    vision_match: bool = True       # project choice: the vision-aided D also sees (x, c^) as fake
+    r1_gamma: float = 0.2048        # paper value: low end of its 0.2048-2.048 range
+    r1_interval: int = 16           # paper value: lazy R1 every 16 D steps (StyleGAN2's interval)
+    lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
+
+
+# Named loss settings: the base model and the upsampler (paper: no vision-aided loss there).
+LOSS_PRESETS = {
+    "base": LossConfig(),
+    "upsampler": LossConfig(vision_weight=0.0),
+}
+
+
+# -----------------------------------------------------------------------------
+# Wrong captions for the matching-aware loss
+#
+# A shuffled batch is the usual source of wrong captions, but a batch can hold the same
+# caption several times (a small data set such as `shapes` repeats captions, web data
+# repeats "a photo"). A (real image, its own caption) pair labelled fake would teach D the
+# opposite of Eq. 8, so the permutation must avoid identical caption STRINGS, not just
+# identical indices.
+
+def caption_ids(captions):
+    """(B,) long: equal ids for identical caption strings, numbered by first occurrence."""
+    table = {}  # caption string -> id
+    return torch.tensor([table.setdefault(c, len(table)) for c in captions], dtype=torch.long)
+
+
+def mismatched_permutation(captions, generator=None, return_valid=False):
+    """A random permutation `perm` (B,) such that captions[perm[i]] != captions[i] when possible.
+
+    Image i is paired with wrong caption perm[i]. Construction (no loop over the batch):
+    sort the batch by caption id, with the groups in random order and random order inside
+    each group, then shift the sorted list cyclically by t. Identical captions now sit in
+    one block of length n_g; a shift with m <= t <= B - m, m the largest block, moves every
+    element out of its own block, so no caption meets itself.
+    If m > B / 2 no such permutation exists; the shift t = B - m then gives the most
+    mismatched pairs possible, 2 (B - m), and the rest stay matched (all of them if every
+    caption is the same). Those rows must be left out of the matching-aware loss: ask for
+    `return_valid=True` to get the (B,) bool mask of truly mismatched rows, which
+    discriminator_loss / generator_loss take as `wrong_valid`; otherwise a warning is issued.
+    The only Python loop is the string -> id lookup in caption_ids; perm and valid are CPU tensors.
+    """
+    ids = caption_ids(captions)  # (B,)
+    B = ids.numel()
+    counts = torch.bincount(ids)  # (n_groups,) size of each caption group
+    m = int(counts.max())  # the largest group
+    group_rank = torch.randperm(len(counts), generator=generator)[ids]  # (B,) random group order
+    within = torch.randperm(B, generator=generator)  # random order inside groups
+    order = within[torch.argsort(group_rank[within], stable=True)]  # (B,) sorted by group, groups contiguous
+    if 2 * m <= B:  # a full derangement over caption identity exists
+        t = int(torch.randint(m, B - m + 1, (1,), generator=generator))  # any shift in [m, B - m] works
+    else:  # impossible: B - m is the best shift (see docstring)
+        t = B - m
+    perm = torch.empty_like(order)  # (B,)
+    perm[order] = order.roll(-t)  # the element at sorted slot k gets the caption at slot k + t
+    valid = ids[perm] != ids  # (B,) True where the pair really is mismatched
+    if return_valid:
+        return perm, valid
+    if not bool(valid.all()):
+        warnings.warn(f"mismatched_permutation: {int((~valid).sum())} of {B} images keep their own caption "
+                      "(one caption fills more than half the batch); pass return_valid=True and mask them")
+    return perm
+
+
+def permute_text(text, perm):
+    """The (tokens, mask, eot) triple with its batch rows reordered by perm: the wrong captions."""
+    tokens, mask, eot = text
+    perm = perm.to(tokens.device)
+    return tokens[perm], mask[perm], eot[perm]
+
+
+# -----------------------------------------------------------------------------
+# Non-saturating logistic loss (Goodfellow et al. 2014), summed over all predictions
+#
+# A prediction is a logit: (B,) for an image-level one, (B, h, w) for a patch map. Each
+# prediction's loss is a mean over its own elements, and the P predictions of the MS-I/O
+# D are summed with equal weight (Eq. 7 sums V_GAN over all (i, j)). Logits are cast to
+# float32 so bf16 autocast does not round the softplus.
+
+def _row_means(pred):
+    """(B,) per-image mean of a (B,) or (B, h, w) prediction, in float32."""
+    return pred.float().reshape(pred.shape[0], -1).mean(1)  # (B,)
+
+
+def _softplus_rows(pred, sign=1.0):
+    """(B,) per-image mean of softplus(sign * logit) over a (B,) or (B, h, w) prediction."""
+    return F.softplus(sign * pred.float()).reshape(pred.shape[0], -1).mean(1)  # (B,)
+
+
+def _masked_mean(values, valid):
+    """Mean of (B,) values over valid rows (all rows if valid is None; 0 if none is valid)."""
+    if valid is None:
+        return values.mean()
+    valid = valid.to(values.device, values.dtype)  # (B,) 1. or 0.
+    return (values * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def d_adversarial_loss(real_preds, fake_preds):
+    """D's loss: sum_p mean softplus(-real_p) + mean softplus(fake_p); reals up, fakes down."""
+    loss = 0.0
+    for real, fake in zip(real_preds, fake_preds, strict=True):
+        # -log sigmoid(D(x, c)) - log(1 - sigmoid(D(G(c), c)))
+        loss = loss + F.softplus(-real.float()).mean() + F.softplus(fake.float()).mean()
+    return loss
+
+
+def g_adversarial_loss(fake_preds):
+    """G's non-saturating loss: sum_p mean softplus(-fake_p) = -log sigmoid(D(G(c), c))."""
+    return sum(F.softplus(-fake.float()).mean() for fake in fake_preds)
+
+
+
+# -----------------------------------------------------------------------------
+# Matching-aware loss (Eq. 8): an image paired with a wrong caption c^ is a FAKE pair
+#
+# For D both the real and the generated image are shown with c^; without the real one,
+# D could call "fake" on any generated image and ignore the text. Rows whose permutation
+# could not avoid their own caption are masked out by `valid`.
+
+def d_matching_loss(real_wrong_preds, fake_wrong_preds, valid=None):
+    """Eq. 8 for D: sum_p E[softplus(D_p(x, c^))] + E[softplus(D_p(G(c), c^))]; both pairs fake."""
+    loss = 0.0
+    for real_wrong, fake_wrong in zip(real_wrong_preds, fake_wrong_preds, strict=True):
+        loss = loss + _masked_mean(_softplus_rows(real_wrong), valid)  # -log(1 - sigmoid(D(x, c^)))
+        loss = loss + _masked_mean(_softplus_rows(fake_wrong), valid)  # -log(1 - sigmoid(D(G(c), c^)))
+    return loss
+
+
+def g_matching_loss(fake_wrong_preds, valid=None):
+    """G side of Eq. 8, reading (ii) of the module docstring: sum_p E[softplus(+D_p(G(c), c^))].
+
+    Same sign as D's term: G lowers it when D scores G's image LOW under a wrong caption.
+    """
+    return sum(_masked_mean(_softplus_rows(p), valid) for p in fake_wrong_preds)
+
+
+# -----------------------------------------------------------------------------
+# CLIP contrastive loss (Eq. 9), generated images only, frozen CLIP
+#
+# Each generated image must pick out its own caption among the batch's captions, in the
+# embedding space of a frozen CLIP: a softmax over B captions with the right one as target.
+# Only the image -> text direction exists: the captions are given, not generated.
+
+def clip_contrastive_loss(image_embed, text_embed, temperature, caption_ids=None):
+    """Eq. 9: mean_i -log( sum_{j ~ i} exp(e_i . t_j / tau) / sum_j exp(e_i . t_j / tau) ).
+
+    image_embed, text_embed: (B, E), L2-normalised (FrozenCLIP.embed_image / embed_text).
+    Duplicate captions: j ~ i means "caption j is the same string as caption i" when
+    caption_ids (B,) is given, so every copy of the right caption counts as a positive.
+    With one-hot targets a caption present k times would count its copies as negatives
+    with the very same logit, and the loss could never drop below log k; as the copies'
+    embeddings are identical the gradient is the same either way, so this only keeps the
+    value honest (0 at a perfect match). Without caption_ids, j ~ i iff j = i.
+    """
+    B, E = image_embed.shape
+    assert text_embed.shape == (B, E), (text_embed.shape, image_embed.shape)
+    logits = image_embed.float() @ text_embed.float().t() / temperature  # (B, B) cosine / tau
+    if caption_ids is None:
+        return F.cross_entropy(logits, torch.arange(B, device=logits.device))  # target: the diagonal
+    ids = caption_ids.to(logits.device)
+    positive = ids[:, None] == ids[None, :]  # (B, B) True where caption j equals caption i
+    log_all = torch.logsumexp(logits, dim=1)  # (B,) log sum_j exp(l_ij)
+    log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)  # (B,) over positives
+    return (log_all - log_pos).mean()
+
+
+# -----------------------------------------------------------------------------
+# R1 (Mescheder et al. 2018) on real images and every real pyramid level, lazy
+#
+# R1 penalises the gradient of D at the real data, which keeps D smooth where the data
+# is. The MS-I/O D reads every pyramid level, so every level is an input with its own
+# gradient. Like the loss, the penalty sees the per-image mean of each patch map
+# (this project's choice for (B, h, w) predictions), summed over the P predictions.
+# Lazy regularisation (StyleGAN2): compute it every `r1_interval` D steps only and scale
+# it by the interval, so on average it has the same strength as every step. The
+# vision-aided D gets no R1 (this project's choice: its input is frozen CLIP features, and
+# R1 would need a second backward through CLIP).
+
+def r1_penalty(real_pyramid, preds):
+    """sum_levels mean_b || d(sum_p mean_hw D_p(x_b)) / d x_level,b ||^2; levels must require grad."""
+    score = sum(_row_means(p).sum() for p in preds)  # images are independent: one backward gives all
+    grads = torch.autograd.grad(score, real_pyramid, create_graph=True, allow_unused=True)
+    penalty = torch.zeros((), device=real_pyramid[0].device)
+    for g in grads:
+        if g is not None:  # a level the D does not read (single-scale ablation) has no gradient
+            penalty = penalty + g.float().square().reshape(g.shape[0], -1).sum(1).mean()  # E_b ||grad||^2
+    return penalty
+
+
+def lazy_r1_loss(D, real_pyr, text, cfg):
+    """The regulariser of one lazy R1 step: gamma/2 * R1 * r1_interval, and its logs.
+
+    train.py calls it when `step % cfg.r1_interval == 0`, after the D loss step, then
+    backward and a second D optimiser step (StyleGAN2's "Dreg" phase; adding it to that
+    step's D loss instead is equivalent up to Adam's statistics). Real images meet their own
+    captions; the levels are fresh leaves so each gets its own gradient.
+    """
+    real = [x.detach().requires_grad_(True) for x in real_pyr]  # finest first, leaves
+    preds = D(real, *text)  # P predictions
+    r1 = r1_penalty(real, preds)
+    loss = cfg.r1_gamma / 2 * r1 * cfg.r1_interval  # gamma/2 * R1, times the interval (lazy)
+    # + 0 * logits: every D parameter takes part in the graph (the last biases do not reach
+    # the input gradient), which DistributedDataParallel requires
+    loss = loss + 0.0 * sum(p.float().sum() for p in preds)
+    return loss, {"R1/penalty": _num(r1), "R1/loss": _num(loss)}
+
+
+# -----------------------------------------------------------------------------
+# LPIPS (Zhang et al. 2018), for the upsampler (Sec. 3.5, weight 10)
+#
+# Distance between two images = sum over 5 layers of a frozen ImageNet network of the
+# spatial mean of a learned, non-negative channel weighting of the squared difference of
+# unit-normalised features:  d(x, y) = sum_l mean_hw sum_c w_lc (f_l(x)/|f_l(x)| - f_l(y)/|f_l(y)|)_c^2
+# Written out here, checked against the `lpips` package in tests. Its trunk weights are
+# torchvision's (downloaded once to torch.hub's cache); its linear weights w_lc ship inside
+# the `lpips` pip package. A random trunk exists only when asked for (tests, offline runs).
+
+_LPIPS_TRUNKS = {
+    # net: (torchvision model name, indices in `.features` of the ReLUs whose outputs are compared)
+    "alex": ("alexnet", (1, 4, 7, 9, 11)),
+    "vgg": ("vgg16", (3, 8, 15, 22, 29)),
+}
+_OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GIGAGAN_OFFLINE")  # any set -> never download
+
+
+class MissingWeightsError(RuntimeError):
+    """Pretrained weights are not on disk and cannot be fetched; the message names the flag to use."""
+
+
+def _offline():
+    """True if the environment forbids downloads."""
+    return any(os.environ.get(k, "").lower() not in ("", "0", "false", "no") for k in _OFFLINE_FLAGS)
+
+
+def _torchvision_trunk_state(tv_name, timeout):
+    """torchvision's ImageNet state dict of `tv_name`, from the torch.hub cache or one quick download."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(tv_name).IMAGENET1K_V1.url  # the weights LPIPS was fitted on
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    fix = f"use --lpips random (random backbone, for tests) or put {os.path.basename(url)} in {os.path.dirname(path)}"
+    if not os.path.exists(path) and _offline():  # fail at once, no network round trip
+        raise MissingWeightsError(f"LPIPS needs torchvision's {tv_name} weights and downloads are off; {fix}")
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torch.hub has no timeout of its own: one short try, no retries
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+    except Exception as e:  # no network, DNS failure, bad hash, ...
+        raise MissingWeightsError(f"LPIPS could not get {tv_name} weights ({type(e).__name__}); {fix}") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _lpips_linear_weights(net, channels):
+    """The per-layer channel weights w_l (C_l,) shipped with the `lpips` package (v0.1)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")
+    if spec is None:  # the package is only a weight file for us; fall back to plain channel means
+        warnings.warn("the `lpips` package is missing: LPIPS uses uniform channel weights 1/C (not calibrated)")
+        return [torch.full((c,), 1.0 / c) for c in channels]
+    path = os.path.join(spec.submodule_search_locations[0], "weights", "v0.1", f"{net}.pth")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # {"lin{l}.model.1.weight": (1, C_l, 1, 1)}
+    return [state[f"lin{l}.model.1.weight"].reshape(-1) for l in range(len(channels))]  # (C_l,) each, >= 0
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance, (B, 3, H, W) x 2 in [-1, 1] -> (B,); 0 for identical images, frozen.
+
+    net="vgg" (as the paper's upsampler) or "alex" with pretrained=True loads torchvision's
+    ImageNet trunk (or raises MissingWeightsError naming --lpips random); pretrained=False,
+    or net="random" (an AlexNet trunk), uses a randomly initialised trunk with the calibrated
+    linear weights: still a distance (zero iff features agree, symmetric, >= 0), but not
+    perceptual. AlexNet needs H, W >= 32; VGG >= 16.
+    """
+
+    def __init__(
+        self,
+        net="vgg",               # "vgg" | "alex" | "random" (= AlexNet trunk, random weights)
+        pretrained=True,         # trunk weights from ImageNet (True) or random init (False)
+        download_timeout=10.0,   # seconds for the single download attempt of the trunk weights
+    ):
+        super().__init__()
+        import torchvision
+
+        if net == "random":
+            net, pretrained = "alex", False
+        assert net in _LPIPS_TRUNKS, f"LPIPS net must be vgg, alex or random, got {net!r}"
+        tv_name, self.taps = _LPIPS_TRUNKS[net]
+        self.net, self.pretrained = net, pretrained
+        with torch.device("meta"):  # build without allocating or initialising the classifier head
+            trunk = getattr(torchvision.models, tv_name)(weights=None).features[: self.taps[-1] + 1]
+        trunk = trunk.to_empty(device="cpu")  # the conv / ReLU / max-pool stack up to the last tap
+        if pretrained:
+            state = _torchvision_trunk_state(tv_name, download_timeout)
+            trunk.load_state_dict({k[len("features."):]: v for k, v in state.items()
+                                   if k.startswith("features.") and int(k.split(".")[1]) <= self.taps[-1]})
+        else:
+            for m in trunk.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.reset_parameters()  # PyTorch's default init, from the global seed
+        _params_to_buffers(trunk)  # frozen: buffers, not parameters (STYLE rule 8)
+        self.trunk = trunk
+        channels = [trunk[i - 1].out_channels for i in self.taps]  # the conv before each tapped ReLU
+        for l, w in enumerate(_lpips_linear_weights(net, channels)):
+            self.register_buffer(f"lin{l}", w.float(), persistent=False)  # (C_l,) channel weights
+        # the input normalisation LPIPS v0.1 uses in front of the trunk (ImageNet statistics in [-1, 1])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x, y):
+        assert x.shape == y.shape and x.dim() == 4 and x.shape[1] == 3, (x.shape, y.shape)
+        B = x.shape[0]
+        h = (torch.cat([x, y]).float() - self.shift) / self.scale  # (2B, 3, H, W): one trunk pass for both
+        dist = torch.zeros(B, device=x.device)
+        taps = {t: l for l, t in enumerate(self.taps)}  # trunk index -> LPIPS layer l
+        for i, layer in enumerate(self.trunk):
+            h = layer(h)  # (2B, C_l, H_l, W_l)
+            if i in taps:
+                f = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10)  # unit length along channels
+                fx, fy = f[:B], f[B:]  # (B, C_l, H_l, W_l) each
+                w = getattr(self, f"lin{taps[i]}")  # (C_l,)
+                # mean_hw sum_c w_c (fx - fy)_c^2
+                dist = dist + torch.einsum("bchw,c->b", (fx - fy).square(), w) / (h.shape[2] * h.shape[3])
+        return dist  # (B,)
+
+
+def _params_to_buffers(module):
+    """Turn every parameter of `module` into a non-persistent buffer (frozen, skipped by optimisers)."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            delattr(m, name)
+            m.register_buffer(name, p.detach(), persistent=False)
+
+
+# -----------------------------------------------------------------------------
+# Composite helpers: what train.py calls, once per D step and once per G step
+#
+# Several (image, caption) groups go through D in ONE call, concatenated along the batch
+# (the D has no batch-coupled layer: minibatch-std is off in the text-to-image D), and
+# the predictions are split back per group. `fake_pyr` must have been generated from the
+# same captions as `text` (row i from caption i), so that caption perm[i] is wrong for
+# both the real image i and the generated image i.
+
+def _num(x):
+    """A logged value: a plain float, detached from the graph."""
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
+def _call_d(D, pyramids, texts):
+    """One D call on several (pyramid, text) groups of B rows; returns [group][prediction]."""
+    B = pyramids[0][0].shape[0]
+    pyramid = [torch.cat(levels) for levels in zip(*pyramids, strict=True)]  # (nB, 3, H_i, W_i) per level
+    tokens, mask, eot = (torch.cat(parts) for parts in zip(*texts, strict=True))  # (nB, L, D), (nB, L), (nB,)
+    preds = D(pyramid, tokens, mask, eot)  # P tensors, (nB,) or (nB, h, w)
+    assert all(p.shape[0] == len(pyramids) * B for p in preds), [tuple(p.shape) for p in preds]
+    return [list(group) for group in zip(*(p.split(B) for p in preds))]  # n lists of P (B, ...) tensors
+
+
+def _call_vd(vd, features, embeds):
+    """One vision-aided D call on several (CLIP features, text embedding) groups; [group][logit]."""
+    B = embeds[0].shape[0]
+    feats = [torch.cat(levels) for levels in zip(*features, strict=True)]  # (nB, C_i, h_i, w_i) per depth
+    logits = vd(feats, torch.cat(embeds))  # list of (nB,) or (nB, ...) logits
+    return [list(group) for group in zip(*(z.split(B) for z in logits))]
+
+
+def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None,
+                       clip=None, vd=None, text_embed=None, wrong_text_embed=None):
+    """D's loss of one step: non-saturating (Eq. 7) + matching-aware (Eq. 8) + vision-aided.
+
+    D            the MS-I/O discriminator: D(pyramid, tokens, mask, eot) -> P predictions
+    real_pyr     real images, a pyramid finest first; real image i's caption is text row i
+    fake_pyr     generated pyramid from the same captions (detached here: no gradient to G)
+    text         (tokens, mask, eot) of the batch's captions
+    wrong_text   the same triple reordered by mismatched_permutation (None if cfg.match_d is off)
+    wrong_valid  (B,) bool rows that really got a wrong caption (None: all)
+    clip, vd     frozen CLIP (image_features) and vision-aided D; the term is on if vd is given
+    text_embed, wrong_text_embed   (B, E) CLIP caption embeddings, right and permuted
+    Pairs D sees:  (real, c) real;  (fake, c) fake;  (real, c^) fake;  (fake, c^) fake.
+    """
+    assert [x.shape for x in real_pyr] == [x.shape for x in fake_pyr], "real and fake pyramids differ"
+    assert text[0].shape[0] == real_pyr[0].shape[0], "one caption per image"
+    fake_pyr = [x.detach() for x in fake_pyr]  # the D step never updates G
+    groups = [(real_pyr, text), (fake_pyr, text)]  # Eq. 7 pairs
+    if cfg.match_d:
+        groups += [(real_pyr, wrong_text), (fake_pyr, wrong_text)]  # Eq. 8 pairs, both fake
+    preds = _call_d(D, [g[0] for g in groups], [g[1] for g in groups])  # [group][p]
+    adv = d_adversarial_loss(preds[0], preds[1])
+    loss = adv
+    logs = {"D/adv": _num(adv),
+            "D/real_logit": _num(sum(_row_means(p).mean() for p in preds[0]) / len(preds[0])),  # mean logit
+            "D/fake_logit": _num(sum(_row_means(p).mean() for p in preds[1]) / len(preds[1]))}
+    if cfg.match_d:
+        match = d_matching_loss(preds[2], preds[3], wrong_valid)
+        loss = loss + cfg.match_weight * match
+        logs["D/match"] = _num(match)
+    if vd is not None and cfg.vision_weight > 0:
+        with torch.no_grad():  # CLIP is frozen and the D step needs no gradient to the images
+            feats_real = clip.image_features(real_pyr[0])  # list of (B, C_i, h_i, w_i)
+            feats_fake = clip.image_features(fake_pyr[0])
+        vgroups = [(feats_real, text_embed), (feats_fake, text_embed)]
+        if cfg.vision_match and cfg.match_d:
+            vgroups += [(feats_real, wrong_text_embed), (feats_fake, wrong_text_embed)]
+        logits = _call_vd(vd, [g[0] for g in vgroups], [g[1] for g in vgroups])  # [group][k]
+        vision = d_adversarial_loss(logits[0], logits[1])
+        if len(logits) == 4:
+            vision = vision + cfg.match_weight * d_matching_loss(logits[2], logits[3], wrong_valid)
+        loss = loss + cfg.vision_weight * vision
+        logs["D/vision"] = _num(vision)
+    logs["D/loss"] = _num(loss)
+    return loss, logs
+
+
+def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip=None, vd=None,
+                   text_embed=None, wrong_text_embed=None, caption_ids=None, lpips=None, lpips_target=None):
+    """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS).
+
+    Arguments as in discriminator_loss, plus
+    caption_ids   (B,) ids of identical captions (caption_ids(captions)) for the CLIP loss
+    lpips, lpips_target   an LPIPS module and the real high-res images (upsampler only)
+    Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c)
+    should look real; (fake, c^) should look fake (reading (ii) of the module docstring).
+    D and vd also receive gradients here: train.py switches their requires_grad off for the
+    G step (as StyleGAN2 does), or zeroes their gradients before the next D step.
+    """
+    groups = [(fake_pyr, text)]
+    if cfg.match_g:
+        groups.append((fake_pyr, wrong_text))
+    preds = _call_d(D, [g[0] for g in groups], [g[1] for g in groups])  # [group][p]
+    adv = g_adversarial_loss(preds[0])
+    loss = adv
+    logs = {"G/adv": _num(adv)}
+    if cfg.match_g:
+        match = g_matching_loss(preds[1], wrong_valid)
+        loss = loss + cfg.match_weight * match
+        logs["G/match"] = _num(match)
+    image = fake_pyr[0]  # (B, 3, H, W) the finest level is the output image
+    if clip is not None and cfg.clip_weight > 0:
+        assert text_embed is not None, "the CLIP loss needs text_embed = clip.embed_text(captions)"
+        image_embed = clip.embed_image(image)  # (B, E), differentiable w.r.t. the image
+        clip_loss = clip_contrastive_loss(image_embed, text_embed, cfg.clip_temperature, caption_ids)
+        loss = loss + cfg.clip_weight * clip_loss
+        logs["G/clip"] = _num(clip_loss)
+    if vd is not None and cfg.vision_weight > 0:
+        feats = clip.image_features(image)  # list of (B, C_i, h_i, w_i), differentiable
+        vgroups = [(feats, text_embed)]
+        if cfg.vision_match and cfg.match_g:
+            vgroups.append((feats, wrong_text_embed))
+        logits = _call_vd(vd, [g[0] for g in vgroups], [g[1] for g in vgroups])
+        vision = g_adversarial_loss(logits[0])
+        if len(logits) == 2:
+            vision = vision + cfg.match_weight * g_matching_loss(logits[1], wrong_valid)
+        loss = loss + cfg.vision_weight * vision
+        logs["G/vision"] = _num(vision)
+    if lpips is not None and cfg.lpips_weight > 0:
+        perceptual = lpips(image, lpips_target).mean()  # mean over the batch of (B,) distances
+        loss = loss + cfg.lpips_weight * perceptual
+        logs["G/lpips"] = _num(perceptual)
+    logs["G/loss"] = _num(loss)
+    return loss, logs
+
+
+# -----------------------------------------------------------------------------
+# Demo. TOY STAND-INS, for illustration only: a hand-written "discriminator", "CLIP" and
+# "vision-aided D" with the call signatures of 04_discriminator.py and 00_clip.py, so this
+# file runs alone. Every caption is one of K = 3 concepts; a real image "depicts" its
+# caption by its colour, a generated one is noise (an untrained G).
+
+_CONCEPTS = ["a red circle", "a green square", "a blue triangle"]  # toy vocabulary, K = 3
+
+
+def _toy_code(captions):
+    """(B, 3) +-1 code of each caption: +1 at its concept, -1 elsewhere."""
+    ids = torch.tensor([_CONCEPTS.index(c) for c in captions])
+    return F.one_hot(ids, 3).float() * 2 - 1
+
+
+class _ToyD(nn.Module):
+    """TOY MS-I/O D: per level, an image logit (B,) and on the finest level a patch map (B, h, w).
+
+    logit = sign * 3 * (<colour, code(caption)> - 0.6): high for an image of its caption's colour.
+    sign = +1 is a "good" D (reals with their caption high), -1 the reverse.
+    """
+
+    def __init__(self, sign):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, pyramid, tokens, mask, eot):
+        code = tokens[torch.arange(tokens.shape[0]), eot]  # (B, 3) the feature at end-of-text
+        preds = [self.sign * 3 * ((pyramid[0] * code[:, :, None, None]).sum(1) - 0.6)]  # (B, h, w) patches
+        for x in pyramid:
+            preds.append(self.sign * 3 * ((x.mean((2, 3)) * code).sum(1) - 0.6))  # (B,)
+        return preds
+
+
+class _ToyCLIP:
+    """TOY frozen CLIP: the image embedding is its mean colour, the text embedding its code."""
+
+    def embed_image(self, images):
+        return F.normalize(images.mean((2, 3)), dim=1)  # (B, 3)
+
+    def embed_text(self, captions):
+        return F.normalize(_toy_code(captions), dim=1)  # (B, 3)
+
+    def image_features(self, images):
+        return [images, F.avg_pool2d(images, 2)]  # two "depths"
+
+
+class _ToyVD(nn.Module):
+    """TOY vision-aided D: logit = sign * 4 * (cos(mean feature, text embedding) - 0.5) per depth."""
+
+    def __init__(self, sign):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, features, text_embed):
+        return [self.sign * 4 * ((F.normalize(f.mean((2, 3)), dim=1) * text_embed).sum(1) - 0.5) for f in features]
+
+
+def demo():
+    torch.manual_seed(0)
+    cfg = LossConfig()
+    captions = ["a red circle", "a green square", "a red circle", "a blue triangle"]  # a duplicate!
+    B, R = len(captions), 32
+    perm, valid = mismatched_permutation(captions, return_valid=True)
+    print("captions      ", captions)
+    print("wrong captions", [captions[j] for j in perm.tolist()], "valid", valid.tolist())
+    assert all(captions[j] != c for j, c in zip(perm.tolist(), captions))
+
+    code = _toy_code(captions)  # (B, 3)
+    tokens = torch.zeros(B, 4, 3)  # (B, L, D) toy "CLIP tokens": the code at the eot position 1
+    tokens[:, 1] = code
+    mask = torch.tensor([[True, True, False, False]] * B)  # (B, L)
+    eot = torch.ones(B, dtype=torch.long)  # (B,)
+    text = (tokens, mask, eot)
+    wrong_text = permute_text(text, perm)
+
+    def pyramid(x):  # finest first: 32, 16, 8, 4
+        return [F.avg_pool2d(x, 2 ** i) if i else x for i in range(4)]
+
+    real = (0.4 * code[:, :, None, None] + 0.05 * torch.randn(B, 3, R, R)).clamp(-1, 1)  # (B, 3, 32, 32)
+    fake = (0.3 * torch.randn(B, 3, R, R)).requires_grad_(True)  # an untrained G's output
+    real_pyr, fake_pyr = pyramid(real), pyramid(fake)
+    print("pyramid       ", [tuple(x.shape) for x in real_pyr])
+
+    clip = _ToyCLIP()
+    emb = clip.embed_text(captions)  # (B, 3)
+    extra = dict(wrong_valid=valid, clip=clip, text_embed=emb, wrong_text_embed=emb[perm])
+    results = {}
+    for name, sign in (("good D", 1.0), ("reversed D", -1.0)):
+        D, vd = _ToyD(sign), _ToyVD(sign)
+        d_loss, d_logs = discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, vd=vd, **extra)
+        g_loss, g_logs = generator_loss(D, fake_pyr, text, wrong_text, cfg, vd=vd,
+                                         caption_ids=caption_ids(captions), **extra)
+        r1_loss, r1_logs = lazy_r1_loss(D, real_pyr, text, cfg)
+        results[name] = (d_loss.item(), g_logs["G/adv"] + g_logs["G/match"] + g_logs["G/vision"])
+        print(f"{name:11s}", {k: round(v, 3) for k, v in {**d_logs, **g_logs, **r1_logs}.items()})
+    # the sign conventions: a D that scores reals high and fakes low has the lower D loss,
+    # and leaves G with the higher adversarial G loss (the CLIP term does not depend on D)
+    assert results["good D"][0] < results["reversed D"][0], results
+    assert results["good D"][1] > results["reversed D"][1], results
+
+    # Eq. 9: images that depict their captions beat noise
+    clip_real = clip_contrastive_loss(clip.embed_image(real), emb, cfg.clip_temperature, caption_ids(captions))
+    clip_fake = clip_contrastive_loss(clip.embed_image(fake), emb, cfg.clip_temperature, caption_ids(captions))
+    print(f"CLIP loss: real images {clip_real.item():.3f}, noise {clip_fake.item():.3f}")
+    assert clip_real < clip_fake
+
+    lpips = LPIPS("random")  # random AlexNet trunk: this demo never downloads
+    d_same, d_diff = lpips(real, real), lpips(real, fake.detach())
+    n_buffers = sum(b.numel() for b in lpips.buffers())
+    print(f"LPIPS (random trunk, {n_buffers / 1e6:.2f}M frozen values): same {d_same.tolist()}, "
+          f"different {[round(v, 4) for v in d_diff.tolist()]}")
+    assert torch.all(d_same == 0) and torch.all(d_diff > 0)
+    print("ok: sign conventions, matching-aware pairs, CLIP and LPIPS behave")
+
+
+if __name__ == "__main__":
+    demo()
