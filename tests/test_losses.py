@@ -312,7 +312,7 @@ def test_r1_equals_the_analytic_value_for_a_linear_d():
     cfg = L.LossConfig(r1_gamma=0.5, r1_interval=4)
     loss, logs = L.lazy_r1_loss(D, real, (None, None, None), cfg)
     assert torch.allclose(loss, 0.5 / 2 * expected * 4, rtol=1e-5)  # gamma/2 * R1 * interval
-    assert math.isclose(logs["R1/penalty"], float(expected), rel_tol=1e-5)
+    assert math.isclose(logs["R1/penalty"], expected.item(), rel_tol=1e-5)
 
 
 def test_r1_ignores_levels_the_d_does_not_read():
