@@ -494,12 +494,16 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
 
 
 def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip=None, vd=None,
-                   text_embed=None, wrong_text_embed=None, caption_ids=None, lpips=None, lpips_target=None):
+                   text_embed=None, wrong_text_embed=None, caption_ids=None, lpips=None, lpips_target=None,
+                   vision_clip=None, vision_text_embed=None, vision_wrong_text_embed=None):
     """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS).
 
     Arguments as in discriminator_loss, plus
     caption_ids   (B,) ids of identical captions (caption_ids(captions)) for the CLIP loss
     lpips, lpips_target   an LPIPS module and the real high-res images (upsampler only)
+    vision_clip, vision_text_embed, vision_wrong_text_embed   the CLIP of the vision-aided D and
+                  its caption embeddings, when it is another model than `clip` (the paper: ViT-B/32
+                  for the vision-aided D, ViT-L/14 for text); default: `clip` and its embeddings
     Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c)
     should look real; (fake, c^) should look fake (reading (ii) of the module docstring).
     D and vd also receive gradients here: train.py switches their requires_grad off for the
@@ -524,10 +528,13 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
         loss = loss + cfg.clip_weight * clip_loss
         logs["G/clip"] = _num(clip_loss)
     if vd is not None and cfg.vision_weight > 0:
-        feats = clip.image_features(image)  # list of (B, C_i, h_i, w_i), differentiable
-        vgroups = [(feats, text_embed)]
+        vclip = vision_clip if vision_clip is not None else clip
+        v_embed = vision_text_embed if vision_text_embed is not None else text_embed
+        v_wrong = vision_wrong_text_embed if vision_wrong_text_embed is not None else wrong_text_embed
+        feats = vclip.image_features(image)  # list of (B, C_i, h_i, w_i), differentiable
+        vgroups = [(feats, v_embed)]
         if cfg.vision_match and cfg.match_g:
-            vgroups.append((feats, wrong_text_embed))
+            vgroups.append((feats, v_wrong))
         logits = _call_vd(vd, [g[0] for g in vgroups], [g[1] for g in vgroups])
         vision = g_adversarial_loss(logits[0])
         if len(logits) == 2:
