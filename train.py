@@ -1,0 +1,763 @@
+"""
+train.py - one flat, readable training loop for every stage of GigaGAN.
+
+    python train.py                                  # tiny CLIP, then a tiny text-to-image GAN on `shapes` (CPU, minutes)
+    python train.py --stage clip --out runs/clip     # only the tiny CLIP -> runs/clip/clip.pt
+    python train.py --preset small --device cuda     # 64 px on one GPU
+    torchrun --nproc_per_node=8 train.py --full --data 'shards/{00000..09999}.tar'
+    python train.py --full --dry-run                 # parameter counts and memory estimate, no training
+
+Flags are `--key value` or `--key=value` for every field of TrainConfig below; fields of the
+generator, discriminator and loss configs are `--g.FIELD`, `--d.FIELD`, `--loss.FIELD`
+(e.g. `--g.attention false`, `--loss.clip_weight 0`). Unknown flags are an error.
+
+The order of one optimisation step, written out below (Sec. 3 and Appendix of the paper):
+    D step (adversarial + matching-aware + vision-aided) -> lazy R1 every r1_interval steps
+    -> G step (adversarial + matching-aware + CLIP + vision-aided) -> EMA of G
+    -> logs, snapshots, evaluation, checkpoint.
+
+Determinism and multi-GPU: the global batch is cut into micro-batches of `batch_gpu`
+images; process `rank` takes micro-batches rank, rank + world, ... Every random draw of a
+micro-batch (data indices, z, noise, wrong captions) is seeded by (seed, step, micro-batch),
+never by the rank, and gradients are summed across processes with an explicit all-reduce.
+So one process with gradient accumulation, N processes, and a resumed run all see the same
+numbers (up to float summation order).
+"""
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import data
+
+clip_lib = importlib.import_module("00_clip")
+kernels = importlib.import_module("01_kernel_selection")
+attention = importlib.import_module("02_attention")
+generator = importlib.import_module("03_generator")
+discriminator = importlib.import_module("04_discriminator")
+losses = importlib.import_module("05_losses")
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"          # size preset of G, D, losses and this config: tiny | small | full
+    full: bool = False            # shorthand for --preset full (the paper's 64 px model)
+    stage: str = "base"           # clip (tiny CLIP only) | base (text-to-image GAN) | upsampler
+    data: str = "shapes"          # shapes | an image folder with captions | 'shards/{00000..00099}.tar'
+    out: str = ""                 # run directory; '' -> runs/<preset>
+    max_steps: int = 1500         # optimiser steps of G (and of D)
+    batch_size: int = 16          # global batch: all processes, all micro-batches
+    batch_gpu: int = 0            # micro-batch per forward pass; 0 -> batch_size / processes
+    lr_g: float = 0.0025          # AdamW learning rate of G (paper: 0.0025)
+    lr_d: float = 0.0025          # AdamW learning rate of D (paper: 0.0025)
+    beta1: float = 0.0            # Adam beta1 (paper: 0)
+    beta2: float = 0.99           # Adam beta2 (paper: 0.99)
+    ema_kimg: float = 10.0        # EMA half-life of G_ema in thousands of images (project choice per preset)
+    ema_rampup: float = 0.05      # half-life <= this fraction of images seen so far (StyleGAN2's ramp-up)
+    seed: int = 0                 # seeds every random draw (per step and micro-batch)
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
+    compile: bool = False         # torch.compile G and D (GPU speed-up; also runs on CPU)
+    resume: bool = False          # continue from <out>/checkpoint.pt
+    clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
+    clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
+    vision_clip: str = ""         # CLIP for the vision-aided D; '' -> the same model as --clip
+    clip_steps: int = 800         # training steps of the tiny CLIP (stage clip)
+    clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
+    workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
+    log_every: int = 25           # steps between log lines
+    snapshot_every: int = 250     # steps between sample grids of fixed prompts and z
+    eval_every: int = 500         # steps between alignment / CLIP-score evaluations (0: off)
+    eval_images: int = 128        # images generated per evaluation
+    ckpt_every: int = 250         # steps between checkpoints
+    dry_run: bool = False         # build the models on the meta device, print sizes, exit
+
+
+# Training-side presets: sizes only, never code. G and D sizes come from 03/04's registries
+# under the same names, the loss weights from 05's.
+TRAIN_PRESETS = {
+    "tiny": dict(),
+    "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip_batch_size=256,
+                  clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
+    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=500.0, dtype="bfloat16",
+                 clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
+                 snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
+}
+
+
+class FlagError(ValueError):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+def _coerce(value, annotation, flag):
+    """Turn the string of `--flag value` into the dataclass field's type."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            low = value.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return low in ("1", "true", "yes", "on")
+        if annotation in (int, float, str):
+            return annotation(value)
+        if origin in (tuple, list, dict) or annotation in (tuple, list, dict):
+            parsed = json.loads(value)  # e.g. --g.channels '{"4": 256, "8": 256}'
+            return tuple(parsed) if (origin or annotation) is tuple else parsed
+    except (ValueError, json.JSONDecodeError):
+        raise FlagError(f"bad value for {flag}: {value!r} (expected {getattr(annotation, '__name__', annotation)})")
+    return value
+
+
+def parse_flags(argv):
+    """argv -> (TrainConfig, GeneratorConfig, DiscriminatorConfig, LossConfig).
+
+    Order: dataclass defaults < preset < flags. The preset is read first so that
+    `--preset small --batch-size 8` keeps the 8."""
+    pairs = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise FlagError(f"unexpected argument {arg!r}: flags look like --key value (see python train.py --help)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # `--key value`, or a bare boolean `--key`
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, i = nxt, i + 1
+            else:
+                value = None
+        pairs.append((key.replace("-", "_"), value, arg))
+        i += 1
+
+    targets = {"": TrainConfig, "g.": generator.GeneratorConfig,
+               "d.": discriminator.DiscriminatorConfig, "loss.": losses.LossConfig}
+    preset = "tiny"
+    for key, value, arg in pairs:
+        if key == "full" and value in (None, "true", "1", "yes", "on"):
+            preset = "full"
+        elif key == "preset":
+            if value is None:
+                raise FlagError("--preset needs a value: tiny | small | full")
+            preset = value
+    if preset not in TRAIN_PRESETS:
+        raise FlagError(f"unknown preset {preset!r}: choose one of {', '.join(TRAIN_PRESETS)}")
+
+    values = {"": dict(TRAIN_PRESETS[preset], preset=preset), "g.": {}, "d.": {}, "loss.": {}}
+    for key, value, arg in pairs:
+        prefix = next((p for p in ("g.", "d.", "loss.") if key.startswith(p)), "")
+        name = key[len(prefix):]
+        fields = {f.name: f for f in dataclasses.fields(targets[prefix])}
+        if name not in fields:
+            raise FlagError(f"unknown flag {arg.split('=')[0]} (python train.py --help lists the flags)")
+        annotation = typing.get_type_hints(targets[prefix])[name]
+        if value is None:
+            if annotation is not bool:
+                raise FlagError(f"{arg} needs a value")
+            value = "true"
+        values[prefix][name] = _coerce(value, annotation, "--" + key.replace("_", "-"))
+
+    cfg = TrainConfig(**values[""])
+    if cfg.stage not in ("clip", "base", "upsampler"):
+        raise FlagError(f"unknown --stage {cfg.stage!r}: choose clip | base | upsampler")
+    if cfg.stage == "upsampler":
+        raise FlagError("--stage upsampler is not available yet (06_upsampler.py); use --stage clip or base")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise FlagError(f"unknown --dtype {cfg.dtype!r}: choose float32 | bfloat16")
+    for name in ("max_steps", "batch_size", "log_every", "snapshot_every", "ckpt_every", "clip_steps"):
+        if getattr(cfg, name) <= 0:
+            raise FlagError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_gpu < 0:
+        raise FlagError(f"--batch-gpu must be >= 0, got {cfg.batch_gpu}")
+    cfg.out = cfg.out or os.path.join("runs", cfg.preset)
+    g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
+    d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
+    loss_cfg = dataclasses.replace(losses.LOSS_PRESETS["base"], **values["loss."])
+    return cfg, g_cfg, d_cfg, loss_cfg
+
+
+def print_help():
+    print(__doc__)
+    for title, cls in (("train", TrainConfig), ("generator (--g.FIELD)", generator.GeneratorConfig),
+                       ("discriminator (--d.FIELD)", discriminator.DiscriminatorConfig),
+                       ("losses (--loss.FIELD)", losses.LossConfig)):
+        print(f"{title} flags:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  --{f.name.replace('_', '-'):<22} {default!r}")
+    print(f"presets: {', '.join(TRAIN_PRESETS)}")
+
+
+# -----------------------------------------------------------------------------
+# Processes, devices, determinism
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int        # this process's index (0 when not under torchrun)
+    world: int       # number of processes
+    autocast: typing.Any  # a context-manager factory for the forward passes
+
+    @property
+    def main(self):  # rank 0 logs, snapshots and saves
+        return self.rank == 0
+
+
+def setup_runtime(cfg):
+    """Device, torch.distributed under torchrun (gloo on CPU, nccl on GPU), autocast."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FlagError("--device cuda but no GPU is visible: use --device cpu")
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if name.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            name = f"cuda:{local}"
+    device = torch.device(name)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+
+    def autocast():
+        # bf16 autocast works on CPU too, so the GPU path has a CPU-testable twin.
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    return Runtime(device, rank, world, autocast)
+
+
+def seed_for(cfg, step, micro, phase):
+    """The seed of one micro-batch of one phase of one step: independent of the rank."""
+    torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro) * 17 + phase)
+
+
+def micro_batches(cfg, rt):
+    """Micro-batch size and this process's micro-batch ids, e.g. batch 16, batch_gpu 4, 2 ranks:
+    ids (0, 2) on rank 0 and (1, 3) on rank 1."""
+    batch_gpu = cfg.batch_gpu or cfg.batch_size // rt.world
+    n_micro = cfg.batch_size // max(batch_gpu, 1)
+    if batch_gpu <= 0 or n_micro * batch_gpu != cfg.batch_size or n_micro % rt.world:
+        raise FlagError(f"--batch-size {cfg.batch_size} must be a multiple of --batch-gpu {batch_gpu} "
+                        f"times the number of processes ({rt.world})")
+    return batch_gpu, list(range(rt.rank, n_micro, rt.world))
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this process's micro-batches of dataset indices, step after step.
+
+    Sample number k of the run (k = step * batch_size + micro * batch_gpu + j) is dataset index
+    perm_epoch[k % n], with a fresh seeded permutation per epoch, so the data order depends on
+    (seed, step) only: the same for 1 or N processes and after --resume."""
+
+    def __init__(self, n_items, cfg, batch_gpu, micros, start_step):
+        self.n, self.cfg, self.batch_gpu, self.micros, self.start = n_items, cfg, batch_gpu, micros, start_step
+        self._epoch, self._perm = -1, None
+
+    def _index(self, k):
+        epoch, i = divmod(k, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return int(self._perm[i])
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            for micro in self.micros:
+                first = step * self.cfg.batch_size + micro * self.batch_gpu
+                yield [self._index(first + j) for j in range(self.batch_gpu)]
+            step += 1
+
+
+def make_batches(dataset, cfg, rt, batch_gpu, micros, start_step):
+    """An endless iterator of (images (b, 3, R, R), captions) micro-batches for this process."""
+    workers = cfg.workers if cfg.workers >= 0 else (0 if rt.device.type == "cpu" else 4)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # Streaming shards: each process and worker reads its own shards (data.py splits them);
+        # the order is then not tied to (seed, step) as it is for map-style data.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_gpu, num_workers=workers,
+                                             drop_last=True, pin_memory=rt.device.type == "cuda")
+        while True:
+            yield from loader
+    sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=rt.device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    yield from loader
+
+
+def reduce_grads(modules, rt):
+    """Sum gradients over processes (each micro-batch loss is already scaled by
+    batch_gpu / batch_size, so the sum is the global-batch mean). An explicit all-reduce
+    rather than DDP: R1 differentiates through D's gradient, which DDP's hooks do not support."""
+    if rt.world == 1:
+        return
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # a branch unused this step: still take part in the all-reduce
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])  # one message, not one per tensor
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+@torch.no_grad()
+def update_ema(G_ema, G, cfg, nimg):
+    """G_ema <- beta G_ema + (1 - beta) G with a half-life of ema_kimg thousand images,
+    ramped up early in training (StyleGAN2); buffers such as w_avg are copied."""
+    half_life = min(cfg.ema_kimg * 1000, nimg * cfg.ema_rampup) if cfg.ema_rampup > 0 else cfg.ema_kimg * 1000
+    beta = 0.5 ** (cfg.batch_size / max(half_life, 1e-8))
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+        b_ema.copy_(b)
+    return beta
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain dicts of state_dicts, written atomically
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train first, or point --ckpt/--out at a run directory")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# Stage "clip": the tiny CLIP everything is conditioned on when no pretrained one is at hand
+
+
+def clip_spec(cfg):
+    """--clip/--clip-pretrained -> a load_clip spec. `tiny` is the run's own <out>/clip.pt."""
+    if cfg.clip == "tiny":
+        return "tiny:" + os.path.join(cfg.out, "clip.pt")
+    if cfg.clip_pretrained:
+        if "/" in cfg.clip or cfg.clip.startswith("tiny"):
+            raise FlagError(f"--clip-pretrained goes with a bare model name, not --clip {cfg.clip}")
+        return f"{cfg.clip}/{cfg.clip_pretrained}"
+    if "/" not in cfg.clip and not cfg.clip.startswith("tiny:"):
+        raise FlagError(f"--clip {cfg.clip} needs a weights tag: --clip {cfg.clip}/TAG, or "
+                        "--clip-pretrained none for random weights, or --clip tiny")
+    return cfg.clip
+
+
+def stored_clip_spec(spec, out):
+    """A tiny CLIP inside the run directory is stored relative to it, so runs can be moved."""
+    if spec.startswith("tiny:"):
+        path = os.path.abspath(spec[5:])
+        if os.path.dirname(path) == os.path.abspath(out):
+            return "tiny:" + os.path.basename(path)
+    return spec
+
+
+def train_clip_stage(cfg, g_cfg, rt, dataset):
+    """Train the tiny CLIP on the training data (rank 0 only; the others wait)."""
+    path = os.path.join(cfg.out, "clip.pt")
+    if rt.main:
+        print(f"[clip] training a tiny CLIP for {cfg.clip_steps} steps on {cfg.data} -> {path}")
+        clip_lib.train_tiny_clip(dataset, path, steps=cfg.clip_steps, batch_size=cfg.clip_batch_size,
+                                 device=rt.device, resolution=g_cfg.resolution, seed=cfg.seed)
+    if rt.world > 1:
+        dist.barrier()
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Logs, plots and snapshots (rank 0)
+
+
+def log_row(cfg, row):
+    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def plot_losses(cfg):
+    """log.jsonl -> losses.png: one panel per logged term, against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "log.jsonl"))]
+    rows = [r for r in rows if r.get("kind") == "train"]
+    keys = [k for k in rows[0] if k not in ("kind", "step", "kimg", "time", "img_s")] if rows else []
+    if not keys:
+        return None
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+        ax.set_title(key, fontsize=9)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = os.path.join(cfg.out, "losses.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def snapshot_prompts(dataset, n=8):
+    """A fixed set of prompts for the sample grids: the first n captions of the data set."""
+    return [dataset[i][1] for i in range(n)]
+
+
+@torch.no_grad()
+def save_snapshot(cfg, G_ema, clip, prompts, z, step):
+    """A grid: one row per prompt, one column per fixed z; the prompts go in a .txt beside it."""
+    import torchvision
+    tokens, mask, eot = clip.text_features([p for p in prompts for _ in range(len(z))])
+    zz = z.repeat(len(prompts), 1)                                   # (rows * cols, z_dim)
+    images = G_ema(zz, tokens, mask, eot, noise_mode="const")[0]     # finest level
+    path = os.path.join(cfg.out, f"samples_{step:06d}.png")
+    torchvision.utils.save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=len(z), padding=1)
+    with open(os.path.join(cfg.out, "samples_prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Stage "base": the text-to-image GAN
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss, what, step):
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"{what} loss is {loss.item()} at step {step}")
+
+
+def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
+    device = rt.device
+    spec = clip_spec(cfg)
+    if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
+        if cfg.clip != "tiny":
+            raise FileNotFoundError(f"no tiny CLIP at {spec[5:]}: train one with python train.py --stage clip")
+        train_clip_stage(cfg, g_cfg, rt, dataset)                  # cached: skipped when present
+    clip = clip_lib.load_clip(spec, device=device)                 # frozen, never saved in checkpoints
+    vclip = clip if not cfg.vision_clip else clip_lib.load_clip(cfg.vision_clip, device=device)
+
+    # ---- models and optimisers
+    torch.manual_seed(cfg.seed)
+    G = generator.Generator(g_cfg, text_dim=clip.text_width).to(device)
+    D = discriminator.Discriminator(d_cfg, text_dim=clip.text_width).to(device)
+    VD = None
+    if loss_cfg.vision_weight > 0:
+        VD = discriminator.VisionAidedDiscriminator(vclip.feature_channels, vclip.embed_dim).to(device)
+    G_ema = generator.Generator(g_cfg, text_dim=clip.text_width).to(device).eval().requires_grad_(False)
+    G_ema.load_state_dict(G.state_dict())
+    d_modules = [m for m in (D, VD) if m is not None]
+    betas = (cfg.beta1, cfg.beta2)
+    # AdamW with weight decay 0.01 on attention weights only (paper), 0 elsewhere.
+    opt_G = torch.optim.AdamW(attention.attention_param_groups(G), lr=cfg.lr_g, betas=betas)
+    opt_D = torch.optim.AdamW([g for m in d_modules for g in attention.attention_param_groups(m)],
+                              lr=cfg.lr_d, betas=betas)
+    G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
+
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    config = {"train": dataclasses.asdict(cfg), "G": dataclasses.asdict(g_cfg),
+              "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}
+    step, nimg = 0, 0
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"]["train"]["preset"] != cfg.preset or ckpt["config"]["G"] != config["G"]:
+            raise FlagError(f"{ckpt_path} is a {ckpt['config']['train']['preset']!r} run with another model "
+                            f"configuration: resume it with the same flags, or use another --out")
+        G.load_state_dict(ckpt["G"]); G_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
+        if VD is not None:
+            VD.load_state_dict(ckpt["VD"])
+        opt_G.load_state_dict(ckpt["opt_G"]); opt_D.load_state_dict(ckpt["opt_D"])
+        step, nimg = ckpt["step"], ckpt["nimg"]
+        if rt.main:
+            print(f"resumed {ckpt_path} at step {step}")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
+            "VD": VD.state_dict() if VD is not None else {},
+            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+            "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out)})
+
+    if rt.main:
+        n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+        n_vd = sum(p.numel() for p in VD.parameters()) if VD is not None else 0
+        print(f"G {n_g / 1e6:.2f}M params, D {n_d / 1e6:.2f}M, vision-aided D {n_vd / 1e6:.2f}M, "
+              f"CLIP {spec} (text width {clip.text_width}), {rt.world} process(es) on {device}")
+    batch_gpu, micros = micro_batches(cfg, rt)
+    batches = make_batches(dataset, cfg, rt, batch_gpu, micros, step)
+    levels = len(g_cfg.scales)                                     # pyramid levels: 4 at 32 px, 5 at 64 px
+    snap_prompts = snapshot_prompts(dataset)
+    snap_z = torch.randn(4, g_cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    scale = batch_gpu / cfg.batch_size     # each micro-batch's share of the global-batch mean
+    stats, t_log, n_log = {}, time.time(), 0
+
+    def condition(captions):
+        """Everything the losses need to know about a micro-batch's captions, from the cache:
+        CLIP tokens, the wrong-caption triple (Eq. 8) and which rows really got a wrong
+        caption, and the CLIP text embeddings (right and wrong) for the CLIP/vision losses."""
+        text = clip.text_features(captions)                             # (b, L, D), (b, L), (b,)
+        perm, valid = losses.mismatched_permutation(captions, return_valid=True)
+        wrong = losses.permute_text(text, perm)
+        perm = perm.to(device)
+        embed = clip.embed_text(captions)                               # (b, E), cached too
+        v_embed = embed if vclip is clip else vclip.embed_text(captions)  # the vision-aided D's CLIP
+        return text, wrong, valid.to(device), (embed, embed[perm], v_embed, v_embed[perm])
+
+    def add_stats(logs):
+        for k, v in logs.items():
+            stats.setdefault(k, []).append(float(v))
+
+    try:
+        while step < cfg.max_steps:
+            # The micro-batches of this step (the same images and captions serve D and G).
+            work = []
+            for micro in micros:
+                images, captions = next(batches)
+                work.append((micro, images.to(device, non_blocking=True), list(captions)))
+
+            # ---- D step: real images with their own captions are real; generated images,
+            # and real images with a wrong caption (matching-aware, Eq. 8), are fake.
+            G.requires_grad_(False); [m.requires_grad_(True) for m in d_modules]
+            opt_D.zero_grad(set_to_none=True)
+            do_r1 = loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0
+            for micro, reals, captions in work:
+                seed_for(cfg, step, micro, phase=0)
+                text, wrong, valid, embeds = condition(captions)
+                z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                with rt.autocast(), torch.no_grad():
+                    fakes = G_fwd(z, *text)                               # pyramid, finest first
+                real_pyr = image_pyramid(reals, levels)
+                with rt.autocast():
+                    loss, logs = losses.discriminator_loss(
+                        D_fwd, real_pyr, fakes, text, wrong, loss_cfg, wrong_valid=valid,
+                        clip=vclip, vd=VD, text_embed=embeds[2], wrong_text_embed=embeds[3])
+                check_finite(loss, "D", step)
+                (loss * scale).backward()
+                add_stats(logs)
+            reduce_grads(d_modules, rt)
+            opt_D.step()
+
+            # ---- lazy R1 (StyleGAN2): every r1_interval steps, gamma/2 * E||grad_x D(x, c)||^2
+            # over every level of the real pyramid, scaled by the interval; its own D step.
+            if do_r1:
+                opt_D.zero_grad(set_to_none=True)
+                for micro, reals, captions in work:
+                    text = clip.text_features(captions)
+                    with rt.autocast():
+                        loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels), text, loss_cfg)
+                    check_finite(loss, "R1", step)
+                    (loss * scale).backward()
+                    add_stats(logs)
+                reduce_grads([D], rt)
+                opt_D.step()
+
+            # ---- G step: fool D with the right caption (adversarial), be recognisably
+            # *this* caption's image (matching-aware), match it in CLIP space (Eq. 9), fool
+            # the vision-aided D.
+            G.requires_grad_(True); [m.requires_grad_(False) for m in d_modules]
+            opt_G.zero_grad(set_to_none=True)
+            for micro, reals, captions in work:
+                seed_for(cfg, step, micro, phase=1)
+                text, wrong, valid, embeds = condition(captions)
+                z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                with rt.autocast():
+                    fakes = G_fwd(z, *text)
+                    loss, logs = losses.generator_loss(
+                        D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid, clip=clip, vd=VD,
+                        text_embed=embeds[0], wrong_text_embed=embeds[1],
+                        vision_clip=vclip, vision_text_embed=embeds[2], vision_wrong_text_embed=embeds[3],
+                        caption_ids=losses.caption_ids(captions).to(device))
+                check_finite(loss, "G", step)
+                (loss * scale).backward()
+                add_stats(logs)
+            reduce_grads([G], rt)
+            opt_G.step()
+
+            # ---- EMA of G: the weights we sample from
+            step += 1
+            nimg += cfg.batch_size
+            update_ema(G_ema, G, cfg, nimg)
+
+            # ---- logs, snapshots, evaluation, checkpoints (rank 0)
+            n_log += cfg.batch_size
+            if rt.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                elapsed = time.time() - t_log
+                row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": n_log / elapsed,
+                       **{k: sum(v) / len(v) for k, v in stats.items()}}
+                log_row(cfg, row)
+                print(f"step {step:6d}  " + "  ".join(
+                    f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")), flush=True)
+                stats, t_log, n_log = {}, time.time(), 0
+            t_aux = time.time()  # time spent below is not training: keep it out of img/s
+            if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
+                save_snapshot(cfg, G_ema, clip, snap_prompts, snap_z, step)
+            if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                metrics = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
+                                                shapes=cfg.data == "shapes")
+                log_row(cfg, {"kind": "eval", "step": step, **metrics})
+                print("eval  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+            if rt.main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+                checkpoint()
+            t_log += time.time() - t_aux
+    except KeyboardInterrupt:
+        if rt.main:
+            checkpoint()
+            print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+        raise SystemExit(130)
+    except NonFiniteLoss as err:
+        if rt.main:
+            print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
+                  "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
+        raise SystemExit(1)
+
+    if rt.world > 1:
+        check_in_sync([G, D], rt)
+    if rt.main:
+        plot = plot_losses(cfg)
+        print(f"done: {step} steps. checkpoint {ckpt_path}; samples {cfg.out}/samples_*.png "
+              f"(prompts in samples_prompts.txt); loss curves {plot}; log {cfg.out}/log.jsonl")
+    return G_ema
+
+
+def image_pyramid(images, levels):
+    """Real images -> the pyramid D sees, finest first: repeated anti-aliased 2x downsampling."""
+    pyramid = [images]                                                   # (b, 3, R, R)
+    for _ in range(levels - 1):
+        pyramid.append(kernels.downsample2x(pyramid[-1]))                 # (b, 3, R/2^i, R/2^i)
+    return pyramid
+
+
+def check_in_sync(modules, rt):
+    """All processes must hold the same weights: compare a checksum across ranks."""
+    total = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in modules]).to(rt.device)
+    gathered = [torch.zeros_like(total) for _ in range(rt.world)]
+    dist.all_gather(gathered, total)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"processes out of sync: weight checksums {[g.tolist() for g in gathered]}")
+    if rt.main:
+        print(f"weights identical across {rt.world} processes")
+
+
+def sample_lib():
+    return importlib.import_module("sample")
+
+
+# -----------------------------------------------------------------------------
+# --dry-run: sizes and memory of a configuration without building it for real
+
+
+def activation_bytes_per_image(module, batch, *inputs):
+    """Sum of the outputs of every leaf module for one forward pass on the meta device:
+    a rough upper bound of what autograd keeps for the backward pass, per image."""
+    total = [0]
+    hooks = [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + (
+        o.numel() if torch.is_tensor(o) else 0))) for m in module.modules() if not list(m.children())]
+    with torch.no_grad():
+        module(*inputs)
+    for h in hooks:
+        h.remove()
+    return total[0] / batch
+
+
+def dry_run(cfg, g_cfg, d_cfg, loss_cfg, rt):
+    text_dim = {"ViT-L-14": 768, "ViT-B-32": 512, "ViT-B-16": 512, "ViT-H-14": 1024}.get(
+        cfg.clip.split("/")[0], 128)  # width of the CLIP text tower's token features
+    with torch.device("meta"):
+        G = generator.Generator(g_cfg, text_dim=text_dim)
+        D = discriminator.Discriminator(d_cfg, text_dim=text_dim)
+        n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+        b, L = 2, 77
+        tokens, eot = torch.zeros(b, L, text_dim), torch.full((b,), L - 1, dtype=torch.long)
+        mask = torch.ones(b, L, dtype=torch.bool)
+        z = torch.zeros(b, g_cfg.z_dim)
+        act_g = activation_bytes_per_image(G, b, z, tokens, mask, eot)
+        pyramid = G(z, tokens, mask, eot)
+        act_d = activation_bytes_per_image(D, b, pyramid, tokens, mask, eot)
+    batch_gpu = cfg.batch_gpu or cfg.batch_size
+    act_size = 2 if cfg.dtype == "bfloat16" else 4
+    # fp32 weights + grads + two Adam moments = 16 bytes per trained parameter; G_ema 4 more.
+    state = 16 * (n_g + n_d) + 4 * n_g
+    # G step keeps G's and D's activations; D step keeps D's on 3 batches (real, fake, mismatched).
+    acts = batch_gpu * act_size * max(act_g + act_d, 3 * act_d)
+    gpus = max(1, cfg.batch_size // batch_gpu)
+    print(f"G {n_g / 1e6:.1f}M parameters, D {n_d / 1e6:.1f}M (paper: 652.5M and 381.4M for full)")
+    print(f"memory per GPU, roughly: {state / 2**30:.1f} GiB weights+grads+Adam+EMA, "
+          f"{acts / 2**30:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype})")
+    print(f"launch: torchrun --nproc_per_node=8 --nnodes={max(1, gpus // 8)} train.py --preset {cfg.preset} "
+          f"--batch-size {cfg.batch_size} --batch-gpu {batch_gpu} --data 'shards/{{00000..09999}}.tar'")
+    print(json.dumps({"G_params": n_g, "D_params": n_d, "batch_size": cfg.batch_size,
+                      "batch_gpu": batch_gpu, "est_gib_per_gpu": round((state + acts) / 2**30, 2)}))
+
+
+# -----------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return
+    try:
+        cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
+        rt = setup_runtime(cfg)
+    except FlagError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    if cfg.dry_run:
+        return dry_run(cfg, g_cfg, d_cfg, loss_cfg, rt)
+    if not cfg.data:
+        print("train.py: --data is required for this preset: an image folder or 'shards/{00000..00099}.tar'",
+              file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        dataset = data.build_dataset(cfg.data, g_cfg.resolution, seed=cfg.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    os.makedirs(cfg.out, exist_ok=True)
+    if rt.main:
+        print("config: " + json.dumps({"train": dataclasses.asdict(cfg), "G": dataclasses.asdict(g_cfg),
+                                       "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}))
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump({"train": dataclasses.asdict(cfg), "G": dataclasses.asdict(g_cfg),
+                       "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}, f, indent=2)
+    try:
+        if cfg.stage == "clip":
+            return train_clip_stage(cfg, g_cfg, rt, dataset)
+        return train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset)
+    except (FlagError, FileNotFoundError) as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        if rt.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
