@@ -1,0 +1,161 @@
+"""Tests of 04_discriminator.py: MS-I/O structure, text conditioning, R1 double backward."""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import load
+
+dm = load("04_discriminator")
+
+TEXT_DIM = 32  # width of the random stand-in CLIP tokens
+
+
+def tiny_cfg(**changes):
+    """The tiny preset, made smaller still where the test does not care about width."""
+    return dataclasses.replace(dm.D_PRESETS["tiny"], **changes)
+
+
+def random_inputs(D, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pyramid = [torch.randn(B, 3, r, r, generator=g) for r in D.resolutions]  # finest first
+    return pyramid, dm.random_text(B, L=12, D=TEXT_DIM, seed=seed)
+
+
+@pytest.mark.parametrize("resolution,levels", [(32, 4), (64, 5)])
+def test_number_order_and_shapes_of_predictions(resolution, levels):
+    D = dm.Discriminator(tiny_cfg(resolution=resolution), TEXT_DIM)
+    assert D.cfg.levels == levels
+    pyramid, text = random_inputs(D, B=3)
+    preds = D(pyramid, *text)
+    P = levels * (levels + 1) // 2                                  # 10 or 15
+    assert len(preds) == P == D.num_predictions
+    assert all(p.shape == (3,) for p in preds)
+    # entry-major order, every entry i predicts at every exit j >= i
+    assert D.pairs == [(i, j) for i in range(levels) for j in range(i, levels)]
+    assert D.pairs[levels - 1] == (0, levels - 1)                   # the classic single-D prediction
+
+
+def test_text_changes_every_prediction():
+    D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
+    pyramid, text = random_inputs(D, seed=1)
+    _, other = random_inputs(D, seed=2)
+    a, b = D(pyramid, *text), D(pyramid, *other)
+    for (i, j), pa, pb in zip(D.pairs, a, b):
+        assert (pa - pb).abs().min() > 1e-4, f"prediction {(i, j)} ignores the text"
+    # the same text twice gives the same answer (no hidden randomness)
+    assert all(torch.equal(p, q) for p, q in zip(a, D(pyramid, *text)))
+
+
+def test_late_entry_early_exit_by_autograd():
+    """d prediction(i, j) / d x_k is zero unless k == i (and nonzero for k == i)."""
+    D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
+    pyramid, text = random_inputs(D)
+    pyramid = [x.requires_grad_() for x in pyramid]
+    preds = D(pyramid, *text)
+    for (i, j), p in zip(D.pairs, preds):
+        grads = torch.autograd.grad(p.sum(), pyramid, retain_graph=True, allow_unused=True)
+        for k, g in enumerate(grads):
+            if k == i:
+                assert g is not None and g.abs().sum() > 0, f"prediction {(i, j)} ignores its own level"
+            else:
+                assert g is None or torch.count_nonzero(g) == 0, f"prediction {(i, j)} sees level {k}"
+
+
+def test_samples_do_not_interact():
+    """No minibatch-std or batch norm: a sample's predictions do not depend on the others."""
+    D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
+    pyramid, text = random_inputs(D, B=3)
+    full = D(pyramid, *text)
+    alone = D([x[:1] for x in pyramid], *(t[:1] for t in text))
+    for p, q in zip(full, alone):
+        torch.testing.assert_close(p[:1], q, atol=1e-5, rtol=1e-5)
+
+
+def test_single_scale_switch():
+    D = dm.Discriminator(tiny_cfg(multi_scale=False), TEXT_DIM)
+    pyramid, text = random_inputs(D)
+    preds = D(pyramid, *text)
+    assert D.pairs == [(0, 3)] and len(preds) == 1 and preds[0].shape == (2,)
+    assert list(D.from_rgb.keys()) == ["0"] and list(D.predictors.keys()) == ["3"]  # no unused params
+    assert torch.equal(D([pyramid[0]], *text)[0], preds[0])       # the coarse levels are not used
+
+
+def test_attention_switch():
+    with_attn = dm.Discriminator(tiny_cfg(attention=True), TEXT_DIM)
+    without = dm.Discriminator(tiny_cfg(attention=False), TEXT_DIM)
+    ImageSelfAttention = load("02_attention").ImageSelfAttention
+    assert any(isinstance(m, ImageSelfAttention) for m in with_attn.modules())
+    assert not any(isinstance(m, ImageSelfAttention) for m in without.modules())
+    pyramid, text = random_inputs(without)
+    assert len(without(pyramid, *text)) == 10
+
+
+def test_modulated_1x1_equals_01_reference():
+    """The channel-scaling 1x1 path equals 01's modulated_conv2d with per-sample kernels."""
+    for demodulate in (True, False):
+        layer = dm.ModulatedConv1x1(8, 5, cond_dim=6, demodulate=demodulate)
+        x, c = torch.randn(4, 8, 3, 3), torch.randn(4, 6)
+        fast = layer(x, c)
+        layer.reference = True
+        torch.testing.assert_close(fast, layer(x, c), atol=1e-5, rtol=1e-5)
+
+
+def _r1_backward(logits, inputs, params):
+    """R1-style double backward: |grad of sum(logits) w.r.t. inputs|^2, then backward."""
+    grads = torch.autograd.grad(sum(l.sum() for l in logits), inputs, create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    penalty.backward()
+    got = [p.grad for p in params if p.grad is not None]
+    assert got and all(torch.isfinite(g).all() for g in got)
+    return len(got)
+
+
+def test_double_backward_ms_io():
+    D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
+    pyramid, text = random_inputs(D)
+    pyramid = [x.requires_grad_() for x in pyramid]
+    n = _r1_backward(D(pyramid, *text), pyramid, list(D.parameters()))
+    assert n > len(list(D.parameters())) // 2                      # most weights receive an R1 gradient
+
+
+def test_vision_aided_shapes_text_and_double_backward():
+    channels, E, B = [24, 24, 40], 16, 3
+    VD = dm.VisionAidedDiscriminator(channels, E, hidden=32)
+    features = [torch.randn(B, c, 7, 7, requires_grad=True) for c in channels]
+    e1 = torch.nn.functional.normalize(torch.randn(B, E), dim=1)
+    e2 = torch.nn.functional.normalize(torch.randn(B, E), dim=1)
+    a, b = VD(features, e1), VD(features, e2)
+    assert len(a) == 3 and all(l.shape == (B,) for l in a)
+    assert all((la - lb).abs().min() > 1e-4 for la, lb in zip(a, b)), "a head ignores the text"
+    _r1_backward(a, features, list(VD.parameters()))
+    # CLIP is not a submodule: only the heads are stored
+    assert all(name.startswith("heads.") for name in VD.state_dict())
+
+
+def test_full_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        D = dm.Discriminator(dm.D_PRESETS["full"], text_dim=768)    # CLIP ViT-L/14 text width
+    n = sum(p.numel() for p in D.parameters())
+    assert abs(n / 381.4e6 - 1) < 0.05, f"full D has {n / 1e6:.1f}M parameters, paper 381.4M"
+
+
+def test_presets_build_and_match_generator_names():
+    assert set(dm.D_PRESETS) == {"tiny", "small", "full"}
+    tiny = dm.Discriminator(dm.D_PRESETS["tiny"], 128)
+    assert 0.3e6 < sum(p.numel() for p in tiny.parameters()) < 1.5e6
+    assert dm.D_PRESETS["tiny"].resolution == 32 and dm.D_PRESETS["tiny"].levels == 4
+    assert dm.D_PRESETS["small"].resolution == 64 and dm.D_PRESETS["small"].levels == 5
+
+
+def test_bad_pyramid_is_rejected():
+    D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
+    pyramid, text = random_inputs(D)
+    with pytest.raises(AssertionError):
+        D(pyramid[:-1], *text)                                      # a level missing
+    with pytest.raises(AssertionError):
+        D(pyramid[::-1], *text)                                     # coarsest first
+
+
+def test_demo_runs():
+    dm.demo()
