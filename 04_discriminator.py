@@ -94,6 +94,8 @@ class DiscriminatorConfig:
     text_heads: int = 2               # attention heads in D's T
     t_dim: int = 64                   # C_t, width of the text descriptor t_D (project's choice)
     psi_layers: int = 4               # modulated 1x1 convs in each psi_j (paper: "4-layer 1x1 conv")
+    vision_hidden: int = 64           # width of each vision-aided head (project's choice)
+    vision_psi_layers: int = 2        # modulated 1x1 convs per vision-aided head (project's choice)
 
     def __post_init__(self):
         # a tuple may arrive as a list (a checkpoint's plain-dict config, a JSON CLI flag)
@@ -119,16 +121,19 @@ class DiscriminatorConfig:
 #          scale (the generator is also "deeper" than StyleGAN2); attention at <= 32 px;
 #          a 4-block, 1024-wide T; psi 4 layers (paper). Total 380.3M with the CLIP
 #          ViT-L/14 text width D = 768, i.e. -0.3% from the paper's 381.4M.
+# The vision-aided heads are counted apart from the 381.4M (this project's reading):
+# build them with VisionAidedDiscriminator(feature_channels, E, hidden=cfg.vision_hidden,
+# psi_layers=cfg.vision_psi_layers). 64 wide on the tiny CLIP's 8 x 8 x 128 features.
 D_PRESETS = {
     "tiny": DiscriminatorConfig(),
     "small": DiscriminatorConfig(
         resolution=64, channel_base=8192, channel_max=256, blocks_per_scale=1,
         attn_resolutions=(16, 8, 4), attn_heads=4, text_width=256, text_depth=2,
-        text_heads=4, t_dim=256),
+        text_heads=4, t_dim=256, vision_hidden=256),
     "full": DiscriminatorConfig(
         resolution=64, channel_base=32768, channel_max=1024, blocks_per_scale=3,
         attn_resolutions=(32, 16, 8, 4), attn_heads=16, text_width=1024, text_depth=4,
-        text_heads=16, t_dim=1024),
+        text_heads=16, t_dim=1024, vision_hidden=512, vision_psi_layers=4),
 }
 
 
@@ -398,8 +403,8 @@ class VisionAidedDiscriminator(nn.Module):
         self,
         feature_channels,   # [C_i], channels of each CLIP feature map (FrozenCLIP.feature_channels)
         embed_dim,          # E, CLIP embedding width
-        hidden=256,         # width of each head (project's choice)
-        psi_layers=2,       # modulated 1x1 convs per head (project's choice)
+        hidden=64,          # width of each head (DiscriminatorConfig.vision_hidden; project's choice)
+        psi_layers=2,       # modulated 1x1 convs per head (DiscriminatorConfig.vision_psi_layers)
     ):
         super().__init__()
         self.feature_channels, self.embed_dim = list(feature_channels), embed_dim

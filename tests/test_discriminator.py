@@ -146,6 +146,9 @@ def test_presets_build_and_match_generator_names():
     assert 0.3e6 < sum(p.numel() for p in tiny.parameters()) < 1.5e6
     assert dm.D_PRESETS["tiny"].resolution == 32 and dm.D_PRESETS["tiny"].levels == 4
     assert dm.D_PRESETS["small"].resolution == 64 and dm.D_PRESETS["small"].levels == 5
+    for cfg in dm.D_PRESETS.values():                               # vision-aided heads from the config
+        with torch.device("meta"):
+            dm.VisionAidedDiscriminator([768] * 3, 512, hidden=cfg.vision_hidden, psi_layers=cfg.vision_psi_layers)
 
 
 def test_bad_pyramid_is_rejected():
