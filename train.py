@@ -25,10 +25,13 @@ numbers (up to float summation order).
 """
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -188,13 +191,13 @@ def parse_flags(argv):
 
 def print_help():
     print(__doc__)
-    for title, cls in (("train", TrainConfig), ("generator (--g.FIELD)", generator.GeneratorConfig),
-                       ("discriminator (--d.FIELD)", discriminator.DiscriminatorConfig),
-                       ("losses (--loss.FIELD)", losses.LossConfig)):
-        print(f"{title} flags:")
+    for title, prefix, cls in (("train", "", TrainConfig), ("generator", "g.", generator.GeneratorConfig),
+                               ("discriminator", "d.", discriminator.DiscriminatorConfig),
+                               ("losses", "loss.", losses.LossConfig)):
+        print(f"{title} flags (tiny defaults):")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"  --{f.name.replace('_', '-'):<22} {default!r}")
+            print(f"  --{prefix}{f.name.replace('_', '-'):<24} {default!r}")
     print(f"presets: {', '.join(TRAIN_PRESETS)}")
 
 
@@ -290,7 +293,8 @@ def make_batches(dataset, cfg, rt, batch_gpu, micros, start_step):
         # the order is then not tied to (seed, step) as it is for map-style data.
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_gpu, num_workers=workers,
                                              drop_last=True, pin_memory=rt.device.type == "cuda")
-        while True:
+        for epoch in itertools.count():
+            dataset.set_epoch(epoch)  # a new, still seeded, shard order every pass
             yield from loader
     sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
@@ -447,6 +451,42 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once.
+
+    A flag rather than an exception in the middle of a step, so the checkpoint always holds
+    a consistent step (D, G, EMA and optimisers all updated, or none)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then exiting "
+              "(Ctrl-C again to stop without saving)", flush=True)
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, rt):
+        """Every process stops at the same step if any of them was asked to."""
+        if rt.world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def check_finite(loss, what, step):
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"{what} loss is {loss.item()} at step {step}")
@@ -468,7 +508,8 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     D = discriminator.Discriminator(d_cfg, text_dim=clip.text_width).to(device)
     VD = None
     if loss_cfg.vision_weight > 0:
-        VD = discriminator.VisionAidedDiscriminator(vclip.feature_channels, vclip.embed_dim).to(device)
+        VD = discriminator.VisionAidedDiscriminator(vclip.feature_channels, vclip.embed_dim, hidden=d_cfg.vision_hidden,
+                                                    psi_layers=d_cfg.vision_psi_layers).to(device)
     G_ema = generator.Generator(g_cfg, text_dim=clip.text_width).to(device).eval().requires_grad_(False)
     G_ema.load_state_dict(G.state_dict())
     d_modules = [m for m in (D, VD) if m is not None]
@@ -532,108 +573,109 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
         for k, v in logs.items():
             stats.setdefault(k, []).append(float(v))
 
-    try:
-        while step < cfg.max_steps:
-            # The micro-batches of this step (the same images and captions serve D and G).
-            work = []
-            for micro in micros:
-                images, captions = next(batches)
-                work.append((micro, images.to(device, non_blocking=True), list(captions)))
+    with StopRequest() as stop:
+        try:
+            while step < cfg.max_steps:
+                # The micro-batches of this step (the same images and captions serve D and G).
+                work = []
+                for micro in micros:
+                    images, captions = next(batches)
+                    work.append((micro, images.to(device, non_blocking=True), list(captions)))
 
-            # ---- D step: real images with their own captions are real; generated images,
-            # and real images with a wrong caption (matching-aware, Eq. 8), are fake.
-            G.requires_grad_(False); [m.requires_grad_(True) for m in d_modules]
-            opt_D.zero_grad(set_to_none=True)
-            do_r1 = loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0
-            for micro, reals, captions in work:
-                seed_for(cfg, step, micro, phase=0)
-                text, wrong, valid, embeds = condition(captions)
-                z = torch.randn(len(captions), g_cfg.z_dim, device=device)
-                with rt.autocast(), torch.no_grad():
-                    fakes = G_fwd(z, *text)                               # pyramid, finest first
-                real_pyr = image_pyramid(reals, levels)
-                with rt.autocast():
-                    loss, logs = losses.discriminator_loss(
-                        D_fwd, real_pyr, fakes, text, wrong, loss_cfg, wrong_valid=valid,
-                        clip=vclip, vd=VD, text_embed=embeds[2], wrong_text_embed=embeds[3])
-                check_finite(loss, "D", step)
-                (loss * scale).backward()
-                add_stats(logs)
-            reduce_grads(d_modules, rt)
-            opt_D.step()
-
-            # ---- lazy R1 (StyleGAN2): every r1_interval steps, gamma/2 * E||grad_x D(x, c)||^2
-            # over every level of the real pyramid, scaled by the interval; its own D step.
-            if do_r1:
+                # ---- D step: real images with their own captions are real; generated images,
+                # and real images with a wrong caption (matching-aware, Eq. 8), are fake.
+                G.requires_grad_(False); [m.requires_grad_(True) for m in d_modules]
                 opt_D.zero_grad(set_to_none=True)
+                do_r1 = loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0
                 for micro, reals, captions in work:
-                    text = clip.text_features(captions)
+                    seed_for(cfg, step, micro, phase=0)
+                    text, wrong, valid, embeds = condition(captions)
+                    z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                    with rt.autocast(), torch.no_grad():
+                        fakes = G_fwd(z, *text)                               # pyramid, finest first
+                    real_pyr = image_pyramid(reals, levels)
                     with rt.autocast():
-                        loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels), text, loss_cfg)
-                    check_finite(loss, "R1", step)
+                        loss, logs = losses.discriminator_loss(
+                            D_fwd, real_pyr, fakes, text, wrong, loss_cfg, wrong_valid=valid,
+                            clip=vclip, vd=VD, text_embed=embeds[2], wrong_text_embed=embeds[3])
+                    check_finite(loss, "D", step)
                     (loss * scale).backward()
                     add_stats(logs)
-                reduce_grads([D], rt)
+                reduce_grads(d_modules, rt)
                 opt_D.step()
 
-            # ---- G step: fool D with the right caption (adversarial), be recognisably
-            # *this* caption's image (matching-aware), match it in CLIP space (Eq. 9), fool
-            # the vision-aided D.
-            G.requires_grad_(True); [m.requires_grad_(False) for m in d_modules]
-            opt_G.zero_grad(set_to_none=True)
-            for micro, reals, captions in work:
-                seed_for(cfg, step, micro, phase=1)
-                text, wrong, valid, embeds = condition(captions)
-                z = torch.randn(len(captions), g_cfg.z_dim, device=device)
-                with rt.autocast():
-                    fakes = G_fwd(z, *text)
-                    loss, logs = losses.generator_loss(
-                        D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid, clip=clip, vd=VD,
-                        text_embed=embeds[0], wrong_text_embed=embeds[1],
-                        vision_clip=vclip, vision_text_embed=embeds[2], vision_wrong_text_embed=embeds[3],
-                        caption_ids=losses.caption_ids(captions).to(device))
-                check_finite(loss, "G", step)
-                (loss * scale).backward()
-                add_stats(logs)
-            reduce_grads([G], rt)
-            opt_G.step()
+                # ---- lazy R1 (StyleGAN2): every r1_interval steps, gamma/2 * E||grad_x D(x, c)||^2
+                # over every level of the real pyramid, scaled by the interval; its own D step.
+                if do_r1:
+                    opt_D.zero_grad(set_to_none=True)
+                    for micro, reals, captions in work:
+                        text = clip.text_features(captions)
+                        with rt.autocast():
+                            loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels), text, loss_cfg)
+                        check_finite(loss, "R1", step)
+                        (loss * scale).backward()
+                        add_stats(logs)
+                    reduce_grads([D], rt)
+                    opt_D.step()
 
-            # ---- EMA of G: the weights we sample from
-            step += 1
-            nimg += cfg.batch_size
-            update_ema(G_ema, G, cfg, nimg)
+                # ---- G step: fool D with the right caption (adversarial), be recognisably
+                # *this* caption's image (matching-aware), match it in CLIP space (Eq. 9), fool
+                # the vision-aided D.
+                G.requires_grad_(True); [m.requires_grad_(False) for m in d_modules]
+                opt_G.zero_grad(set_to_none=True)
+                for micro, reals, captions in work:
+                    seed_for(cfg, step, micro, phase=1)
+                    text, wrong, valid, embeds = condition(captions)
+                    z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                    with rt.autocast():
+                        fakes = G_fwd(z, *text)
+                        loss, logs = losses.generator_loss(
+                            D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid, clip=clip, vd=VD,
+                            text_embed=embeds[0], wrong_text_embed=embeds[1],
+                            vision_clip=vclip, vision_text_embed=embeds[2], vision_wrong_text_embed=embeds[3],
+                            caption_ids=losses.caption_ids(captions).to(device))
+                    check_finite(loss, "G", step)
+                    (loss * scale).backward()
+                    add_stats(logs)
+                reduce_grads([G], rt)
+                opt_G.step()
 
-            # ---- logs, snapshots, evaluation, checkpoints (rank 0)
-            n_log += cfg.batch_size
-            if rt.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                elapsed = time.time() - t_log
-                row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": n_log / elapsed,
-                       **{k: sum(v) / len(v) for k, v in stats.items()}}
-                log_row(cfg, row)
-                print(f"step {step:6d}  " + "  ".join(
-                    f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")), flush=True)
-                stats, t_log, n_log = {}, time.time(), 0
-            t_aux = time.time()  # time spent below is not training: keep it out of img/s
-            if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
-                save_snapshot(cfg, G_ema, clip, snap_prompts, snap_z, step)
-            if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                metrics = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
-                                                shapes=cfg.data == "shapes")
-                log_row(cfg, {"kind": "eval", "step": step, **metrics})
-                print("eval  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-            if rt.main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-                checkpoint()
-            t_log += time.time() - t_aux
-    except KeyboardInterrupt:
-        if rt.main:
-            checkpoint()
-            print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
-        raise SystemExit(130)
-    except NonFiniteLoss as err:
-        if rt.main:
-            print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
-                  "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
-        raise SystemExit(1)
+                # ---- EMA of G: the weights we sample from
+                step += 1
+                nimg += cfg.batch_size
+                update_ema(G_ema, G, cfg, nimg)
+
+                # ---- logs, snapshots, evaluation, checkpoints (rank 0)
+                n_log += cfg.batch_size
+                if rt.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    elapsed = time.time() - t_log
+                    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": n_log / elapsed,
+                           **{k: sum(v) / len(v) for k, v in stats.items()}}
+                    log_row(cfg, row)
+                    print(f"step {step:6d}  " + "  ".join(
+                        f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")), flush=True)
+                    stats, t_log, n_log = {}, time.time(), 0
+                t_aux = time.time()  # time spent below is not training: keep it out of img/s
+                if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
+                    save_snapshot(cfg, G_ema, clip, snap_prompts, snap_z, step)
+                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    metrics = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
+                                                    shapes=cfg.data == "shapes")
+                    log_row(cfg, {"kind": "eval", "step": step, **metrics})
+                    print("eval  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+                if rt.main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+                    checkpoint()
+                t_log += time.time() - t_aux
+                if stop.agreed(rt):
+                    if rt.main:
+                        checkpoint()
+                        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
+                    raise SystemExit(130)
+        except NonFiniteLoss as err:
+            if rt.main:
+                print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
+                      "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
+            raise SystemExit(1)
 
     if rt.world > 1:
         check_in_sync([G, D], rt)
@@ -726,6 +768,7 @@ def main(argv=None):
     try:
         cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
         rt = setup_runtime(cfg)
+        micro_batches(cfg, rt), clip_spec(cfg)  # check now, before minutes of CLIP training
     except FlagError as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)

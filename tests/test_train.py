@@ -1,0 +1,186 @@
+"""train.py end to end on CPU: every stage for a few steps, resume, checkpoints, multi-process
+(gloo), bad input, and a short run whose text alignment must improve."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small and fast: batch 4, no snapshots/evals unless a test asks, the tiny presets.
+FAST = ["--batch-size", "4", "--log-every", "1", "--snapshot-every", "1000", "--eval-every", "0",
+        "--ckpt-every", "1000"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """One tiny CLIP for the whole session (a few steps: these tests check plumbing, not accuracy)."""
+    out = tmp_path_factory.mktemp("clip")
+    train.main(["--stage", "clip", "--out", str(out), "--clip-steps", "4", "--clip-batch-size", "16"])
+    path = out / "clip.pt"
+    assert path.is_file()
+    return f"tiny:{path}"
+
+
+def run(tmp_path, *extra, name="run", clip=None):
+    out = tmp_path / name
+    argv = ["--out", str(out), *FAST, *extra]
+    if clip:
+        argv += ["--clip", clip]
+    train.main(argv)
+    return out
+
+
+def state(out):
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def test_base_stage_writes_everything(tmp_path, tiny_clip, capsys):
+    out = run(tmp_path, "--max-steps", "3", "--snapshot-every", "2", "--eval-every", "3", "--eval-images", "4",
+              clip=tiny_clip)
+    printed = capsys.readouterr().out
+    for name in ("config.json", "log.jsonl", "losses.png", "checkpoint.pt", "samples_000002.png",
+                 "samples_000003.png", "samples_prompts.txt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for key in ("img_s", "D/adv", "D/match", "D/vision", "G/adv", "G/match", "G/clip", "G/vision",
+                "D/real_logit", "D/fake_logit"):
+        assert key in train_rows[0], key
+    assert "R1/penalty" in train_rows[0]                       # step 0 is an R1 step
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals and "align_mean" in evals[0] and "clip_score" in evals[0]
+    ckpt = state(out)                                           # weights_only loadable
+    assert ckpt["step"] == 3 and ckpt["nimg"] == 12
+    assert set(ckpt) >= {"G", "G_ema", "D", "VD", "opt_G", "opt_D", "config", "clip"}
+    assert not any(k.startswith("clip") or "visual" in k for k in ckpt["G"])  # frozen CLIP never stored
+    assert json.load(open(out / "config.json"))["train"]["max_steps"] == 3
+    assert "img_s" in printed and "done: 3 steps" in printed
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_clip):
+    whole = run(tmp_path, "--max-steps", "4", name="whole", clip=tiny_clip)
+    part = run(tmp_path, "--max-steps", "2", name="part", clip=tiny_clip)
+    assert state(part)["step"] == 2
+    run(tmp_path, "--max-steps", "4", "--resume", name="part", clip=tiny_clip)
+    a, b = state(whole), state(part)
+    assert b["step"] == 4
+    for key in ("G", "G_ema", "D"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-5, msg=f"{key}.{name}")
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_clip, monkeypatch, capsys):
+    run(tmp_path, "--max-steps", "2", "--ckpt-every", "1", name="nan", clip=tiny_clip)
+    good = state(tmp_path / "nan")
+    real_loss = train.losses.generator_loss
+
+    def poisoned(*args, **kwargs):
+        loss, logs = real_loss(*args, **kwargs)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(train.losses, "generator_loss", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--max-steps", "4", "--ckpt-every", "1", "--resume", name="nan", clip=tiny_clip)
+    assert exit_info.value.code == 1
+    assert "G loss is nan" in capsys.readouterr().err
+    after = state(tmp_path / "nan")
+    assert after["step"] == good["step"] == 2
+    assert all(torch.equal(good["G"][k], after["G"][k]) for k in good["G"])
+
+
+def test_ctrl_c_finishes_the_step_saves_then_resumes(tmp_path, tiny_clip, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_update = train.update_ema
+
+    def ctrl_c_during_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)       # what the terminal sends on Ctrl-C
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train, "update_ema", ctrl_c_during_third_step)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--max-steps", "10", name="int", clip=tiny_clip)
+    assert exit_info.value.code == 130
+    assert "saved step 3" in capsys.readouterr().out
+    assert state(tmp_path / "int")["step"] == 3
+    monkeypatch.setattr(train, "update_ema", real_update)
+    run(tmp_path, "--max-steps", "4", "--resume", name="int", clip=tiny_clip)
+    assert state(tmp_path / "int")["step"] == 4
+
+
+def test_gradient_accumulation_and_bf16_autocast_run(tmp_path, tiny_clip):
+    out = run(tmp_path, "--max-steps", "1", "--batch-gpu", "2", "--dtype", "bfloat16", name="accum", clip=tiny_clip)
+    ckpt = state(out)
+    assert ckpt["step"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["G"].values() if v.is_floating_point())
+
+
+def test_two_process_gloo_matches_one_process(tmp_path, tiny_clip):
+    """torchrun with 2 CPU processes (gloo): the weights stay identical across ranks, and equal
+    those of one process accumulating the same two micro-batches."""
+    common = [*FAST, "--max-steps", "2", "--batch-gpu", "2", "--clip", tiny_clip, "--seed", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "ddp"), *common]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "weights identical across 2 processes" in proc.stdout
+    train.main(["--out", str(tmp_path / "single"), *common])
+    a, b = state(tmp_path / "ddp"), state(tmp_path / "single")
+    for key in ("G", "D"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-5, msg=f"{key}.{name}")
+
+
+def test_full_dry_run_prints_parameter_counts(capsys):
+    train.main(["--full", "--dry-run"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    counts = json.loads(last)
+    assert abs(counts["G_params"] / 652.5e6 - 1) < 0.05
+    assert abs(counts["D_params"] / 381.4e6 - 1) < 0.05
+
+
+def test_help_lists_every_flag(capsys):
+    train.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--max-steps", "--batch-gpu", "--clip-pretrained", "--g.n-kernels", "--d.multi-scale",
+                 "--loss.clip-weight"):
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus", "1"], "unknown flag --bogus"),
+    (["--max-steps", "ten"], "bad value for --max-steps"),
+    (["--max-steps", "0"], "must be positive"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--dtype", "float8"], "unknown --dtype"),
+    (["--g.self-attention", "maybe"], "bad value for --g.self-attention"),
+    (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--clip", "ViT-B-32"], "needs a weights tag"),
+    (["--batch-size", "6", "--batch-gpu", "4"], "multiple of --batch-gpu"),
+    (["stray"], "unexpected argument"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(tmp_path / "bad"), "--max-steps", "1", *argv] if argv[0] != "--max-steps"
+                   else ["--out", str(tmp_path / "bad"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_of_another_preset_is_refused(tmp_path, tiny_clip, capsys):
+    run(tmp_path, "--max-steps", "1", name="a", clip=tiny_clip)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--max-steps", "2", "--resume", "--g.channels", "[32, 32, 32, 16]", name="a", clip=tiny_clip)
+    assert exit_info.value.code == 2
+    assert "resume it with the same flags" in capsys.readouterr().err
