@@ -233,7 +233,7 @@ class MappingNetwork(nn.Module):
         update = self.training if update_w_avg is None else update_w_avg
         if update:
             with torch.no_grad():                               # w_avg <- beta w_avg + (1 - beta) mean_batch(w)
-                self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+                self.w_avg.copy_(x.detach().mean(dim=0).to(self.w_avg.dtype).lerp(self.w_avg, self.w_avg_beta))
         return x                                                # (B, S)
 
 

@@ -322,6 +322,19 @@ def reduce_grads(modules, rt):
 
 
 @torch.no_grad()
+def sync_buffers(modules, rt):
+    """Average the floating-point buffers (the mapping network's running mean w_avg) over
+    processes: each rank updated them from its own micro-batches, and ranks must stay identical."""
+    if rt.world == 1:
+        return
+    for m in modules:
+        for b in m.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b.div_(rt.world)
+
+
+@torch.no_grad()
 def update_ema(G_ema, G, cfg, nimg):
     """G_ema <- beta G_ema + (1 - beta) G with a half-life of ema_kimg thousand images,
     ramped up early in training (StyleGAN2); buffers such as w_avg are copied."""
@@ -639,6 +652,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
                     add_stats(logs)
                 reduce_grads([G], rt)
                 opt_G.step()
+                sync_buffers([G], rt)
 
                 # ---- EMA of G: the weights we sample from
                 step += 1
@@ -696,7 +710,8 @@ def image_pyramid(images, levels):
 
 def check_in_sync(modules, rt):
     """All processes must hold the same weights: compare a checksum across ranks."""
-    total = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in modules]).to(rt.device)
+    total = torch.stack([sum(t.double().sum() for t in [*m.parameters(), *m.buffers()] if t.is_floating_point())
+                         for m in modules]).to(rt.device)
     gathered = [torch.zeros_like(total) for _ in range(rt.world)]
     dist.all_gather(gathered, total)
     if not all(torch.equal(g, gathered[0]) for g in gathered):

@@ -1,0 +1,227 @@
+"""00_clip.py: the frozen CLIP wrapper, its cache, loading rules and the tiny CLIP's training.
+
+CPU only and offline (conftest sets HF_HUB_OFFLINE=1). Hand-written towers are checked against
+open_clip's own encode_text / encode_image / forward_intermediates.
+"""
+import math
+import os
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load
+
+clip_lib = load("00_clip")
+
+# A deliberately very small config: these tests check behaviour, not quality.
+SMALL = clip_lib.TinyCLIPConfig(image_size=16, patch_size=4, vision_width=32, vision_layers=3,
+                                vision_head_width=16, text_width=32, text_layers=2, text_heads=2, embed_dim=32)
+PROMPTS = ["red", "a large blue square on the left of a yellow background", "a small green triangle"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return clip_lib.FrozenCLIP(clip_lib.build_tiny_clip(SMALL), spec="test")
+
+
+class ToyPairs(torch.utils.data.Dataset):
+    """A few hundred (image, caption) pairs a tiny CLIP can tell apart: colour and left/right."""
+
+    COLORS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
+
+    def __len__(self):
+        return 240
+
+    def __getitem__(self, i):
+        color, side = list(self.COLORS)[i % 3], ("left", "right")[(i // 3) % 2]
+        image = torch.full((3, 16, 16), -1.0)  # black canvas
+        cols = slice(0, 8) if side == "left" else slice(8, 16)
+        image[:, 4:12, cols] = torch.tensor(self.COLORS[color])[:, None, None]  # a coloured block
+        return image + 0.05 * torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), \
+            f"a {color} block on the {side}"
+
+
+# ------------------------------------------------------------------------------------- text
+
+def test_demo_runs():
+    clip_lib.demo()
+
+
+def test_text_features_shapes_mask_and_eot(clip):
+    tokens, mask, eot = clip.text_features(PROMPTS)
+    assert tokens.shape == (3, 77, SMALL.text_width) and mask.shape == (3, 77) and mask.dtype == torch.bool
+    ids, _ = clip_lib.tokenize(clip.tokenizer, PROMPTS, 77)
+    for i in range(3):
+        n_tokens = len(clip.tokenizer.encode(PROMPTS[i])) + 2  # SOT + words + EOT
+        assert eot[i] == n_tokens - 1 == (ids[i] == clip.tokenizer.eot_token_id).nonzero().item()
+        assert mask[i, : eot[i] + 1].all() and not mask[i, eot[i] + 1:].any()  # True exactly at 0..eot
+        assert (tokens[i, eot[i] + 1:] == 0).all() and (tokens[i, : eot[i] + 1].abs().sum(-1) > 0).all()
+    assert eot[0] < eot[2] < eot[1]  # longer prompt, later end-of-text
+
+
+def test_text_tower_matches_open_clip(clip):
+    """Penultimate tokens equal ln_final(block[-2] output) of open_clip's full 77-token pass, and the
+    embedding equals encode_text; both survive trimming the padding (causal mask)."""
+    m = clip.model
+    ids, eot = clip_lib.tokenize(clip.tokenizer, PROMPTS, 77)
+    seen = {}
+    hook = m.transformer.resblocks[-2].register_forward_hook(lambda mod, i, o: seen.update(x=o))
+    reference = m.encode_text(ids, normalize=True)  # (B, E), open_clip's own forward over all 77
+    hook.remove()
+    tokens, mask, _ = clip.text_features(PROMPTS)
+    expected = m.ln_final(seen["x"])  # (B, 77, D)
+    assert torch.allclose(tokens[mask], expected[mask], atol=1e-5)
+    assert torch.allclose(clip.embed_text(PROMPTS), reference, atol=1e-5)
+    final = m.ln_final(m.transformer(m.token_embedding(ids) + m.positional_embedding, attn_mask=m.attn_mask))
+    assert (tokens[mask] - final[mask]).abs().max() > 1e-2  # penultimate != last layer
+
+
+def test_truncation_warns_once_per_caption(clip):
+    long = "a red circle and " * 40  # about 160 tokens
+    with pytest.warns(UserWarning, match="truncated"):
+        tokens, mask, eot = clip.text_features([long])
+    assert eot.item() == 76 and mask.all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        clip_lib.tokenize(clip.tokenizer, [long], 77, clip._warned)
+        clip.text_features([long, long])
+
+
+def test_cache_hits_and_lru():
+    torch.manual_seed(0)
+    clip = clip_lib.FrozenCLIP(clip_lib.build_tiny_clip(SMALL), spec="test", cache_size=3)
+    first = clip.text_features(["a", "b", "a"])  # "a" twice: encoded once
+    assert (clip.cache_misses, clip.cache_hits) == (2, 1)
+    again = clip.text_features(["a", "b", "a"])  # nothing new is encoded
+    assert (clip.cache_misses, clip.cache_hits) == (2, 4)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    clip.embed_text(["a"])  # embeddings share the cache entries
+    assert clip.cache_misses == 2
+    clip.text_features(["c", "d"])  # cache_size 3: "b" (least recently used) is evicted
+    assert list(clip._cache) == ["a", "c", "d"]
+    clip.text_features(["e", "f", "g", "h"])  # a batch larger than the cache still works
+    assert len(clip._cache) == 3
+
+
+# ------------------------------------------------------------------------------------- images
+
+def test_image_path_differentiable_and_matches_open_clip(clip):
+    images = (torch.rand(2, 3, 24, 24) * 2 - 1).requires_grad_(True)  # resized to 16 inside
+    features, embed = clip.image_features_and_embedding(images)
+    assert embed.shape == (2, SMALL.embed_dim) and torch.allclose(embed.norm(dim=-1), torch.ones(2))
+    assert [f.shape for f in features] == [(2, c, 4, 4) for c in clip.feature_channels]
+    (embed.sum() + sum(f.square().mean() for f in features)).backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    x = clip_lib.clip_preprocess(images.detach(), 16, clip.mean, clip.std)
+    assert torch.allclose(embed, clip.model.encode_image(x, normalize=True), atol=1e-5)
+    ref = clip.model.visual.forward_intermediates(x, indices=clip.feature_layers, intermediates_only=True)
+    assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(features, ref["image_intermediates"]))
+    assert torch.equal(clip.embed_image(images), embed) and len(clip.image_features(images)) == 3
+
+
+def test_frozen_weights_are_buffers_not_saved(clip):
+    assert list(clip.parameters()) == [] and clip.state_dict() == {}  # no optimiser, no checkpoint
+    assert all(not b.requires_grad for b in clip.buffers())
+    parent = torch.nn.Sequential(clip, torch.nn.Linear(2, 2)).train()
+    assert not clip.training and not clip.model.training  # stays in eval mode
+    assert set(parent.state_dict()) == {"1.weight", "1.bias"}
+
+
+# ------------------------------------------------------------------------------------- loading
+
+def test_random_weights_spec_builds():
+    clip = clip_lib.load_clip("ViT-S-32/none")  # the smallest ViT open_clip lists (~63M, ~1 s)
+    assert clip.spec == "ViT-S-32/none" and clip.image_size == 224 and clip.context_length == 77
+    tokens, mask, eot = clip.text_features(["a photo of a cat"])
+    assert tokens.shape == (1, 77, clip.text_width)
+    assert [f.shape[1:] for f in clip.image_features(torch.zeros(1, 3, 32, 32))] == \
+        [(c, 7, 7) for c in clip.feature_channels]
+
+
+def test_missing_pretrained_weights_fail_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.time()
+    with pytest.raises(RuntimeError) as err:
+        clip_lib.load_clip("ViT-B-32/laion2b_s34b_b79k")
+    assert time.time() - start < 5
+    message = str(err.value)
+    assert "ViT-B-32/laion2b_s34b_b79k" in message and "--clip tiny" in message
+    assert "--clip-pretrained none" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("", "bad CLIP spec"), ("ViT-B-32", "bad CLIP spec"), ("NoSuchNet/none", "unknown open_clip model"),
+    ("ViT-B-32/nosuchtag", "no pretrained tag"), (42, "bad CLIP spec")])
+def test_bad_spec_is_a_clear_error(spec, match):
+    with pytest.raises(ValueError, match=match):
+        clip_lib.load_clip(spec)
+
+
+def test_missing_tiny_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="--stage clip"):
+        clip_lib.load_clip(f"tiny:{tmp_path}/nothing.pt")
+
+
+# ------------------------------------------------------------------------------------- tiny CLIP
+
+def test_train_tiny_clip_lowers_loss_and_round_trips(tmp_path, capsys):
+    data = ToyPairs()
+    held = [data[i] for i in range(0, 240, 8)]  # 30 pairs, the 6 distinct captions
+    images = torch.stack([img for img, _ in held])
+    captions = [c for _, c in held]
+    groups = torch.tensor([sorted(set(captions)).index(c) for c in captions])
+
+    def loss_of(clip):  # the contrastive loss of a frozen CLIP on the held batch
+        return clip_lib.contrastive_loss(clip.embed_image(images), clip.embed_text(captions),
+                                         clip.model.logit_scale, groups).item()
+
+    torch.manual_seed(0)  # the same initial weights train_tiny_clip starts from (seed=0)
+    before = loss_of(clip_lib.FrozenCLIP(clip_lib.build_tiny_clip(SMALL), spec="init"))
+    path = str(tmp_path / "clip.pt")
+    clip = clip_lib.train_tiny_clip(data, path, steps=150, batch_size=32, lr=1e-3, resolution=16,
+                                    log_every=50, seed=0, config=SMALL)
+    after = loss_of(clip)
+    floor = math.log(5)  # each held caption has 5 copies: the best possible loss is log 5
+    assert after - floor < 0.6 * (before - floor), (before, after)
+    assert "clip step" in capsys.readouterr().out  # progress is printed
+    # the file: plain data, weights_only-loadable, no temp file left; loading it twice gives the same CLIP
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["config"] == vars(SMALL) and "visual.conv1.weight" in ckpt["state_dict"]
+    assert os.listdir(tmp_path) == ["clip.pt"]
+    again = clip_lib.load_clip(f"tiny:{path}")
+    assert again.spec == f"tiny:{path}" and again.text_width == SMALL.text_width
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert torch.allclose(again.embed_image(x), clip.embed_image(x), atol=1e-6)
+    assert torch.allclose(again.text_features(captions)[0], clip.text_features(captions)[0], atol=1e-6)
+    # zero-shot evaluation with a caller-given vocabulary and caption function
+    acc = clip_lib.zero_shot_attribute_accuracy(
+        clip, _Attributed(data), n=30, vocab={"color": list(ToyPairs.COLORS), "side": ["left", "right"]},
+        caption_fn=lambda a, template: f"a {a['color']} block on the {a['side']}")
+    assert set(acc) == {"color", "side"} and acc["color"] > 0.9 and acc["side"] > 0.9
+
+
+class _Attributed(torch.utils.data.Dataset):
+    """ToyPairs with the `attributes(i)` method zero_shot_attribute_accuracy reads."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+    def attributes(self, i):
+        return {"color": list(ToyPairs.COLORS)[i % 3], "side": ("left", "right")[(i // 3) % 2]}
+
+
+def test_zero_shot_defaults_use_shapes(clip):
+    data = pytest.importorskip("data")
+    acc = clip_lib.zero_shot_attribute_accuracy(clip, data.ShapesDataset(16, seed=1), n=6)
+    assert set(acc) == {"shape", "color", "background", "size", "position"}
+    assert all(0.0 <= a <= 1.0 for a in acc.values())
