@@ -8,17 +8,47 @@ sample.py - prompts -> images with a trained GigaGAN, the paper's sampling trick
     python sample.py --ckpt runs/tiny --prompt-mix 2 --prompt A --prompt B    # coarse from A, fine from B
     python sample.py --ckpt runs/tiny --eval                               # CLIP score, FD, shapes alignment
 
-Outputs: one PNG per image and `captions.jsonl` (one {"file", "caption"} row per image) in
---out, plus `grid.png` with --grid; the last line printed says where they are.
+--ckpt takes a run directory of train.py (its checkpoint.pt) or a checkpoint file; G_ema is
+used, with the frozen CLIP the run was trained with. Modes (one at a time, else plain sampling):
+    plain           --n images per prompt, image k from seed --seed + k; --grid: rows = prompts,
+                    cols = seeds
+    --style-mix [ROW]  one prompt; rows of ws [0, ROW) (coarse) from seeds S..S+n-1, the rest
+                    (fine) from seeds S+n..S+2n-1; grid as in StyleGAN: a header row of the
+                    fine-seed images, a header column of the coarse-seed ones, mixtures inside.
+                    ROW defaults to the first 16 px row (coarse = 4-8 px).
+    --interpolate K K frames from each prompt to the next (endpoints included): T's t_local and
+                    t_global are lerped, z is kept; grid rows = seeds, cols = frames
+    --prompt-mix ROW  two prompts; ws rows [0, ROW) and the cross-attention text of the blocks
+                    reading them from prompt A, the rest from prompt B; grid rows = seeds,
+                    cols = (A, mix, B)
+    --eval          CLIP score, CLIP-feature Frechet distance against real images of the run's
+                    data (or --data), and per-attribute alignment on the shapes data -> eval.json;
+                    by default the numbers of train.py's eval rows (same seed 12345, same count)
+Other flags: --truncation PSI in [0, 1] toward the per-prompt mean w_c (--truncation-target
+global: toward the running mean w_avg), --device auto|cpu|cuda, --batch (images per pass).
+The upsampler (--upsampler, --lowres of DESIGN.md) is not available yet.
+Rows of ws are named by G.synthesis.w_names (tiny: 0 4px.block0, 1 4px.torgb, 2 8px.block0, ...);
+a bad ROW is answered with the list.
+
+Outputs: one PNG per image and `captions.jsonl` (one {"file", "caption", "seed", ...} row per
+image) in --out (default: <run dir>/samples, or <run dir>/style_mix, interpolate, prompt_mix,
+eval), plus `grid.png` with --grid (always for --style-mix, --interpolate and --prompt-mix);
+the last line printed says where they are.
+Bad input is one line on stderr and exit status 2.
 
 Determinism: image k of a prompt uses z drawn from seed + k, whatever the batch it is made in,
 and constant noise, so the same (prompt, seed) gives the same image on every call.
+
+Shape legend: B batch, R resolution, L text tokens, C text width of G, S style (w) width,
+E CLIP embedding width, M images of a mode.
 """
 import argparse
 import importlib
+import itertools
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -26,6 +56,8 @@ import data
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
+
+EVAL_SEED = 12345  # train.py's evaluations use this seed: `--eval` reproduces its numbers
 
 # -----------------------------------------------------------------------------
 # Loading a run
@@ -49,13 +81,22 @@ def resolve_clip_spec(spec, run_dir):
 
 
 def load_generator(path, device="cpu"):
-    """-> (G_ema in eval mode, the frozen CLIP it was trained with, the checkpoint dict)."""
+    """-> (G_ema in eval mode, the frozen CLIP it was trained with, the checkpoint dict).
+    Raises FileNotFoundError / ValueError / RuntimeError with a one-line message."""
     path = resolve_checkpoint(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read {path} as a checkpoint ({type(err).__name__})") from err
+    if not isinstance(ckpt, dict) or not {"G_ema", "config", "clip"} <= set(ckpt):
+        raise ValueError(f"{path} holds no generator (G_ema, config, clip): pass a base-stage run of train.py")
     g_cfg = generator.GeneratorConfig(**ckpt["config"]["G"])
     clip = clip_lib.load_clip(resolve_clip_spec(ckpt["clip"], os.path.dirname(path)), device=device)
     G = generator.Generator(g_cfg, text_dim=clip.text_width)
-    G.load_state_dict(ckpt["G_ema"])
+    try:
+        G.load_state_dict(ckpt["G_ema"])
+    except RuntimeError as err:  # its message is many lines long
+        raise ValueError(f"{path}: G_ema does not fit the generator its config describes") from err
     return G.to(device).eval().requires_grad_(False), clip, ckpt
 
 
@@ -64,17 +105,97 @@ def seeded_z(seeds, z_dim, device):
     return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
+# -----------------------------------------------------------------------------
+# Generation. Every mode is G's own pieces (T, M, truncation, synthesis) with constant noise;
+# mixed_images with the same (prompt, seed) for coarse and fine layers is a plain image
+# (tests check that each mode's pure images equal `generate`'s).
+
+
+def in_batches(n, batch, make):
+    """make(slice) -> images for those items; concatenated over slices of `batch` items."""
+    return torch.cat([make(slice(i, min(i + batch, n))) for i in range(0, n, batch)])
+
+
 @torch.no_grad()
-def generate(G, clip, prompts, seeds, truncation_psi=1.0, batch=32):
+def generate(G, clip, prompts, seeds, truncation_psi=1.0, batch=32, truncation_target="prompt"):
     """One image per (prompt, seed) pair -> (N, 3, R, R) in [-1, 1], on G's device."""
     device = next(G.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch):
-        tokens, mask, eot = clip.text_features(prompts[i:i + batch])
-        z = seeded_z(seeds[i:i + batch], G.cfg.z_dim, device)
-        pyramid = G(z, tokens, mask, eot, truncation_psi=truncation_psi, noise_mode="const")
-        out.append(pyramid[0].clamp(-1, 1))  # the finest level is the image
-    return torch.cat(out)
+
+    def make(sl):
+        tokens, mask, eot = clip.text_features(prompts[sl])                 # (b, L, D), (b, L), (b,)
+        z = seeded_z(seeds[sl], G.cfg.z_dim, device)                         # (b, z_dim)
+        pyramid = G(z, tokens, mask, eot, truncation_psi=truncation_psi,
+                    truncation_target=truncation_target, noise_mode="const")
+        return pyramid[0].clamp(-1, 1)                                       # (b, 3, R, R) the finest level
+    return in_batches(len(prompts), batch, make)
+
+
+def text_condition(G, clip, prompts):
+    """Prompts -> G's own text features (T): t_local (B, L, C), local_mask (B, L), t_global (B, C)."""
+    return G.text_encoder(*clip.text_features(prompts))
+
+
+def style(G, seeds, t_global, psi, target):
+    """w = M(z, t_global) for z from `seeds`, truncated toward the prompt's (or global) mean. (B, S)"""
+    z = seeded_z(seeds, G.cfg.z_dim, t_global.device)                    # (B, z_dim)
+    return G.truncate(G.mapping(z, t_global), t_global, psi, target)     # (B, S)
+
+
+def blocks_before(G, row):
+    """Synthesis blocks whose conv reads a row of ws before `row`: they count as coarse."""
+    return sum(block.w_index < row for block in G.synthesis.blocks)
+
+
+def default_crossover(G):
+    """StyleGAN's 'coarse' styles are the 4-8 px ones: the first row of a scale >= 16 px
+    (of the finest scale for an 8 px G, so that something is left to mix)."""
+    first_fine = min(16, G.cfg.resolution)
+    return next(k for k, name in enumerate(G.synthesis.w_names) if int(name.split("px")[0]) >= first_fine)
+
+
+@torch.no_grad()
+def mixed_images(G, clip, coarse, fine, row, psi=1.0, target="prompt", batch=32):
+    """coarse[i], fine[i] = (prompt, seed). Image i takes rows [0, row) of ws, and the text
+    (t_local) of the blocks reading them, from coarse[i]; the rest from fine[i]. (M, 3, R, R)
+
+    Style mixing: one prompt, two seeds. Prompt mixing: two prompts, one seed, i.e. the
+    prompt's (w, t_local) switch at the crossover (paper Sec. 4.4)."""
+    k, nb = blocks_before(G, row), G.synthesis.num_blocks
+
+    def make(sl):
+        (p_c, s_c), (p_f, s_f) = zip(*coarse[sl]), zip(*fine[sl])
+        t_c, m_c, g_c = text_condition(G, clip, list(p_c))                   # (b, L, C), (b, L), (b, C)
+        t_f, m_f, g_f = text_condition(G, clip, list(p_f))
+        w_c = style(G, s_c, g_c, psi, target)[:, None].expand(-1, G.num_ws, -1)  # (b, num_ws, S)
+        w_f = style(G, s_f, g_f, psi, target)[:, None].expand(-1, G.num_ws, -1)
+        ws = generator.style_mixing(w_c, w_f, row)                           # (b, num_ws, S)
+        t_local = generator.prompt_mixing(t_c, t_f, k, nb)                   # num_blocks x (b, L, C)
+        mask = generator.prompt_mixing(m_c, m_f, k, nb)                      # num_blocks x (b, L)
+        return G.synthesis(ws, t_local, mask, noise_mode="const")[0].clamp(-1, 1)  # (b, 3, R, R)
+    return in_batches(len(coarse), batch, make)
+
+
+@torch.no_grad()
+def interpolated_images(G, clip, prompts_a, prompts_b, alphas, seeds, psi=1.0, target="prompt", batch=32):
+    """Image i: G's text features lerped from prompts_a[i] to prompts_b[i] by alphas[i], z from
+    seeds[i]. (M, 3, R, R)
+
+    t_local and t_global (T's outputs) are lerped, so M(z, t_global) and the cross-attention
+    both see the in-between text, and truncation pulls toward the in-between prompt's mean.
+    Project's choice: the token mask is the union of the two prompts' masks, so the endpoints
+    are exactly the two prompts' images when both have the same token count (otherwise an
+    endpoint also attends to its own T outputs at the positions past its last word that the
+    other, longer prompt uses)."""
+    def make(sl):
+        t_a, m_a, g_a = text_condition(G, clip, prompts_a[sl])              # (b, L, C), (b, L), (b, C)
+        t_b, m_b, g_b = text_condition(G, clip, prompts_b[sl])
+        alpha = torch.tensor(alphas[sl], device=t_a.device, dtype=t_a.dtype)  # (b,)
+        t_local = torch.lerp(t_a, t_b, alpha[:, None, None])                 # (b, L, C)
+        t_global = torch.lerp(g_a, g_b, alpha[:, None])                      # (b, C)
+        w = style(G, seeds[sl], t_global, psi, target)                       # (b, S)
+        ws = w[:, None].expand(-1, G.num_ws, -1)                             # (b, num_ws, S)
+        return G.synthesis(ws, t_local, m_a | m_b, noise_mode="const")[0].clamp(-1, 1)
+    return in_batches(len(seeds), batch, make)
 
 
 # -----------------------------------------------------------------------------
@@ -82,10 +203,16 @@ def generate(G, clip, prompts, seeds, truncation_psi=1.0, batch=32):
 
 
 @torch.no_grad()
+def embed_images(clip, images, batch=64):
+    """CLIP image embeddings in batches (a big CLIP on many images would not fit at once). (B, E)"""
+    return torch.cat([clip.embed_image(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
 def clip_score(clip, images, captions):
     """Mean cosine similarity between CLIP image and caption embeddings (Hessel et al. 2021,
     without their 2.5 * max(., 0) rescaling; the paper reports it this way, e.g. 0.307)."""
-    return (clip.embed_image(images) * clip.embed_text(captions)).sum(-1).mean().item()
+    return (embed_images(clip, images) * clip.embed_text(captions)).sum(-1).mean().item()
 
 
 def frechet_distance(feats_a, feats_b):
@@ -102,44 +229,315 @@ def frechet_distance(feats_a, feats_b):
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * middle).item()
 
 
-@torch.no_grad()
-def clip_frechet_distance(clip, fake, real, batch=64):
-    """Frechet distance between CLIP image embeddings of generated and real images
-    (a fast, offline stand-in for Inception FID; same formula, other features)."""
-    embed = lambda x: torch.cat([clip.embed_image(x[i:i + batch]) for i in range(0, len(x), batch)])
-    return frechet_distance(embed(fake), embed(real))
-
-
 SHAPES_ATTRIBUTES = ("shape", "color", "background", "size", "position")
 
 
-@torch.no_grad()
-def shapes_alignment(G, clip, n=128, seed=12345, truncation_psi=1.0):
-    """For the shapes toy data: generate one image for each of n fresh prompts and judge it by
-    pixel geometry (data.judge_shapes_image) -> accuracy per attribute, and the mean."""
-    ds = data.ShapesDataset(G.cfg.resolution, seed=seed, length=n)
-    prompts = [ds[i][1] for i in range(n)]
+def shapes_alignment(images, prompts):
+    """Shapes toy data: judge generated images by pixel geometry (data.judge_shapes_image)
+    against the attributes their prompts name -> accuracy per attribute, and the mean.
+    A prompt that does not name an attribute does not count for it."""
     truth = [data.parse_shapes_caption(p) for p in prompts]
-    images = generate(G, clip, prompts, seeds=[seed + i for i in range(n)], truncation_psi=truncation_psi)
-    judged = data.judge_shapes_image(images.cpu())
-    acc = {a: sum(j[a] == t[a] for j, t in zip(judged, truth)) / n for a in SHAPES_ATTRIBUTES}
-    acc["mean"] = sum(acc.values()) / len(SHAPES_ATTRIBUTES)
+    judged = data.judge_shapes_image(images.float().cpu())
+    acc = {}
+    for a in SHAPES_ATTRIBUTES:
+        hits = [j[a] == t[a] for j, t in zip(judged, truth) if t[a] is not None]
+        if hits:
+            acc[a] = sum(hits) / len(hits)
+    acc["mean"] = sum(acc.values()) / max(len(acc), 1)
     return acc
 
 
+def eval_pairs(dataset, n, seed=EVAL_SEED):
+    """n (real image, caption) pairs: a seeded random subset, or a stream's first n.
+    -> images (n, 3, R, R), captions list[str]."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        pairs = list(itertools.islice(iter(dataset), n))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        pairs = [dataset[i] for i in torch.randperm(len(dataset), generator=g)[:n].tolist()]
+    reals, captions = zip(*pairs)
+    return torch.stack(reals), list(captions)
+
+
 @torch.no_grad()
-def evaluate(G, clip, dataset, n=128, seed=12345, shapes=False):
-    """The metrics train.py logs: CLIP score, CLIP-feature FD against real images, and
-    for the shapes data the per-attribute alignment."""
-    device = next(G.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[:n].tolist() if len(dataset) < 10**8 else list(range(n))
-    reals, captions = zip(*(dataset[i] for i in idx))
-    reals = torch.stack(reals).to(device)
-    fakes = generate(G, clip, list(captions), seeds=[seed + i for i in range(len(idx))])
-    out = {"clip_score": clip_score(clip, fakes, list(captions)),
-           "clip_score_real": clip_score(clip, reals, list(captions)),
-           "clip_fd": clip_frechet_distance(clip, fakes, reals)}
+def eval_metrics(clip, fakes, reals, captions, shapes=False):
+    """CLIP score of generated and of real images, CLIP-feature Frechet distance between them
+    (a fast, offline stand-in for Inception FID: same formula, other features), and on the
+    shapes data the alignment of the generated images with their captions."""
+    e_fake, e_real = embed_images(clip, fakes), embed_images(clip, reals.to(fakes.device))  # (n, E)
+    e_text = clip.embed_text(captions)                                                     # (n, E)
+    out = {"clip_score": (e_fake * e_text).sum(-1).mean().item(),
+           "clip_score_real": (e_real * e_text).sum(-1).mean().item(),
+           "clip_fd": frechet_distance(e_fake, e_real)}
     if shapes:
-        out.update({f"align_{k}": v for k, v in shapes_alignment(G, clip, n, seed).items()})
+        out.update({f"align_{k}": v for k, v in shapes_alignment(fakes, captions).items()})
     return out
+
+
+@torch.no_grad()
+def evaluate(G, clip, dataset, n=128, seed=EVAL_SEED, shapes=False, truncation_psi=1.0, batch=32):
+    """The metrics train.py logs (see eval_metrics); one generated image per real caption,
+    image i from seed + i, each image used by every metric (generated once)."""
+    reals, captions = eval_pairs(dataset, n, seed)
+    fakes = generate(G, clip, captions, [seed + i for i in range(len(captions))], truncation_psi, batch)
+    return eval_metrics(clip, fakes, reals, captions, shapes)
+
+
+# -----------------------------------------------------------------------------
+# Command line: each mode -> (images (M, 3, R, R), one captions row each, grid tiles, grid cols)
+
+
+def run_plain(G, clip, args, prompts):
+    """--n images per prompt; grid rows = prompts, cols = seeds."""
+    seeds = [args.seed + k for k in range(args.n)]
+    pairs = [(p, s) for p in prompts for s in seeds]                          # prompt-major
+    images = generate(G, clip, [p for p, _ in pairs], [s for _, s in pairs], args.truncation, args.batch,
+                      args.truncation_target)
+    rows = [{"caption": p, "seed": s} for p, s in pairs]
+    return images, rows, (images if args.grid else None), args.n
+
+
+def run_style_mix(G, clip, args, prompt, row):
+    """(n + 1) x (n + 1) figure: blank corner, header row = fine seeds, header column = coarse
+    seeds, cell (i, j) = coarse styles of coarse seed i with fine styles of fine seed j."""
+    n, S = args.n, args.seed
+    coarse_seeds, fine_seeds = list(range(S, S + n)), list(range(S + n, S + 2 * n))
+    pure = coarse_seeds + fine_seeds
+    cells = list(itertools.product(coarse_seeds, fine_seeds))                 # row-major
+    coarse = [(prompt, s) for s in pure] + [(prompt, c) for c, _ in cells]
+    fine = [(prompt, s) for s in pure] + [(prompt, f) for _, f in cells]
+    images = mixed_images(G, clip, coarse, fine, row, args.truncation, args.truncation_target, args.batch)
+    rows = ([{"caption": prompt, "seed": s} for s in pure] +
+            [{"caption": prompt, "seed": c, "fine_seed": f, "crossover": row} for c, f in cells])
+    img_c, img_f, img_mix = images[:n], images[n:2 * n], images[2 * n:]
+    blank = torch.ones_like(images[:1])                                       # white tile
+    tiles = [blank, img_f] + [t for i in range(n) for t in (img_c[i:i + 1], img_mix[i * n:(i + 1) * n])]
+    return images, rows, torch.cat(tiles), n + 1
+
+
+def run_interpolate(G, clip, args, prompts):
+    """For each seed, frames along prompt 0 -> 1 -> 2 ...; shared endpoints appear once."""
+    K = args.interpolate
+    path = [(i, k / (K - 1)) for i in range(len(prompts) - 1) for k in range(K if i == len(prompts) - 2 else K - 1)]
+    items = [(s, i, alpha) for s in range(args.seed, args.seed + args.n) for i, alpha in path]  # seed-major
+    images = interpolated_images(G, clip, [prompts[i] for _, i, _ in items], [prompts[i + 1] for _, i, _ in items],
+                                 [a for _, _, a in items], [s for s, _, _ in items], args.truncation,
+                                 args.truncation_target, args.batch)
+    rows = [{"caption": prompts[i] if a == 0 else prompts[i + 1] if a == 1 else
+             f"{prompts[i]} -> {prompts[i + 1]} ({a:.3f})", "seed": s,
+             "prompt_a": prompts[i], "prompt_b": prompts[i + 1], "alpha": a} for s, i, a in items]
+    return images, rows, images, len(path)
+
+
+def run_prompt_mix(G, clip, args, prompts, row):
+    """Per seed: prompt A alone, A coarse + B fine, prompt B alone."""
+    a, b = prompts
+    seeds = range(args.seed, args.seed + args.n)
+    coarse = [(p, s) for s in seeds for p in (a, a, b)]
+    fine = [(p, s) for s in seeds for p in (a, b, b)]
+    images = mixed_images(G, clip, coarse, fine, row, args.truncation, args.truncation_target, args.batch)
+    rows = [{"caption": pc if pc == pf else f"coarse: {pc} | fine: {pf}", "seed": s, "coarse_prompt": pc,
+             "fine_prompt": pf, "crossover": row} for (pc, s), (pf, _) in zip(coarse, fine)]
+    return images, rows, images, 3
+
+
+def write_outputs(out, images, rows, grid=None, ncol=1):
+    """00000.png, 00001.png, ... and captions.jsonl (one row per image); grid.png if given."""
+    os.makedirs(out, exist_ok=True)
+    images = images.float().cpu()
+    with open(os.path.join(out, "captions.jsonl"), "w") as f:
+        for i, (image, row) in enumerate(zip(images, rows)):
+            name = f"{i:05d}.png"
+            data.save_image_grid(image[None], os.path.join(out, name), ncol=1)  # a 1 x 1 grid is the image
+            f.write(json.dumps({"file": name, **row}) + "\n")
+    if grid is not None:
+        data.save_image_grid(grid.float().cpu(), os.path.join(out, "grid.png"), ncol=ncol)
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line on stderr, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see python sample.py --help)")
+
+
+def build_parser():
+    p = Parser(prog="sample.py", description=__doc__.split("Determinism:")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="run directory of train.py, or its checkpoint.pt")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (blank lines skipped)")
+    p.add_argument("--n", type=int, help="images per prompt (default 1; 4 with --style-mix; "
+                                         "the run's eval_images with --eval)")
+    p.add_argument("--seed", type=int, help=f"image k of a prompt uses seed + k (default 0; {EVAL_SEED} with --eval)")
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help="psi in [0, 1]; 1 = none")
+    p.add_argument("--truncation-target", choices=("prompt", "global"), default="prompt",
+                   help="truncate toward the per-prompt mean w_c (paper) or the global mean w_avg")
+    p.add_argument("--out", help="output directory (default <run dir>/samples, or <run dir>/<mode>)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png (rows = prompts, cols = seeds)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    p.add_argument("--data", help="--eval: real images to compare with (default: the run's --data)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--style-mix", nargs="?", type=int, const=-1, metavar="ROW",
+                      help="style mixing of one prompt: ws rows [0, ROW) from one seed, the rest from another")
+    mode.add_argument("--interpolate", type=int, metavar="K", help="K frames from each prompt to the next")
+    mode.add_argument("--prompt-mix", type=int, metavar="ROW", help="ws rows [0, ROW) and their blocks' text "
+                                                                      "from prompt A, the rest from prompt B")
+    mode.add_argument("--eval", action="store_true", help="CLIP score, CLIP FD, shapes alignment -> eval.json")
+    p.add_argument("--upsampler", help=argparse.SUPPRESS)   # DESIGN.md's upsampler chain: not built yet
+    p.add_argument("--lowres", help=argparse.SUPPRESS)
+    return p
+
+
+def mode_of(args):
+    for name in ("style_mix", "interpolate", "prompt_mix"):
+        if getattr(args, name) is not None:
+            return name
+    return "eval" if args.eval else "samples"
+
+
+def read_prompts(args):
+    """--prompt values, then the lines of --prompts FILE; every one non-empty."""
+    prompts = list(args.prompt)
+    if args.prompts is not None:
+        if not os.path.isfile(args.prompts):
+            raise UsageError(f"--prompts {args.prompts}: no such file (one prompt per line)")
+        with open(args.prompts, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if not lines:
+            raise UsageError(f"--prompts {args.prompts} holds no prompts (one per line; blank lines are skipped)")
+        prompts += lines
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty --prompt: give some text, e.g. --prompt \"a small red circle on a blue background\"")
+    return prompts
+
+
+def check_args(args, mode, prompts):
+    """Everything that can be checked before loading a model."""
+    if args.upsampler is not None or args.lowres is not None:
+        raise UsageError("--upsampler/--lowres: not available yet (the upsampler stage is not built in this repo)")
+    if args.ckpt is None:
+        raise UsageError("--ckpt is required: a run directory of train.py, e.g. --ckpt runs/tiny")
+    need = {"samples": "at least one", "style_mix": "exactly one", "interpolate": "at least two",
+            "prompt_mix": "exactly two", "eval": "no"}[mode]
+    ok = {"samples": len(prompts) >= 1, "style_mix": len(prompts) == 1, "interpolate": len(prompts) >= 2,
+          "prompt_mix": len(prompts) == 2, "eval": not prompts}[mode]
+    if not ok:
+        what = "--eval uses the data set's captions" if mode == "eval" else "give them with --prompt or --prompts FILE"
+        raise UsageError(f"{'--' + mode.replace('_', '-') if mode != 'samples' else 'sampling'} needs {need} "
+                         f"prompt(s), got {len(prompts)}: {what}")
+    if args.n is not None and args.n < (2 if mode == "eval" else 1):
+        raise UsageError(f"--n {args.n}: must be >= {2 if mode == 'eval' else 1}"
+                         + (" (a Frechet distance needs two images)" if mode == "eval" else ""))
+    if not 0 <= args.truncation <= 1:
+        raise UsageError(f"--truncation {args.truncation}: psi must be in [0, 1] (1 = no truncation, 0.7 is common)")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be >= 0")
+    if args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: must be >= 1")
+    if mode == "interpolate" and args.interpolate < 2:
+        raise UsageError(f"--interpolate {args.interpolate}: needs K >= 2 frames per pair (both endpoints)")
+    if args.out is not None and os.path.isfile(args.out):
+        raise UsageError(f"--out {args.out} is a file: give a directory")
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
+        return name
+    raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+
+
+def check_row(G, row, flag):
+    """A crossover row must leave layers on both sides; the error lists the rows."""
+    if not 1 <= row < G.num_ws:
+        names = ", ".join(f"{k} {n}" for k, n in enumerate(G.synthesis.w_names) if k > 0)
+        raise UsageError(f"{flag} {row}: choose a row of ws in 1..{G.num_ws - 1}, the first fine layer: {names}")
+
+
+def run_eval(G, clip, args, ckpt):
+    """Generate for n real captions, score; also returns the images like the other modes."""
+    train_cfg = ckpt["config"]["train"]
+    spec = args.data or train_cfg["data"]
+    try:
+        dataset = data.build_dataset(spec, G.cfg.resolution, seed=train_cfg["seed"])
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"{err} (pass the real images with --data)") from err
+    reals, captions = eval_pairs(dataset, args.n, args.seed)
+    seeds = [args.seed + i for i in range(len(captions))]
+    fakes = generate(G, clip, captions, seeds, args.truncation, args.batch, args.truncation_target)
+    metrics = eval_metrics(clip, fakes, reals, captions, shapes=spec == "shapes")
+    rows = [{"caption": c, "seed": s} for c, s in zip(captions, seeds)]
+    return fakes, rows, metrics, spec
+
+
+def main(argv=None):
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        print(f"sample.py: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    mode = mode_of(args)
+    prompts = read_prompts(args)
+    check_args(args, mode, prompts)
+    device = pick_device(args.device)
+    try:
+        G, clip, ckpt = load_generator(args.ckpt, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise UsageError(str(err).splitlines()[0]) from err
+    run_dir = os.path.dirname(resolve_checkpoint(args.ckpt))
+    out = args.out or os.path.join(run_dir, mode)
+    if args.n is None:
+        args.n = {"style_mix": 4, "eval": ckpt["config"]["train"].get("eval_images", 128)}.get(mode, 1)
+    if args.seed is None:
+        args.seed = EVAL_SEED if mode == "eval" else 0
+    print(f"{mode}: {ckpt['config']['train']['preset']} G_ema of {resolve_checkpoint(args.ckpt)} "
+          f"(step {ckpt.get('step')}), {G.cfg.resolution} px, psi {args.truncation}, on {device}")
+
+    t0 = time.time()
+    metrics, grid, ncol = None, None, 1
+    if mode == "samples":
+        images, rows, grid, ncol = run_plain(G, clip, args, prompts)
+    elif mode == "style_mix":
+        row = default_crossover(G) if args.style_mix == -1 else args.style_mix
+        check_row(G, row, "--style-mix")
+        images, rows, grid, ncol = run_style_mix(G, clip, args, prompts[0], row)
+    elif mode == "interpolate":
+        images, rows, grid, ncol = run_interpolate(G, clip, args, prompts)
+    elif mode == "prompt_mix":
+        check_row(G, args.prompt_mix, "--prompt-mix")
+        images, rows, grid, ncol = run_prompt_mix(G, clip, args, prompts, args.prompt_mix)
+    else:
+        images, rows, metrics, spec = run_eval(G, clip, args, ckpt)
+        grid, ncol = (images, min(len(images), 16)) if args.grid else (None, 1)
+    images = images.cpu()  # waits for the GPU: the time below is the whole generation
+    seconds = time.time() - t0
+    print(f"{len(images)} images in {seconds:.2f} s ({1000 * seconds / len(images):.1f} ms/image, "
+          f"batch {args.batch})")
+
+    write_outputs(out, images, rows, grid, ncol)
+    written = [f"{len(images)} PNGs", "captions.jsonl"] + (["grid.png"] if grid is not None else [])
+    if metrics is not None:
+        print("eval  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump({**metrics, "n": len(images), "seed": args.seed, "truncation": args.truncation,
+                       "data": spec, "step": ckpt.get("step")}, f, indent=2)
+        written.insert(0, "eval.json")
+    print(f"wrote {', '.join(written)} to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

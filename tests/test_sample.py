@@ -1,0 +1,267 @@
+"""sample.py end to end on CPU: a tiny run trained for 2 steps, then every mode of the command
+line (files, captions, sizes, determinism, mixing, interpolation, eval), every bad input
+(exit 2, one line), and the metrics against independent formulations."""
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+
+A = "a large red circle on the left of a blue background"   # A and B: same token count,
+B = "a small blue square on the right of a red background"  # so interpolation endpoints are exact
+C = "small yellow triangle, right side, purple backdrop"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny CLIP (4 steps) and a tiny GAN (2 steps): these tests check plumbing, not quality."""
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--stage", "clip", "--out", str(out), "--clip-steps", "4", "--clip-batch-size", "16"])
+    train.main(["--out", str(out), "--clip", f"tiny:{out}/clip.pt", "--max-steps", "2", "--batch-size", "4",
+                "--log-every", "1", "--snapshot-every", "1000", "--eval-every", "0", "--ckpt-every", "1000"])
+    return out
+
+
+def cli(run_dir, out, *argv):
+    """Run sample.py with --ckpt run_dir --out out; returns (out, rows of captions.jsonl)."""
+    sample.main(["--ckpt", str(run_dir), "--out", str(out), "--device", "cpu", *argv])
+    rows = [json.loads(line) for line in open(out / "captions.jsonl")]
+    return out, rows
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)  # (H, W, 3)
+
+
+def images(out, rows):
+    return [pixels(out / r["file"]) for r in rows]
+
+
+def same(a, b):
+    """Equal up to one 8-bit level: a float rounding at x.5 may differ across batch shapes."""
+    return np.abs(a - b).max() <= 1
+
+
+# ----------------------------------------------------------------------------- plain sampling
+
+def test_plain_files_captions_grid_and_last_line(run_dir, tmp_path, capsys):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text(f"\n{B}\n\n   \n{C}\n")
+    out, rows = cli(run_dir, tmp_path / "s", "--prompt", A, "--prompts", str(prompts_file), "--n", "3", "--grid")
+    assert [r["caption"] for r in rows] == [A] * 3 + [B] * 3 + [C] * 3     # --prompt first, blank lines skipped
+    assert [r["seed"] for r in rows] == [0, 1, 2] * 3
+    assert [r["file"] for r in rows] == [f"{i:05d}.png" for i in range(9)]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([r["file"] for r in rows] + ["grid.png"])
+    assert all(Image.open(out / r["file"]).size == (32, 32) for r in rows)
+    assert Image.open(out / "grid.png").size == (3 * 32, 3 * 32)          # cols = seeds, rows = prompts
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert str(out) in last and "captions.jsonl" in last and "grid.png" in last
+
+
+def test_default_out_is_run_samples(run_dir):
+    sample.main(["--ckpt", str(run_dir / "checkpoint.pt"), "--prompt", A, "--device", "cpu"])
+    assert (run_dir / "samples" / "00000.png").is_file() and (run_dir / "samples" / "captions.jsonl").is_file()
+
+
+def test_same_seed_same_image_different_seed_different(run_dir, tmp_path):
+    out1, rows1 = cli(run_dir, tmp_path / "a", "--prompt", A, "--n", "2", "--seed", "5")
+    out2, rows2 = cli(run_dir, tmp_path / "b", "--prompt", A, "--n", "2", "--seed", "5")
+    for r1, r2 in zip(rows1, rows2):
+        assert (out1 / r1["file"]).read_bytes() == (out2 / r2["file"]).read_bytes()
+    first, second = images(out1, rows1)
+    assert np.abs(first - second).max() > 10                               # seeds 5 and 6 differ
+    # image k of a prompt is seed + k, whatever else is in the batch and the batch size
+    out3, rows3 = cli(run_dir, tmp_path / "c", "--prompt", B, "--prompt", A, "--n", "3", "--seed", "4",
+                      "--batch", "2")
+    assert rows3[4] == {"file": "00004.png", "caption": A, "seed": 5}
+    assert same(images(out3, rows3)[4], first) and same(images(out3, rows3)[5], second)
+
+
+def test_truncation_zero_collapses_seeds_to_the_prompt_mean(run_dir, tmp_path):
+    out, rows = cli(run_dir, tmp_path / "t", "--prompt", A, "--n", "3", "--truncation", "0")
+    a, b, c = images(out, rows)
+    assert same(a, b) and same(b, c)                                       # psi 0: w = w_c for every z
+
+
+# ----------------------------------------------------------------------------- mixing and interpolation
+
+def test_style_mix_grid_and_cells(run_dir, tmp_path):
+    n = 2
+    out, rows = cli(run_dir, tmp_path / "m", "--style-mix", "--prompt", A, "--n", str(n), "--grid")
+    assert len(rows) == 2 * n + n * n and all(r["caption"] == A for r in rows)
+    assert Image.open(out / "grid.png").size == ((n + 1) * 32, (n + 1) * 32)
+    grid = pixels(out / "grid.png")
+    assert (grid[:32, :32] == 255).all()                                   # blank corner
+    coarse, fine, mixes = images(out, rows[:n]), images(out, rows[n:2 * n]), images(out, rows[2 * n:])
+    assert [r["seed"] for r in rows[:2 * n]] == [0, 1, 2, 3]
+    assert [(r["seed"], r["fine_seed"]) for r in rows[2 * n:]] == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    assert (grid[32:64, :32] == coarse[0]).all() and (grid[:32, 32:64] == fine[0]).all()  # headers
+    assert (grid[64:96, 64:96] == mixes[3]).all()
+    for i in range(n):
+        for j in range(n):
+            mix = mixes[i * n + j]
+            assert np.abs(mix - coarse[i]).max() > 2 and np.abs(mix - fine[j]).max() > 2
+    # the pure images are plain samples of those seeds
+    plain_out, plain_rows = cli(run_dir, tmp_path / "p", "--prompt", A, "--n", str(2 * n))
+    assert all(same(x, y) for x, y in zip(coarse + fine, images(plain_out, plain_rows)))
+
+
+def test_style_mix_explicit_row(run_dir, tmp_path):
+    _, rows = cli(run_dir, tmp_path / "m", "--style-mix", "3", "--prompt", A, "--n", "1")
+    assert rows[-1]["crossover"] == 3
+
+
+def test_interpolate_frames_captions_and_endpoints(run_dir, tmp_path):
+    K = 4
+    out, rows = cli(run_dir, tmp_path / "i", "--interpolate", str(K), "--prompt", A, "--prompt", B, "--prompt", C,
+                    "--n", "2")
+    frames = 2 * (K - 1) + 1                                               # A..B, B..C share B
+    assert len(rows) == 2 * frames
+    assert Image.open(out / "grid.png").size == (frames * 32, 2 * 32)
+    assert [r["alpha"] for r in rows[:frames]] == pytest.approx([0, 1 / 3, 2 / 3, 0, 1 / 3, 2 / 3, 1])
+    assert rows[0]["caption"] == A and rows[3]["caption"] == B and rows[frames - 1]["caption"] == C
+    assert "->" in rows[1]["caption"] and [r["seed"] for r in rows] == [0] * frames + [1] * frames
+    frames0 = images(out, rows[:frames])
+    assert all(np.abs(x - y).max() > 0 for x, y in zip(frames0, frames0[1:]))  # it moves
+    plain_out, plain_rows = cli(run_dir, tmp_path / "p", "--prompt", A, "--prompt", B)
+    pa, pb = images(plain_out, plain_rows)
+    assert same(frames0[0], pa) and same(frames0[3], pb)                   # endpoints are the prompts
+
+
+def test_prompt_mix_differs_from_both_prompts(run_dir, tmp_path):
+    out, rows = cli(run_dir, tmp_path / "x", "--prompt-mix", "2", "--prompt", A, "--prompt", B, "--n", "2")
+    assert len(rows) == 6 and Image.open(out / "grid.png").size == (3 * 32, 2 * 32)
+    assert [r["caption"] for r in rows[:3]] == [A, f"coarse: {A} | fine: {B}", B]
+    assert [(r["coarse_prompt"], r["fine_prompt"]) for r in rows[3:]] == [(A, A), (A, B), (B, B)]
+    for s in range(2):
+        pure_a, mix, pure_b = images(out, rows[3 * s:3 * s + 3])
+        assert np.abs(mix - pure_a).max() > 2 and np.abs(mix - pure_b).max() > 2
+    plain_out, plain_rows = cli(run_dir, tmp_path / "p", "--prompt", A, "--prompt", B)
+    pa, pb = images(plain_out, plain_rows)
+    assert same(images(out, rows[:1])[0], pa) and same(images(out, rows[2:3])[0], pb)
+
+
+def test_prompt_mix_switches_exactly_the_coarse_blocks(run_dir):
+    """Rows [0, row) of ws and the blocks reading them come from prompt A, the rest from B:
+    the 4 and 8 px ToRGB outputs of the mix equal A's, the 16 and 32 px ones differ from A's."""
+    G, clip, _ = sample.load_generator(run_dir)
+    row = sample.default_crossover(G)                                      # first 16 px row
+    assert G.synthesis.w_names[row] == "16px.block0" and sample.blocks_before(G, row) == 3
+    rgbs = []
+    hooks = [t.register_forward_hook(lambda m, i, o: rgbs.append(o)) for t in G.synthesis.torgbs]
+    try:
+        sample.mixed_images(G, clip, [(A, 0), (A, 0)], [(B, 0), (A, 0)], row)  # item 0 mix, item 1 pure A
+    finally:
+        for h in hooks:
+            h.remove()
+    for rgb, res in zip(rgbs, G.cfg.scales):                               # coarse to fine
+        if res < 16:
+            assert torch.equal(rgb[0], rgb[1]), res
+        else:
+            assert not torch.allclose(rgb[0], rgb[1], atol=1e-4), res
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_eval_writes_finite_metrics(run_dir, tmp_path, capsys):
+    out, rows = cli(run_dir, tmp_path / "e", "--eval", "--n", "8")
+    metrics = json.load(open(out / "eval.json"))
+    keys = ["clip_score", "clip_score_real", "clip_fd", "align_mean"] + [f"align_{a}" for a in sample.SHAPES_ATTRIBUTES]
+    assert all(math.isfinite(metrics[k]) for k in keys)
+    assert metrics["n"] == 8 and metrics["seed"] == sample.EVAL_SEED and len(rows) == 8
+    assert "eval.json" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_evaluate_generates_once_and_matches_the_cli(run_dir, tmp_path, monkeypatch):
+    G, clip, _ = sample.load_generator(run_dir)
+    calls = []
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    ds = data.ShapesDataset(32, seed=0)
+    metrics = sample.evaluate(G, clip, ds, n=8, shapes=True)            # the call train.py makes
+    assert len(calls) == 1
+    assert set(metrics) == {"clip_score", "clip_score_real", "clip_fd", "align_mean",
+                            *(f"align_{a}" for a in sample.SHAPES_ATTRIBUTES)}
+    out, _ = cli(run_dir, tmp_path / "e", "--eval", "--n", "8")
+    cli_metrics = json.load(open(out / "eval.json"))
+    assert all(cli_metrics[k] == pytest.approx(v, abs=1e-6) for k, v in metrics.items())
+
+
+def test_shapes_alignment_is_perfect_on_real_images():
+    ds = data.ShapesDataset(32, seed=3)
+    images, captions = sample.eval_pairs(ds, 40, seed=0)
+    acc = sample.shapes_alignment(images, captions)
+    assert acc["mean"] >= 0.97 and set(acc) == {*sample.SHAPES_ATTRIBUTES, "mean"}
+
+
+def test_frechet_distance_against_scipy():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    b = torch.randn(250, 6, generator=g) * 0.5 + 1.0
+    mu_a, mu_b = a.double().mean(0).numpy(), b.double().mean(0).numpy()
+    cov_a, cov_b = np.cov(a.double().numpy().T), np.cov(b.double().numpy().T)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real                          # (S_a S_b)^{1/2}
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
+    assert sample.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert abs(sample.frechet_distance(a, a)) < 1e-8
+    assert abs(sample.frechet_distance(b, b.clone())) < 1e-8
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
+    ([], "--ckpt is required"),
+    (["--ckpt", "RUN/nowhere", "--prompt", A], "no checkpoint at"),
+    (["--ckpt", "RUN/clip.pt", "--prompt", A], "holds no generator"),
+    (["--ckpt", "RUN"], "needs at least one prompt"),
+    (["--ckpt", "RUN", "--prompts", "EMPTY"], "holds no prompts"),
+    (["--ckpt", "RUN", "--prompts", "RUN/missing.txt"], "no such file"),
+    (["--ckpt", "RUN", "--prompt", ""], "empty --prompt"),
+    (["--ckpt", "RUN", "--prompt", A, "--n", "0"], "must be >= 1"),
+    (["--ckpt", "RUN", "--prompt", A, "--n", "two"], "invalid int value"),
+    (["--ckpt", "RUN", "--prompt", A, "--truncation", "1.5"], "psi must be in [0, 1]"),
+    (["--ckpt", "RUN", "--prompt", A, "--truncation", "-0.1"], "psi must be in [0, 1]"),
+    (["--ckpt", "RUN", "--prompt", A, "--batch", "0"], "--batch 0"),
+    (["--ckpt", "RUN", "--prompt", A, "--seed", "-1"], "--seed -1"),
+    (["--ckpt", "RUN", "--prompt", A, "--device", "tpu"], "expected auto, cpu"),
+    (["--ckpt", "RUN", "--prompt", A, "--bogus"], "unrecognized arguments"),
+    (["--ckpt", "RUN", "--style-mix", "--prompt", A, "--prompt", B], "exactly one prompt"),
+    (["--ckpt", "RUN", "--style-mix", "99", "--prompt", A], "choose a row of ws"),
+    (["--ckpt", "RUN", "--interpolate", "3", "--prompt", A], "at least two prompt"),
+    (["--ckpt", "RUN", "--interpolate", "1", "--prompt", A, "--prompt", B], "K >= 2"),
+    (["--ckpt", "RUN", "--prompt-mix", "2", "--prompt", A], "exactly two prompt"),
+    (["--ckpt", "RUN", "--prompt-mix", "0", "--prompt", A, "--prompt", B], "choose a row of ws"),
+    (["--ckpt", "RUN", "--style-mix", "--interpolate", "3", "--prompt", A], "not allowed with"),
+    (["--ckpt", "RUN", "--eval", "--prompt", A], "--eval uses the data set's captions"),
+    (["--ckpt", "RUN", "--eval", "--n", "1"], "two images"),
+    (["--ckpt", "RUN", "--eval", "--n", "4", "--data", "RUN/no_such_dir"], "--data"),
+    (["--ckpt", "RUN", "--prompt", A, "--out", "RUN/clip.pt"], "is a file"),
+    (["--upsampler", "RUN", "--prompt", A], "not available yet"),
+    (["--upsampler", "RUN", "--lowres", "x.png", "--prompt", A, "--out", "o"], "not available yet"),
+]
+
+
+@pytest.mark.parametrize("argv,hint", BAD, ids=[f"{i}:{h}" for i, (_, h) in enumerate(BAD)])
+def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv, hint):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n\n")
+    argv = [a.replace("RUN", str(run_dir)).replace("EMPTY", str(empty)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and hint in err[0] and err[0].startswith("sample.py: "), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", str(run_dir), "--prompt", A, "--device", "cuda"])
+    assert exit_info.value.code == 2 and "--device cpu" in capsys.readouterr().err
