@@ -50,14 +50,14 @@ from torch.nn.utils.rnn import pad_sequence
 @dataclass
 class TinyCLIPConfig:
     image_size: int = 32  # S: the vision tower's input side (= the data resolution of the tiny preset)
-    patch_size: int = 4  # 32 / 4 -> an 8 x 8 patch grid, 64 image tokens + 1 class token
-    vision_width: int = 128  # channels of every image token (C_i of all feature maps)
+    patch_size: int = 8  # 32 / 8 -> a 4 x 4 patch grid, 16 image tokens + 1 class token (fast on a CPU)
+    vision_width: int = 64  # channels of every image token (C_i of all feature maps)
     vision_layers: int = 3  # transformer blocks of the vision tower
-    vision_head_width: int = 32  # open_clip derives heads = width // head_width -> 4 heads
-    text_width: int = 128  # D: width of the text tokens handed to G and D
+    vision_head_width: int = 16  # open_clip derives heads = width // head_width -> 4 heads
+    text_width: int = 64  # D: width of the text tokens handed to G and D
     text_layers: int = 3  # text blocks; the penultimate one feeds G and D
     text_heads: int = 4  # attention heads of the text transformer
-    embed_dim: int = 128  # E: width of the joint image-text embedding
+    embed_dim: int = 64  # E: width of the joint image-text embedding
     context_length: int = 77  # CLIP's, so prompts are handled exactly as with ViT-L/14
     vocab_size: int = 49408  # open_clip's BPE vocabulary, which ships with the package
 
@@ -390,26 +390,38 @@ def load_clip(spec: str, device="cpu", cache_size: int = 100_000) -> FrozenCLIP:
 # ----------------------------------------------------------------------------------------------
 # Training the tiny CLIP (CLIP's contrastive objective on the training data)
 
-def contrastive_loss(image_embed, text_embed, logit_scale, groups):
+def contrastive_loss(image_embed, text_embed, logit_scale, groups, negative_embed=None, negative_groups=None):
     """Symmetric InfoNCE (CLIP, Radford et al. 2021) with a learned temperature.
 
     image_embed, text_embed: (B, E) L2-normalised; logit_scale: log(1 / temperature);
     groups: (B,) long, equal for identical captions, which are all counted as positives
     (a batch with a caption twice has no single right answer otherwise).
+    negative_embed: optional (M, E) extra captions on the text side of the image -> text term
+    only (hard negatives, NegCLIP of Yuksekgonul et al. 2023), with their groups (M,): one that
+    happens to be some image's own caption counts as that image's positive.
     """
     logits = logit_scale.exp().clamp(max=100) * image_embed @ text_embed.t()  # (B, B) cosine / T
     positives = (groups[:, None] == groups[None, :]).float()  # (B, B), 1 on the diagonal at least
     targets = positives / positives.sum(dim=1, keepdim=True)  # each row a distribution over texts
-    # image -> text and text -> image; `positives` is symmetric, so the same targets serve both
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    text_to_image = F.cross_entropy(logits.t(), targets)  # `positives` is symmetric: same targets
+    if negative_embed is not None:
+        extra = logit_scale.exp().clamp(max=100) * image_embed @ negative_embed.t()  # (B, M)
+        logits = torch.cat([logits, extra], dim=1)  # (B, B + M)
+        positives = torch.cat([positives, (groups[:, None] == negative_groups[None, :]).float()], dim=1)
+        targets = positives / positives.sum(dim=1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + text_to_image) / 2
 
 
-def train_tiny_clip(dataset, out_path, steps=600, batch_size=128, lr=2e-3, device="cpu", resolution=32,
-                    log_every=50, seed=0, pool_size=8192, config=None) -> FrozenCLIP:
+def train_tiny_clip(dataset, out_path, steps=1000, batch_size=128, lr=2e-3, device="cpu", resolution=32,
+                    log_every=50, seed=0, pool_size=8192, config=None, negatives=None) -> FrozenCLIP:
     """Train a tiny CLIP on (image, caption) pairs, save it atomically to `out_path`, return it frozen.
 
     The first `pool_size` pairs are read once into memory (a procedural set renders slower than a
     small ViT trains) and minibatches are drawn from them with a seeded generator.
+    negatives: optional function caption -> lists of hard-negative captions (e.g. one list per
+    attribute, data.shapes_hard_negatives); each step every image brings one of them into the
+    batch, drawn by picking a list uniformly, then a caption in it, so the one-word differences
+    a random batch rarely holds (position, shape) are learned too.
     The file holds {"config": dict, "state_dict": ...}, loadable with torch.load(weights_only=True).
     """
     torch.manual_seed(seed)  # the initial weights
@@ -429,7 +441,25 @@ def train_tiny_clip(dataset, out_path, steps=600, batch_size=128, lr=2e-3, devic
     ids, eot = tokenize(tokenizer, captions, cfg.context_length, warned=set())  # (n, L), (n,)
     index = {}  # caption -> group id, so identical captions are positives of each other
     groups = torch.tensor([index.setdefault(c, len(index)) for c in captions])  # (n,)
-    print(f"clip: pool of {n} pairs ({len(index)} distinct captions) in {time.time() - t0:.1f}s")
+    if negatives is not None:
+        # A table of every pool caption's hard negatives: neg[i, a, k] indexes a flat caption list,
+        # count[i, a] says how many of the k are real (0: no list a), so draws stay inside lists.
+        lists = [[l for l in negatives(c) if l] for c in captions]  # per pair: non-empty lists
+        flat = sorted({c for per in lists for l in per for c in l})  # each distinct negative once
+        where = {c: k for k, c in enumerate(flat)}
+        A = max(1, max(len(per) for per in lists))  # lists per caption
+        K = max([1] + [len(l) for per in lists for l in per])  # captions per list
+        neg = torch.zeros(n, A, K, dtype=torch.long)
+        count = torch.zeros(n, A, dtype=torch.long)  # 0: no such list for this pair
+        for i, per in enumerate(lists):
+            for a, l in enumerate(per):
+                neg[i, a, : len(l)] = torch.tensor([where[c] for c in l])
+                count[i, a] = len(l)
+        has_neg = count.sum(1) > 0  # (n,) pairs with at least one negative
+        neg_ids, neg_eot = tokenize(tokenizer, flat or [""], cfg.context_length, warned=set())  # (M, L), (M,)
+        neg_groups = torch.tensor([index.setdefault(c, len(index)) for c in flat or [""]])  # (M,)
+        print(f"clip: {len(flat)} distinct hard negatives for {int(has_neg.sum())} pairs")
+    print(f"clip: pool of {n} pairs ({len(set(captions))} distinct captions) in {time.time() - t0:.1f}s")
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]  # matrices
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]  # gains, biases, T
@@ -447,7 +477,19 @@ def train_tiny_clip(dataset, out_path, steps=600, batch_size=128, lr=2e-3, devic
         t = ids[idx, : int(e.max()) + 1].to(device)  # (B, n) trimmed after the longest caption
         image_embed = F.normalize(vision_tower(model, x, layers)[1], dim=-1)  # (B, E)
         text_embed = F.normalize(text_tower(model, t, e.to(device))[1], dim=-1)  # (B, E)
-        loss = contrastive_loss(image_embed, text_embed, model.logit_scale, groups[idx].to(device))
+        negative_embed = negative_groups = None
+        if negatives is not None and bool(has_neg[idx].any()):
+            keep = idx[has_neg[idx]]  # (B',) the batch's pairs that have hard negatives
+            c = count[keep].float()  # (B', A)
+            a = torch.multinomial((c > 0).float(), 1, generator=gen)[:, 0]  # (B',) a list, uniformly
+            k = (torch.rand(len(keep), generator=gen) * c[torch.arange(len(keep)), a]).long()  # (B',)
+            j = neg[keep, a, k]  # (M = B',) indices into the flat negatives
+            ne = neg_eot[j]
+            nt = neg_ids[j, : int(ne.max()) + 1].to(device)  # (M, n)
+            negative_embed = F.normalize(text_tower(model, nt, ne.to(device))[1], dim=-1)  # (M, E)
+            negative_groups = neg_groups[j].to(device)
+        loss = contrastive_loss(image_embed, text_embed, model.logit_scale, groups[idx].to(device),
+                                negative_embed, negative_groups)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -489,13 +531,20 @@ def zero_shot_attribute_accuracy(clip: FrozenCLIP, dataset, n=500, vocab=None, c
     attrs = [dataset.attributes(i) for i in range(n)]
     accuracy = {}
     for key, values in vocab.items():
+        options, texts = [], []  # per image: the candidate attribute dicts and their captions
+        for i, a in enumerate(attrs):
+            o = [dict(a, **{key: v}) for v in values]  # the true caption is among them
+            o = [d for d in o if d.get("color") is None or d.get("color") != d.get("background")]
+            options.append(o)
+            texts.append([caption_fn(d, template=i % n_templates) for d in o])
+        distinct = sorted({t for per in texts for t in per})  # every caption embedded once, in chunks
+        with torch.no_grad():
+            text_embed = torch.cat([clip.embed_text(distinct[s:s + 512]) for s in range(0, len(distinct), 512)])
+        row = {t: k for k, t in enumerate(distinct)}
         correct = 0
         for i, a in enumerate(attrs):
-            options = [dict(a, **{key: v}) for v in values]  # the true caption is among them
-            options = [o for o in options if o.get("color") is None or o.get("color") != o.get("background")]
-            texts = [caption_fn(o, template=i % n_templates) for o in options]
-            scores = clip.embed_text(texts) @ image_embed[i]  # (K,) cosine similarities
-            correct += int(options[int(scores.argmax())][key] == a[key])
+            scores = text_embed[[row[t] for t in texts[i]]] @ image_embed[i]  # (K,) cosine similarities
+            correct += int(options[i][int(scores.argmax())][key] == a[key])
         accuracy[key] = correct / n
     return accuracy
 

@@ -285,6 +285,8 @@ class Discriminator(nn.Module):
 
     forward(pyramid [x_0 (B, 3, R, R), ..., x_{L-1}], tokens (B, L, D), mask (B, L) bool,
             eot (B,) long) -> list of P tensors (B,), in the order of self.pairs.
+    Several captions per image (the matching-aware pairs of Eq. 8): tokens (k*B, L, D), caption
+    row g*B + b going with image b; the image branch runs once, predictions are (k*B,) rows.
     multi_scale=False keeps only x_0 (the rest of the pyramid is ignored) and (0, L-1).
     """
 
@@ -334,15 +336,17 @@ class Discriminator(nn.Module):
         return self.text_mlp(t_global)                        # (B, C_t)
 
     def forward(self, pyramid, tokens, mask, eot):
-        B = tokens.shape[0]
+        B = pyramid[0].shape[0]                               # images
+        k = tokens.shape[0] // B                              # captions per image (text groups)
         assert isinstance(pyramid, (list, tuple)), "pyramid: a list of images, finest first"
+        assert tokens.shape[0] == k * B and k >= 1, f"{tokens.shape[0]} captions for {B} images"
         assert len(pyramid) == self.cfg.levels or not self.cfg.multi_scale, (
             f"expected {self.cfg.levels} pyramid levels, got {len(pyramid)}")
         for i in self.entries:
             r = self.resolutions[i]
             assert pyramid[i].shape == (B, 3, r, r), f"level {i}: {tuple(pyramid[i].shape)} != {(B, 3, r, r)}"
 
-        t_D = self.text_descriptor(tokens, mask, eot)         # (B, C_t)
+        t_D = self.text_descriptor(tokens, mask, eot)         # (k*B, C_t)
         h, streams, out = None, [], {}
         for j, scale in enumerate(self.scales):
             if str(j) in self.from_rgb:                       # late entry of x_j at its own resolution
@@ -352,12 +356,14 @@ class Discriminator(nn.Module):
             h = scale(h)                                      # (n*B, C(r_j/2), r_j/2, r_j/2)
             if str(j) in self.predictors:                     # early exit j for every stream
                 n = len(streams)
-                c = t_D.repeat(n, 1)                          # (n*B, C_t), same stacking as h
-                logits = self.predictors[str(j)](h, c)        # (n*B,)
-                for i, logit in zip(streams, logits.split(B)):
-                    out[(i, j)] = logit                       # (B,) prediction D_ij
-        preds = [out[p] for p in self.pairs]                  # P x (B,)
-        assert all(p.shape == (B,) for p in preds)
+                # phi never sees the text: its features serve all k captions of an image, and
+                # only psi runs once per (stream, caption): rows ordered (caption group, stream, image)
+                c = t_D.view(k, 1, B, -1).expand(k, n, B, t_D.shape[1]).reshape(k * n * B, -1)  # (k*n*B, C_t)
+                logits = self.predictors[str(j)](h.repeat(k, 1, 1, 1), c).view(k, n, B)  # (k, n, B)
+                for s, i in enumerate(streams):
+                    out[(i, j)] = logits[:, s].reshape(k * B)  # (k*B,) prediction D_ij
+        preds = [out[p] for p in self.pairs]                  # P x (k*B,)
+        assert all(p.shape == (k * B,) for p in preds)
         return preds
 
 

@@ -429,13 +429,21 @@ def _num(x):
 
 
 def _call_d(D, pyramids, texts):
-    """One D call on several (pyramid, text) groups of B rows; returns [group][prediction]."""
-    B = pyramids[0][0].shape[0]
+    """One D call on every (pyramid, text) pair of a grid; returns [text group][pyramid][prediction].
+
+    pyramids: n pyramids of B images each; texts: k (tokens, mask, eot) groups of B captions.
+    D's image branch does not see the text, so it runs once on the n*B images and only the
+    text-modulated predictors run k times (the matching-aware pairs cost little extra).
+    """
+    B, n = pyramids[0][0].shape[0], len(pyramids)
     pyramid = [torch.cat(levels) for levels in zip(*pyramids, strict=True)]  # (nB, 3, H_i, W_i) per level
-    tokens, mask, eot = (torch.cat(parts) for parts in zip(*texts, strict=True))  # (nB, L, D), (nB, L), (nB,)
-    preds = D(pyramid, tokens, mask, eot)  # P tensors, (nB,) or (nB, h, w)
-    assert all(p.shape[0] == len(pyramids) * B for p in preds), [tuple(p.shape) for p in preds]
-    return [list(group) for group in zip(*(p.split(B) for p in preds))]  # n lists of P (B, ...) tensors
+    # caption rows aligned with the stacked images: group g repeats its B captions for every pyramid
+    tokens, mask, eot = (torch.cat([x.repeat(n, *[1] * (x.ndim - 1)) for x in parts])
+                         for parts in zip(*texts, strict=True))  # (k*nB, L, D), (k*nB, L), (k*nB,)
+    preds = D(pyramid, tokens, mask, eot)  # P tensors, (k*nB,)
+    assert all(p.shape[0] == len(texts) * n * B for p in preds), [tuple(p.shape) for p in preds]
+    chunks = [p.split(B) for p in preds]  # P lists of k*n (B,) chunks, ordered (text group, pyramid)
+    return [[[c[g * n + i] for c in chunks] for i in range(n)] for g in range(len(texts))]
 
 
 def _call_vd(vd, features, embeds):
@@ -463,10 +471,9 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
     assert [x.shape for x in real_pyr] == [x.shape for x in fake_pyr], "real and fake pyramids differ"
     assert text[0].shape[0] == real_pyr[0].shape[0], "one caption per image"
     fake_pyr = [x.detach() for x in fake_pyr]  # the D step never updates G
-    groups = [(real_pyr, text), (fake_pyr, text)]  # Eq. 7 pairs
-    if cfg.match_d:
-        groups += [(real_pyr, wrong_text), (fake_pyr, wrong_text)]  # Eq. 8 pairs, both fake
-    preds = _call_d(D, [g[0] for g in groups], [g[1] for g in groups])  # [group][p]
+    texts = [text, wrong_text] if cfg.match_d else [text]  # Eq. 7 pairs, then Eq. 8 pairs (both fake)
+    grid = _call_d(D, [real_pyr, fake_pyr], texts)  # [text][pyramid][p]
+    preds = [pair for row in grid for pair in row]  # (real, c), (fake, c), (real, c^), (fake, c^)
     adv = d_adversarial_loss(preds[0], preds[1])
     loss = adv
     logs = {"D/adv": _num(adv),
@@ -509,10 +516,8 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
     D and vd also receive gradients here: train.py switches their requires_grad off for the
     G step (as StyleGAN2 does), or zeroes their gradients before the next D step.
     """
-    groups = [(fake_pyr, text)]
-    if cfg.match_g:
-        groups.append((fake_pyr, wrong_text))
-    preds = _call_d(D, [g[0] for g in groups], [g[1] for g in groups])  # [group][p]
+    texts = [text, wrong_text] if cfg.match_g else [text]
+    preds = [row[0] for row in _call_d(D, [fake_pyr], texts)]  # (fake, c), (fake, c^): [text][p]
     adv = g_adversarial_loss(preds[0])
     loss = adv
     logs = {"G/adv": _num(adv)}
@@ -576,7 +581,9 @@ class _ToyD(nn.Module):
         self.sign = sign
 
     def forward(self, pyramid, tokens, mask, eot):
-        code = tokens[torch.arange(tokens.shape[0]), eot]  # (B, 3) the feature at end-of-text
+        k = tokens.shape[0] // pyramid[0].shape[0]  # captions per image (04's contract: row g*B + b)
+        pyramid = [x.repeat(k, 1, 1, 1) for x in pyramid]  # (k*B, 3, H, W) each image once per caption
+        code = tokens[torch.arange(tokens.shape[0]), eot]  # (k*B, 3) the feature at end-of-text
         preds = [self.sign * 3 * ((pyramid[0] * code[:, :, None, None]).sum(1) - 0.6)]  # (B, h, w) patches
         for x in pyramid:
             preds.append(self.sign * 3 * ((x.mean((2, 3)) * code).sum(1) - 0.6))  # (B,)

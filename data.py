@@ -131,6 +131,31 @@ def parse_shapes_caption(caption):
     return attrs
 
 
+def shapes_hard_negatives(caption):
+    """Captions that differ from `caption` in exactly one attribute, in the same template.
+
+    Returns one list per attribute (shape, color, background, size, position), e.g. for
+    "a large red circle on the left of a blue background": [["... large red square ...",
+    "... large red triangle ..."], ["... large green circle ...", ...], ..., [... "on the right"
+    ...]] (shape colour never equal to the background). These are the hard
+    negatives the tiny CLIP is trained against (00_clip.train_tiny_clip): in a random batch
+    two captions rarely differ in one word only, so without them position and size are learned
+    last. A caption the grammar does not produce exactly gives [].
+    """
+    attrs = parse_shapes_caption(caption)
+    if any(v is None for v in attrs.values()):
+        return []
+    template = next((t for t in range(len(CAPTION_TEMPLATES)) if shapes_caption(attrs, t) == caption), None)
+    if template is None:
+        return []
+    vocab = {"shape": SHAPES, "color": COLORS, "background": COLORS, "size": SIZES, "position": POSITIONS}
+    out = []
+    for key, values in vocab.items():
+        others = [dict(attrs, **{key: v}) for v in values if v != attrs[key]]
+        out.append([shapes_caption(o, template) for o in others if o["color"] != o["background"]])
+    return out
+
+
 def shapes_prompts_grid(n=9, seed=0, template=0):
     """A fixed list of n prompts for snapshot grids: shapes x positions cycle, sizes alternate,
     colours drawn from `seed`, so every snapshot of a run shows the same prompts."""

@@ -225,3 +225,36 @@ def test_zero_shot_defaults_use_shapes(clip):
     acc = clip_lib.zero_shot_attribute_accuracy(clip, data.ShapesDataset(16, seed=1), n=6)
     assert set(acc) == {"shape", "color", "background", "size", "position"}
     assert all(0.0 <= a <= 1.0 for a in acc.values())
+
+
+def test_contrastive_loss_with_hard_negatives_matches_explicit_formula():
+    torch.manual_seed(0)
+    B, M, E = 5, 3, 8
+    img, txt, neg = (F.normalize(torch.randn(n, E), dim=-1) for n in (B, B, M))
+    scale = torch.tensor(math.log(10.0))
+    groups = torch.tensor([0, 1, 2, 3, 4])
+    neg_groups = torch.tensor([7, 2, 8])  # the second negative is image 2's own caption
+    loss = clip_lib.contrastive_loss(img, txt, scale, groups, neg, neg_groups)
+    # explicit: image i -> text over [texts, negatives], its positives its own text (+ a negative
+    # equal to its caption); text -> image over the batch images only
+    i2t, t2i = 0.0, 0.0
+    for i in range(B):
+        cand = torch.cat([txt, neg]) @ img[i] * 10  # (B + M,)
+        pos = [i] + [B + m for m in range(M) if neg_groups[m] == groups[i]]
+        i2t += -sum(cand.log_softmax(0)[p] for p in pos) / len(pos)
+        t2i += -((img @ txt[i] * 10).log_softmax(0)[i])
+    assert torch.allclose(loss, (i2t + t2i) / (2 * B), atol=1e-5)
+    # without negatives it is the plain symmetric InfoNCE; an extra negative can only raise the loss
+    plain = clip_lib.contrastive_loss(img, txt, scale, groups)
+    hard = clip_lib.contrastive_loss(img, txt, scale, groups, img[:1], torch.tensor([9]))  # = image 0's embedding
+    assert hard > plain
+
+
+def test_train_tiny_clip_with_hard_negatives(tmp_path, capsys):
+    data = pytest.importorskip("data")
+    ds = data.ShapesDataset(16, seed=0, length=64)
+    clip = clip_lib.train_tiny_clip(ds, str(tmp_path / "c.pt"), steps=3, batch_size=8, resolution=16,
+                                    log_every=1, config=SMALL, pool_size=64, negatives=data.shapes_hard_negatives)
+    out = capsys.readouterr().out
+    assert "hard negatives for 64 pairs" in out and "clip step" in out
+    assert clip.embed_text(["a red circle"]).shape == (1, SMALL.embed_dim)

@@ -527,3 +527,21 @@ def test_demo_runs(capsys):
     data.demo()
     out = capsys.readouterr().out
     assert "images/s" in out and "grid" in out
+
+
+def test_shapes_hard_negatives_change_exactly_one_attribute():
+    ds = data.ShapesDataset(32, seed=3)
+    for i in range(20):
+        caption, attrs = ds[i][1], ds.attributes(i)
+        lists = data.shapes_hard_negatives(caption)
+        assert len(lists) == 5  # one list per attribute, in the order shape, color, background, size, position
+        for key, negs in zip(("shape", "color", "background", "size", "position"), lists):
+            assert negs and len(set(negs)) == len(negs)
+            for neg in negs:
+                parsed = data.parse_shapes_caption(neg)
+                changed = [k for k in attrs if parsed[k] != attrs[k]]
+                assert changed == [key], (caption, neg)
+                assert parsed["color"] != parsed["background"]
+                # same template: same words apart from the changed one(s)
+                assert len(neg.split()) - len(caption.split()) in (-2, -1, 0, 1, 2)
+    assert data.shapes_hard_negatives("a drawing of a cat") == []

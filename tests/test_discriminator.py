@@ -162,3 +162,19 @@ def test_bad_pyramid_is_rejected():
 
 def test_demo_runs():
     dm.demo()
+
+
+@pytest.mark.parametrize("multi_scale", [True, False])
+def test_several_captions_per_image_equal_separate_calls(multi_scale):
+    """k captions per image (the matching-aware pairs): the image branch runs once, and every
+    prediction equals the one of a plain call with the images repeated k times."""
+    torch.manual_seed(0)
+    D = dm.Discriminator(tiny_cfg(multi_scale=multi_scale), TEXT_DIM).eval()
+    pyramid, _ = random_inputs(D, B=3)
+    tokens, mask, eot = dm.random_text(6, L=12, D=TEXT_DIM, seed=5)  # 2 captions for each of 3 images
+    shared = D(pyramid, tokens, mask, eot)  # P x (6,)
+    repeated = D([x.repeat(2, 1, 1, 1) for x in pyramid], tokens, mask, eot)
+    assert all(a.shape == (6,) for a in shared)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, repeated))
+    with pytest.raises(AssertionError, match="captions for"):
+        D(pyramid, tokens[:4], mask[:4], eot[:4])

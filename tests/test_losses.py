@@ -196,8 +196,9 @@ class RecorderD:
 
     def __call__(self, pyramid, tokens, mask, eot):
         assert len(pyramid) == 2 and mask.dtype == torch.bool and eot.dtype == torch.long
+        k = tokens.shape[0] // pyramid[0].shape[0]  # captions per image: row g*B + b goes with image b
         leaf = torch.zeros(tokens.shape[0], requires_grad=True)
-        self.rows.append((pyramid[0][:, 0, 0, 0].round().long(), tokens[:, 0, 0].round().long(), leaf))
+        self.rows.append((pyramid[0][:, 0, 0, 0].round().long().repeat(k), tokens[:, 0, 0].round().long(), leaf))
         return [leaf, leaf[:, None, None].expand(-1, 2, 2)]  # an image logit and a patch map
 
     def pairs(self):
@@ -394,7 +395,9 @@ class ToyTextD(nn.Module):
         self.patch = nn.Conv2d(3, 1, 1)
 
     def forward(self, pyramid, tokens, mask, eot):
-        t = tokens[torch.arange(tokens.shape[0]), eot]  # (B, width)
+        k = tokens.shape[0] // pyramid[0].shape[0]  # captions per image, as the real D takes them
+        pyramid = [x.repeat(k, 1, 1, 1) for x in pyramid]
+        t = tokens[torch.arange(tokens.shape[0]), eot]  # (k*B, width)
         preds = [(head(x.mean((2, 3))) * t).sum(1) for head, x in zip(self.heads, pyramid)]
         return preds + [self.patch(pyramid[0])[:, 0]]
 
