@@ -253,6 +253,10 @@ class Predictor(nn.Module):
     normalised to a fixed scale). conv1x1 = an unconditional 1x1 conv C -> 1.
     The (n, 1, h, w) map is averaged over space into one logit per image (project's choice;
     the paper does not say how its map is reduced).
+    size: with the side h of the feature map, a learned position map (C, h, h) is added to h
+    first (project's choice). 1x1 convs and a mean are blind to WHERE a feature is, so
+    without it D could not check "on the left" or "large" against the caption; StyleGAN2's
+    D gets the same information from the fully connected layer at its end.
     """
 
     def __init__(
@@ -260,15 +264,20 @@ class Predictor(nn.Module):
         channels,      # C of the features h
         cond_dim,      # width of the condition c
         psi_layers,    # number of modulated 1x1 convs in psi (paper: 4)
+        size=None,     # h of the feature map: adds the learned position map; None: none
     ):
         super().__init__()
         assert psi_layers >= 1, psi_layers
+        # stored unit normal (like the learned constant of G), one vector per location
+        self.position = nn.Parameter(torch.randn(1, channels, size, size)) if size else None
         hidden = [ModulatedConv1x1(channels, channels, cond_dim) for _ in range(psi_layers - 1)]
         last = ModulatedConv1x1(channels, 1, cond_dim, demodulate=False, activation=False)
         self.psi = nn.ModuleList(hidden + [last])             # psi_j of Eq. 7
         self.unconditional = EqualConv2d(channels, 1, 1)      # conv1x1 of Eq. 7
 
     def forward(self, h, c):                                  # h (n, C, H, W), c (n, cond_dim)
+        if self.position is not None:
+            h = h + self.position                             # (n, C, H, W) features that know where they are
         x = h
         for layer in self.psi:
             x = layer(x, c)                                   # (n, C, H, W), last layer (n, 1, H, W)
@@ -323,7 +332,8 @@ class Discriminator(nn.Module):
             for r in self.resolutions])
         # one predictor per exit j, on C(r_j / 2)-wide features at r_j / 2
         self.predictors = nn.ModuleDict({
-            str(j): Predictor(width(self.resolutions[j] // 2), cfg.t_dim, cfg.psi_layers) for j in self.exits})
+            str(j): Predictor(width(self.resolutions[j] // 2), cfg.t_dim, cfg.psi_layers, size=self.resolutions[j] // 2)
+            for j in self.exits})
 
     @property
     def num_predictions(self):

@@ -76,7 +76,7 @@ class TrainConfig:
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
     vision_clip: str = ""         # CLIP for the vision-aided D; '' -> the same model as --clip
-    clip_steps: int = 800         # training steps of the tiny CLIP (stage clip)
+    clip_steps: int = 1000        # training steps of the tiny CLIP (stage clip)
     clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
     workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
     log_every: int = 25           # steps between log lines
@@ -396,8 +396,10 @@ def train_clip_stage(cfg, g_cfg, rt, dataset):
     path = os.path.join(cfg.out, "clip.pt")
     if rt.main:
         print(f"[clip] training a tiny CLIP for {cfg.clip_steps} steps on {cfg.data} -> {path}")
+        negatives = data.shapes_hard_negatives if cfg.data == "shapes" else None  # one-word changes
         clip_lib.train_tiny_clip(dataset, path, steps=cfg.clip_steps, batch_size=cfg.clip_batch_size,
-                                 device=rt.device, resolution=g_cfg.resolution, seed=cfg.seed)
+                                 device=rt.device, resolution=g_cfg.resolution, seed=cfg.seed,
+                                 negatives=negatives)
     if rt.world > 1:
         dist.barrier()
     return path

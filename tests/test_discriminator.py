@@ -178,3 +178,18 @@ def test_several_captions_per_image_equal_separate_calls(multi_scale):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, repeated))
     with pytest.raises(AssertionError, match="captions for"):
         D(pyramid, tokens[:4], mask[:4], eot[:4])
+
+
+def test_predictor_position_map_lets_d_see_where_features_are():
+    """1x1 convs and a spatial mean cannot tell where a feature is (a shifted map gives the same
+    logit); the learned position map of the MS-I/O exits can."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 8, 4, 4)
+    c = torch.randn(2, 16)
+    shifted = torch.roll(h, shifts=2, dims=3)  # the same features, moved right
+    blind = dm.Predictor(8, 16, psi_layers=2)
+    assert torch.allclose(blind(h, c), blind(shifted, c), atol=1e-5)
+    seeing = dm.Predictor(8, 16, psi_layers=2, size=4)
+    assert not torch.allclose(seeing(h, c), seeing(shifted, c), atol=1e-3)
+    D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
+    assert all(p.position.shape[-1] == r // 2 for p, r in zip(D.predictors.values(), D.resolutions))
