@@ -485,8 +485,9 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
         logs["D/match"] = _num(match)
     if vd is not None and cfg.vision_weight > 0:
         with torch.no_grad():  # CLIP is frozen and the D step needs no gradient to the images
-            feats_real = clip.image_features(real_pyr[0])  # list of (B, C_i, h_i, w_i)
-            feats_fake = clip.image_features(fake_pyr[0])
+            both = clip.image_features(torch.cat([real_pyr[0], fake_pyr[0]]))  # one pass, list of (2B, C_i, h_i, w_i)
+            feats_real = [f[: len(f) // 2] for f in both]  # list of (B, C_i, h_i, w_i)
+            feats_fake = [f[len(f) // 2:] for f in both]
         vgroups = [(feats_real, text_embed), (feats_fake, text_embed)]
         if cfg.vision_match and cfg.match_d:
             vgroups += [(feats_real, wrong_text_embed), (feats_fake, wrong_text_embed)]
@@ -526,17 +527,22 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
         loss = loss + cfg.match_weight * match
         logs["G/match"] = _num(match)
     image = fake_pyr[0]  # (B, 3, H, W) the finest level is the output image
+    vclip = vision_clip if vision_clip is not None else clip
+    feats = None  # CLIP feature maps of the image, for the vision-aided term
     if clip is not None and cfg.clip_weight > 0:
         assert text_embed is not None, "the CLIP loss needs text_embed = clip.embed_text(captions)"
-        image_embed = clip.embed_image(image)  # (B, E), differentiable w.r.t. the image
+        if vd is not None and cfg.vision_weight > 0 and vclip is clip and hasattr(clip, "image_features_and_embedding"):
+            feats, image_embed = clip.image_features_and_embedding(image)  # one ViT pass serves both terms
+        else:
+            image_embed = clip.embed_image(image)  # (B, E), differentiable w.r.t. the image
         clip_loss = clip_contrastive_loss(image_embed, text_embed, cfg.clip_temperature, caption_ids)
         loss = loss + cfg.clip_weight * clip_loss
         logs["G/clip"] = _num(clip_loss)
     if vd is not None and cfg.vision_weight > 0:
-        vclip = vision_clip if vision_clip is not None else clip
         v_embed = vision_text_embed if vision_text_embed is not None else text_embed
         v_wrong = vision_wrong_text_embed if vision_wrong_text_embed is not None else wrong_text_embed
-        feats = vclip.image_features(image)  # list of (B, C_i, h_i, w_i), differentiable
+        if feats is None:
+            feats = vclip.image_features(image)  # list of (B, C_i, h_i, w_i), differentiable
         vgroups = [(feats, v_embed)]
         if cfg.vision_match and cfg.match_g:
             vgroups.append((feats, v_wrong))
