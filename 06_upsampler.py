@@ -46,6 +46,11 @@ log2(R) - 1 levels (R .. 4 px), the same as this file's output. U_D_PRESETS belo
 DiscriminatorConfig with each upsampler preset. The real pyramid is train.py's
 image_pyramid(real, levels) of the high-res image.
 
+Metrics (upsampling_metrics, logged by train.py --stage upsampler at eval intervals): mean
+absolute error to the real high-res image against bicubic's, and sharpness (RMS gradient
+magnitude) of the output, of bicubic and of the real image. A GAN upsampler should beat
+bicubic on both: lower error and sharper, close to the real image's sharpness.
+
 Run:  python 06_upsampler.py    (tiny 32 -> 128 upsampler on random text, seconds on a CPU)
 
 Shape legend (shared by every numbered file):
@@ -437,6 +442,53 @@ class Upsampler(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Metrics of an upsampler: closer to the real image than bicubic, and as sharp as it
+
+
+def sharpness(images):
+    """Gradient magnitude of images (B, C, H, W) -> float: the root mean square over pixels
+    and channels of |grad x| = sqrt(dx^2 + dy^2), with forward differences
+    dx = x[i, j+1] - x[i, j], dy = x[i+1, j] - x[i, j].
+
+    Root mean SQUARE, not the plain mean: blurring a monotone edge of height h over k pixels
+    keeps the sum of |dx| (k steps of h/k) but divides the sum of dx^2 by k (k (h/k)^2), so
+    only the squared form sees blur on images of flat regions and edges (the shapes data).
+    """
+    dx = images[..., :-1, 1:] - images[..., :-1, :-1]         # (B, C, H-1, W-1)
+    dy = images[..., 1:, :-1] - images[..., :-1, :-1]         # (B, C, H-1, W-1)
+    return (dx.square() + dy.square()).mean().sqrt().item()
+
+
+@torch.no_grad()
+def upsampling_metrics(U, lowres, highres, tokens, mask, eot, seed=0):
+    """How well U restores real high-res images from their low-res versions -> dict of floats.
+
+    lowres (B, 3, r, r) = make_lowres(highres), highres (B, 3, R, R) the real images,
+    tokens/mask/eot their captions' CLIP features. U runs in eval mode (no noise
+    augmentation), with constant noise and z from `seed`; outputs are clamped to [-1, 1]
+    as saved images are. Returns
+        mae, mae_bicubic         mean |x - highres| of U's output and of bicubic resize(lowres)
+        sharpness, sharpness_bicubic, sharpness_real   RMS gradient magnitude (sharpness())
+    The training target: mae well below mae_bicubic, sharpness near sharpness_real.
+    """
+    B, R = lowres.shape[0], U.cfg.out_resolution
+    assert highres.shape == (B, 3, R, R), (highres.shape, R)
+    was_training = U.training
+    U.eval()
+    z = torch.randn(B, U.cfg.z_dim, generator=torch.Generator().manual_seed(seed)).to(lowres.device)
+    try:
+        out = U(lowres, z, tokens, mask, eot, noise_mode="const")[0].clamp(-1, 1)  # (B, 3, R, R)
+    finally:
+        U.train(was_training)
+    bicubic = resize(lowres, R).clamp(-1, 1)                  # (B, 3, R, R) the baseline
+    return {"mae": (out - highres).abs().mean().item(),
+            "mae_bicubic": (bicubic - highres).abs().mean().item(),
+            "sharpness": sharpness(out),
+            "sharpness_bicubic": sharpness(bicubic),
+            "sharpness_real": sharpness(highres)}
+
+
+# -----------------------------------------------------------------------------
 
 
 def demo():
@@ -489,6 +541,9 @@ def demo():
     measured = (x_aug - lowres).flatten(1).std(dim=1)        # (B,) empirical noise std per image
     print("training: sigma per image", [round(v, 3) for v in sigma.tolist()],
           "measured", [round(v, 3) for v in measured.tolist()])
+    metrics = upsampling_metrics(U, lowres, highres, tokens, mask, eot)
+    print("metrics against the real images (untrained, so about bicubic's):",
+          {k: round(v, 3) for k, v in metrics.items()})
     print("ok")
 
 

@@ -7,6 +7,8 @@ sample.py - prompts -> images with a trained GigaGAN, the paper's sampling trick
     python sample.py --ckpt runs/tiny --interpolate 8 --prompt A --prompt B   # prompt interpolation
     python sample.py --ckpt runs/tiny --prompt-mix 2 --prompt A --prompt B    # coarse from A, fine from B
     python sample.py --ckpt runs/tiny --eval                               # CLIP score, FD, shapes alignment
+    python sample.py --ckpt runs/tiny --upsampler runs/tiny-upsampler --prompt "..."   # 32 px -> 128 px
+    python sample.py --upsampler runs/tiny-upsampler --lowres photo.jpg --prompt "..." # upsample any image
 
 --ckpt takes a run directory of train.py (its checkpoint.pt) or a checkpoint file; G_ema is
 used, with the frozen CLIP the run was trained with. Modes (one at a time, else plain sampling):
@@ -26,7 +28,15 @@ used, with the frozen CLIP the run was trained with. Modes (one at a time, else 
                     by default the numbers of train.py's eval rows (same seed 12345, same count)
 Other flags: --truncation PSI in [0, 1] toward the per-prompt mean w_c (--truncation-target
 global: toward the running mean w_avg), --device auto|cpu|cuda, --batch (images per pass).
-The upsampler (--upsampler, --lowres of DESIGN.md) is not available yet.
+Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema, noise augmentation off):
+    --upsampler UP  with --ckpt BASE (plain sampling): the base G_ema draws, then the upsampler
+                    upsamples each image with the same prompt (z from the same seed); the PNGs
+                    are the high-res images. The base resolution must be the upsampler's input.
+    --lowres IMAGE  with --upsampler UP and no --ckpt: any image PIL reads is centre-cropped to a
+                    square and resized to the upsampler's input size, then upsampled with
+                    --prompt (one, or none: the empty prompt), --n seeds. Also writes
+                    comparison.png (rows = seeds; nearest | bicubic | GigaGAN at the output
+                    size) and lowres.png (the resized input). Default --out <UP>/upsampled.
 Rows of ws are named by G.synthesis.w_names (tiny: 0 4px.block0, 1 4px.torgb, 2 8px.block0, ...);
 a bad ROW is answered with the list.
 
@@ -51,11 +61,13 @@ import sys
 import time
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 import data
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
+upsampler = importlib.import_module("06_upsampler")
 
 EVAL_SEED = 12345  # train.py's evaluations use this seed: `--eval` reproduces its numbers
 
@@ -90,6 +102,9 @@ def load_generator(path, device="cpu"):
         raise ValueError(f"could not read {path} as a checkpoint ({type(err).__name__})") from err
     if not isinstance(ckpt, dict) or not {"G_ema", "config", "clip"} <= set(ckpt):
         raise ValueError(f"{path} holds no generator (G_ema, config, clip): pass a base-stage run of train.py")
+    if ckpt["config"].get("stage", "base") != "base":
+        raise ValueError(f"{path} is an {ckpt['config'].get('stage')}-stage run: pass it with --upsampler, "
+                         "and a base-stage run with --ckpt")
     g_cfg = generator.GeneratorConfig(**ckpt["config"]["G"])
     clip = clip_lib.load_clip(resolve_clip_spec(ckpt["clip"], os.path.dirname(path)), device=device)
     G = generator.Generator(g_cfg, text_dim=clip.text_width)
@@ -98,6 +113,26 @@ def load_generator(path, device="cpu"):
     except RuntimeError as err:  # its message is many lines long
         raise ValueError(f"{path}: G_ema does not fit the generator its config describes") from err
     return G.to(device).eval().requires_grad_(False), clip, ckpt
+
+
+def load_upsampler(path, device="cpu"):
+    """-> (the upsampler's G_ema in eval mode, its frozen CLIP, the checkpoint dict), or a
+    one-line FileNotFoundError / ValueError."""
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read {path} as a checkpoint ({type(err).__name__})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("config", {}).get("stage") != "upsampler":
+        raise ValueError(f"{path} is not an upsampler run: pass a run of train.py --stage upsampler to --upsampler")
+    u_cfg = upsampler.UpsamplerConfig(**ckpt["config"]["U"])
+    clip = clip_lib.load_clip(resolve_clip_spec(ckpt["clip"], os.path.dirname(path)), device=device)
+    U = upsampler.Upsampler(u_cfg, text_dim=clip.text_width)
+    try:
+        U.load_state_dict(ckpt["G_ema"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: G_ema does not fit the upsampler its config describes") from err
+    return U.to(device).eval().requires_grad_(False), clip, ckpt
 
 
 def seeded_z(seeds, z_dim, device):
@@ -127,6 +162,19 @@ def generate(G, clip, prompts, seeds, truncation_psi=1.0, batch=32, truncation_t
         pyramid = G(z, tokens, mask, eot, truncation_psi=truncation_psi,
                     truncation_target=truncation_target, noise_mode="const")
         return pyramid[0].clamp(-1, 1)                                       # (b, 3, R, R) the finest level
+    return in_batches(len(prompts), batch, make)
+
+
+@torch.no_grad()
+def upsample(U, clip, lowres, prompts, seeds, batch=32):
+    """Low-res images (N, 3, r, r) in [-1, 1], one prompt and seed each -> (N, 3, R, R) in [-1, 1].
+    U in eval mode: no noise augmentation; constant noise, z from each seed (deterministic)."""
+    device = next(U.parameters()).device
+
+    def make(sl):
+        tokens, mask, eot = clip.text_features(prompts[sl])                 # (b, L, D), (b, L), (b,)
+        z = seeded_z(seeds[sl], U.cfg.z_dim, device)                         # (b, z_dim)
+        return U(lowres[sl].to(device), z, tokens, mask, eot, noise_mode="const")[0].clamp(-1, 1)
     return in_batches(len(prompts), batch, make)
 
 
@@ -387,8 +435,10 @@ def build_parser():
     mode.add_argument("--prompt-mix", type=int, metavar="ROW", help="ws rows [0, ROW) and their blocks' text "
                                                                       "from prompt A, the rest from prompt B")
     mode.add_argument("--eval", action="store_true", help="CLIP score, CLIP FD, shapes alignment -> eval.json")
-    p.add_argument("--upsampler", help=argparse.SUPPRESS)   # DESIGN.md's upsampler chain: not built yet
-    p.add_argument("--lowres", help=argparse.SUPPRESS)
+    p.add_argument("--upsampler", metavar="UP", help="an upsampler run of train.py --stage upsampler: upsample "
+                                                       "the --ckpt images, or the --lowres image")
+    p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "
+                                                      "and resized to the upsampler's input size, then upsampled")
     return p
 
 
@@ -417,10 +467,24 @@ def read_prompts(args):
 
 def check_args(args, mode, prompts):
     """Everything that can be checked before loading a model."""
-    if args.upsampler is not None or args.lowres is not None:
-        raise UsageError("--upsampler/--lowres: not available yet (the upsampler stage is not built in this repo)")
-    if args.ckpt is None:
-        raise UsageError("--ckpt is required: a run directory of train.py, e.g. --ckpt runs/tiny")
+    if args.lowres is not None:
+        if args.upsampler is None:
+            raise UsageError("--lowres IMAGE needs --upsampler UP: a run of train.py --stage upsampler")
+        if args.ckpt is not None:
+            raise UsageError("--lowres upsamples an existing image: drop --ckpt (or drop --lowres to "
+                             "upsample the base model's images)")
+        if mode != "samples":
+            raise UsageError(f"--lowres does not combine with --{mode.replace('_', '-')}")
+        if len(prompts) > 1:
+            raise UsageError(f"--lowres takes at most one prompt (none: the empty prompt), got {len(prompts)}")
+        if not os.path.isfile(args.lowres):
+            raise UsageError(f"--lowres {args.lowres}: no such file")
+        prompts = [""]  # the count check below is met: the prompt is optional here
+    elif args.upsampler is not None and mode != "samples":
+        raise UsageError(f"--upsampler works with plain sampling, not --{mode.replace('_', '-')}")
+    if args.ckpt is None and args.lowres is None:
+        raise UsageError("--ckpt is required: a run directory of train.py, e.g. --ckpt runs/tiny"
+                         + (" (--upsampler upsamples its images; or give --lowres IMAGE)" if args.upsampler else ""))
     need = {"samples": "at least one", "style_mix": "exactly one", "interpolate": "at least two",
             "prompt_mix": "exactly two", "eval": "no"}[mode]
     ok = {"samples": len(prompts) >= 1, "style_mix": len(prompts) == 1, "interpolate": len(prompts) >= 2,
@@ -479,6 +543,46 @@ def run_eval(G, clip, args, ckpt):
     return fakes, rows, metrics, spec
 
 
+def comparison_rows(lowres, upsampled):
+    """One row per upsampled image: nearest-upscaled input | bicubic | the upsampler's output,
+    every panel at the output size. lowres (1, 3, r, r), upsampled (n, 3, R, R) -> (3n, 3, R, R)."""
+    n, R = upsampled.shape[0], upsampled.shape[-1]
+    nearest = torch.nn.functional.interpolate(lowres, size=(R, R), mode="nearest")  # (1, 3, R, R) the pixels
+    bicubic = upsampler.resize(lowres, R).clamp(-1, 1)                               # (1, 3, R, R) the baseline
+    return torch.cat([torch.cat([nearest, bicubic, upsampled[k:k + 1]]) for k in range(n)])
+
+
+def run_lowres(args, prompts, device):
+    """--upsampler UP --lowres IMAGE: load, crop, resize to r, upsample --n times; write the PNGs,
+    captions.jsonl, lowres.png and comparison.png."""
+    try:
+        U, clip, ckpt = load_upsampler(args.upsampler, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise UsageError(str(err).splitlines()[0]) from err
+    r, R = U.cfg.in_resolution, U.cfg.out_resolution
+    try:
+        with Image.open(args.lowres) as img:
+            size = img.size
+            lowres = data.load_image(img, r)[None]                                   # (1, 3, r, r)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UsageError(f"--lowres {args.lowres}: not an image PIL can read ({type(err).__name__})") from err
+    prompt = prompts[0] if prompts else ""
+    n, seed = args.n or 1, args.seed or 0
+    out = args.out or os.path.join(os.path.dirname(resolve_checkpoint(args.upsampler)), "upsampled")
+    print(f"--lowres {args.lowres}: {size[0]}x{size[1]}, centre-cropped to a square and resized to {r}x{r} "
+          f"(the upsampler's input); upsampling x{U.cfg.factor} to {R}x{R} with prompt {prompt!r} on {device}")
+    t0 = time.time()
+    images = upsample(U, clip, lowres.expand(n, -1, -1, -1), [prompt] * n, [seed + k for k in range(n)],
+                      args.batch).cpu()                                              # (n, 3, R, R)
+    print(f"{n} images in {time.time() - t0:.2f} s")
+    rows = [{"caption": prompt, "seed": seed + k, "lowres": args.lowres} for k in range(n)]
+    write_outputs(out, images, rows)
+    data.save_image_grid(lowres, os.path.join(out, "lowres.png"), ncol=1)
+    data.save_image_grid(comparison_rows(lowres, images), os.path.join(out, "comparison.png"), ncol=3)
+    print(f"wrote {n} PNGs, captions.jsonl, lowres.png, comparison.png (nearest | bicubic | GigaGAN) to {out}")
+    return out
+
+
 def main(argv=None):
     try:
         return _main(sys.argv[1:] if argv is None else argv)
@@ -493,10 +597,16 @@ def _main(argv):
     prompts = read_prompts(args)
     check_args(args, mode, prompts)
     device = pick_device(args.device)
+    if args.lowres is not None:
+        return run_lowres(args, prompts, device)
     try:
         G, clip, ckpt = load_generator(args.ckpt, device)
+        U, u_clip = load_upsampler(args.upsampler, device)[:2] if args.upsampler else (None, None)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise UsageError(str(err).splitlines()[0]) from err
+    if U is not None and U.cfg.in_resolution != G.cfg.resolution:
+        raise UsageError(f"the base model makes {G.cfg.resolution} px images but the upsampler reads "
+                         f"{U.cfg.in_resolution} px: pair runs of matching presets")
     run_dir = os.path.dirname(resolve_checkpoint(args.ckpt))
     out = args.out or os.path.join(run_dir, mode)
     if args.n is None:
@@ -522,6 +632,10 @@ def _main(argv):
     else:
         images, rows, metrics, spec = run_eval(G, clip, args, ckpt)
         grid, ncol = (images, min(len(images), 16)) if args.grid else (None, 1)
+    if U is not None:  # the chain: each image upsampled with its own prompt and seed
+        images = upsample(U, u_clip, images, [r["caption"] for r in rows], [r["seed"] for r in rows], args.batch)
+        grid = images if grid is not None else None
+        print(f"upsampled x{U.cfg.factor} to {U.cfg.out_resolution} px by {resolve_checkpoint(args.upsampler)}")
     images = images.cpu()  # waits for the GPU: the time below is the whole generation
     seconds = time.time() - t0
     print(f"{len(images)} images in {seconds:.2f} s ({1000 * seconds / len(images):.1f} ms/image, "

@@ -6,15 +6,21 @@ train.py - one flat, readable training loop for every stage of GigaGAN.
     python train.py --preset small --device cuda     # 64 px on one GPU
     torchrun --nproc_per_node=8 train.py --full --data 'shards/{00000..09999}.tar'
     python train.py --full --dry-run                 # parameter counts and memory estimate, no training
+    python train.py --stage upsampler                # tiny 32 -> 128 upsampler on `shapes` -> runs/tiny-upsampler
+    python train.py --stage upsampler --full --lpips vgg --data 'shards/{00000..09999}.tar'   # 64 -> 512
 
 Flags are `--key value` or `--key=value` for every field of TrainConfig below; fields of the
 generator, discriminator and loss configs are `--g.FIELD`, `--d.FIELD`, `--loss.FIELD`
-(e.g. `--g.attention false`, `--loss.clip_weight 0`). Unknown flags are an error.
+(e.g. `--g.attention false`, `--loss.clip_weight 0`), of the upsampler `--u.FIELD` (with
+--stage upsampler, where --d.* and --loss.* configure its D and losses). Unknown flags are an error.
 
 The order of one optimisation step, written out below (Sec. 3 and Appendix of the paper):
     D step (adversarial + matching-aware + vision-aided) -> lazy R1 every r1_interval steps
     -> G step (adversarial + matching-aware + CLIP + vision-aided) -> EMA of G
     -> logs, snapshots, evaluation, checkpoint.
+The upsampler stage (06_upsampler.py, paper Sec. 3.5) runs the same loop with U(make_lowres(real))
+in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
+real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
 
 Determinism and multi-GPU: the global batch is cut into micro-batches of `batch_gpu`
 images; process `rank` takes micro-batches rank, rank + world, ... Every random draw of a
@@ -47,6 +53,7 @@ attention = importlib.import_module("02_attention")
 generator = importlib.import_module("03_generator")
 discriminator = importlib.import_module("04_discriminator")
 losses = importlib.import_module("05_losses")
+upsampler = importlib.import_module("06_upsampler")
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -85,6 +92,7 @@ class TrainConfig:
     eval_images: int = 128        # images generated per evaluation
     ckpt_every: int = 250         # steps between checkpoints
     dry_run: bool = False         # build the models on the meta device, print sizes, exit
+    lpips: str = "vgg"            # upsampler stage: LPIPS backbone vgg (paper) | alex | random (no download)
 
 
 # Training-side presets: sizes only, never code. G and D sizes come from 03/04's registries
@@ -97,6 +105,18 @@ TRAIN_PRESETS = {
                  clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
                  snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
 }
+
+
+# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice [U]).
+# tiny: a randomly initialised LPIPS backbone (this offline machine cannot download VGG), 8 images
+# of 128 px per step; 190 steps ~ 15 minutes at the ~4.6 s/step measured on one thread of a busy
+# 2-core CPU (about 1.7 img/s).
+UPSAMPLER_TRAIN_PRESETS = {
+    "tiny": dict(max_steps=190, batch_size=8, lpips="random", eval_images=64, log_every=10,
+                 snapshot_every=50, eval_every=50, ckpt_every=50),
+    "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
+}
+LPIPS_NETS = ("vgg", "alex", "random")
 
 
 class FlagError(ValueError):
@@ -143,9 +163,9 @@ def parse_flags(argv):
         pairs.append((key.replace("-", "_"), value, arg))
         i += 1
 
-    targets = {"": TrainConfig, "g.": generator.GeneratorConfig,
-               "d.": discriminator.DiscriminatorConfig, "loss.": losses.LossConfig}
-    preset = "tiny"
+    targets = {"": TrainConfig, "g.": generator.GeneratorConfig, "d.": discriminator.DiscriminatorConfig,
+               "loss.": losses.LossConfig, "u.": upsampler.UpsamplerConfig}
+    preset, stage = "tiny", "base"
     for key, value, arg in pairs:
         if key == "full" and value in (None, "true", "1", "yes", "on"):
             preset = "full"
@@ -153,13 +173,23 @@ def parse_flags(argv):
             if value is None:
                 raise FlagError("--preset needs a value: tiny | small | full")
             preset = value
+        elif key == "stage" and value is not None:
+            stage = value  # the stage picks its own presets below
     if preset not in TRAIN_PRESETS:
         raise FlagError(f"unknown preset {preset!r}: choose one of {', '.join(TRAIN_PRESETS)}")
+    if stage == "upsampler" and preset not in UPSAMPLER_TRAIN_PRESETS:
+        raise FlagError(f"no upsampler preset {preset!r}: use --preset tiny (32 -> 128) or --full (64 -> 512)")
 
-    values = {"": dict(TRAIN_PRESETS[preset], preset=preset), "g.": {}, "d.": {}, "loss.": {}}
+    stage_preset = UPSAMPLER_TRAIN_PRESETS[preset] if stage == "upsampler" else {}
+    values = {"": dict(TRAIN_PRESETS[preset], **stage_preset, preset=preset), "g.": {}, "d.": {}, "loss.": {}, "u.": {}}
     for key, value, arg in pairs:
-        prefix = next((p for p in ("g.", "d.", "loss.") if key.startswith(p)), "")
+        prefix = next((p for p in ("g.", "d.", "loss.", "u.") if key.startswith(p)), "")
         name = key[len(prefix):]
+        if prefix == "g." and stage == "upsampler":
+            raise FlagError(f"{arg.split('=')[0]}: --g.* configures the base generator; the upsampler's "
+                            "fields are --u.* (06_upsampler.py's UpsamplerConfig)")
+        if prefix == "u." and stage != "upsampler":
+            raise FlagError(f"{arg.split('=')[0]}: --u.* configures the upsampler; add --stage upsampler")
         fields = {f.name: f for f in dataclasses.fields(targets[prefix])}
         if name not in fields:
             raise FlagError(f"unknown flag {arg.split('=')[0]} (python train.py --help lists the flags)")
@@ -173,8 +203,8 @@ def parse_flags(argv):
     cfg = TrainConfig(**values[""])
     if cfg.stage not in ("clip", "base", "upsampler"):
         raise FlagError(f"unknown --stage {cfg.stage!r}: choose clip | base | upsampler")
-    if cfg.stage == "upsampler":
-        raise FlagError("--stage upsampler is not available yet (06_upsampler.py); use --stage clip or base")
+    if cfg.lpips not in LPIPS_NETS:
+        raise FlagError(f"unknown --lpips {cfg.lpips!r}: choose vgg (paper) | alex | random (no download)")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise FlagError(f"unknown --dtype {cfg.dtype!r}: choose float32 | bfloat16")
     for name in ("max_steps", "batch_size", "log_every", "snapshot_every", "ckpt_every", "clip_steps"):
@@ -182,7 +212,20 @@ def parse_flags(argv):
             raise FlagError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.batch_gpu < 0:
         raise FlagError(f"--batch-gpu must be >= 0, got {cfg.batch_gpu}")
-    cfg.out = cfg.out or os.path.join("runs", cfg.preset)
+    cfg.out = cfg.out or os.path.join("runs", cfg.preset + ("-upsampler" if cfg.stage == "upsampler" else ""))
+    if cfg.stage == "upsampler":
+        # the generator is the upsampler U; its MS-I/O D reads pyramids of U's output size
+        try:
+            g_cfg = dataclasses.replace(upsampler.U_PRESETS[preset], **values["u."])
+        except AssertionError as err:
+            raise FlagError(f"bad upsampler configuration (--u.*): {err}") from None
+        d_cfg = dataclasses.replace(upsampler.U_D_PRESETS[preset],
+                                    **{"resolution": g_cfg.out_resolution, **values["d."]})
+        if d_cfg.resolution != g_cfg.out_resolution:
+            raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
+                            f"--u.out-resolution {g_cfg.out_resolution}")
+        loss_cfg = dataclasses.replace(losses.LOSS_PRESETS["upsampler"], **values["loss."])
+        return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
     d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
     loss_cfg = dataclasses.replace(losses.LOSS_PRESETS["base"], **values["loss."])
@@ -193,12 +236,14 @@ def print_help():
     print(__doc__)
     for title, prefix, cls in (("train", "", TrainConfig), ("generator", "g.", generator.GeneratorConfig),
                                ("discriminator", "d.", discriminator.DiscriminatorConfig),
-                               ("losses", "loss.", losses.LossConfig)):
+                               ("losses", "loss.", losses.LossConfig),
+                               ("upsampler (--stage upsampler)", "u.", upsampler.UpsamplerConfig)):
         print(f"{title} flags (tiny defaults):")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             print(f"  --{prefix}{f.name.replace('_', '-'):<24} {default!r}")
-    print(f"presets: {', '.join(TRAIN_PRESETS)}")
+    print(f"presets: {', '.join(TRAIN_PRESETS)}; --stage upsampler: tiny, full, with these train "
+          f"settings changed: {json.dumps(UPSAMPLER_TRAIN_PRESETS)}")
 
 
 # -----------------------------------------------------------------------------
@@ -391,14 +436,14 @@ def stored_clip_spec(spec, out):
     return spec
 
 
-def train_clip_stage(cfg, g_cfg, rt, dataset):
-    """Train the tiny CLIP on the training data (rank 0 only; the others wait)."""
+def train_clip_stage(cfg, resolution, rt, dataset):
+    """Train the tiny CLIP on the training data at `resolution` px (rank 0 only; the others wait)."""
     path = os.path.join(cfg.out, "clip.pt")
     if rt.main:
         print(f"[clip] training a tiny CLIP for {cfg.clip_steps} steps on {cfg.data} -> {path}")
         negatives = data.shapes_hard_negatives if cfg.data == "shapes" else None  # one-word changes
         clip_lib.train_tiny_clip(dataset, path, steps=cfg.clip_steps, batch_size=cfg.clip_batch_size,
-                                 device=rt.device, resolution=g_cfg.resolution, seed=cfg.seed,
+                                 device=rt.device, resolution=resolution, seed=cfg.seed,
                                  negatives=negatives)
     if rt.world > 1:
         dist.barrier()
@@ -412,6 +457,15 @@ def train_clip_stage(cfg, g_cfg, rt, dataset):
 def log_row(cfg, row):
     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def log_train_row(cfg, step, nimg, img_s, stats):
+    """One training log line: step, throughput and the mean of every loss term since the last one."""
+    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": img_s,
+           **{k: sum(v) / len(v) for k, v in stats.items()}}
+    log_row(cfg, row)
+    print(f"step {step:6d}  " + "  ".join(
+        f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")), flush=True)
 
 
 def plot_losses(cfg):
@@ -507,14 +561,30 @@ def check_finite(loss, what, step):
         raise NonFiniteLoss(f"{what} loss is {loss.item()} at step {step}")
 
 
-def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
-    device = rt.device
+def frozen_clip(cfg, rt, resolution, dataset):
+    """The run's frozen CLIP (--clip): a tiny one is trained first if <out>/clip.pt is missing."""
     spec = clip_spec(cfg)
     if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
         if cfg.clip != "tiny":
             raise FileNotFoundError(f"no tiny CLIP at {spec[5:]}: train one with python train.py --stage clip")
-        train_clip_stage(cfg, g_cfg, rt, dataset)                  # cached: skipped when present
-    clip = clip_lib.load_clip(spec, device=device)                 # frozen, never saved in checkpoints
+        train_clip_stage(cfg, resolution, rt, dataset)             # cached: skipped when present
+    return spec, clip_lib.load_clip(spec, device=rt.device)        # frozen, never saved in checkpoints
+
+
+def check_resumable(ckpt, path, stage, preset, model_key, model_config):
+    """A checkpoint continues only the same stage, preset and model configuration."""
+    found = ckpt["config"].get("stage", "base")
+    if found != stage:
+        raise FlagError(f"{path} is a {found}-stage run, not a {stage}-stage one: resume it with "
+                        f"--stage {found}, or use another --out")
+    if ckpt["config"]["train"]["preset"] != preset or ckpt["config"].get(model_key) != model_config:
+        raise FlagError(f"{path} is a {ckpt['config']['train']['preset']!r} run with another model "
+                        f"configuration: resume it with the same flags, or use another --out")
+
+
+def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
+    device = rt.device
+    spec, clip = frozen_clip(cfg, rt, g_cfg.resolution, dataset)
     vclip = clip if not cfg.vision_clip else clip_lib.load_clip(cfg.vision_clip, device=device)
 
     # ---- models and optimisers
@@ -541,9 +611,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     step, nimg = 0, 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"]["train"]["preset"] != cfg.preset or ckpt["config"]["G"] != config["G"]:
-            raise FlagError(f"{ckpt_path} is a {ckpt['config']['train']['preset']!r} run with another model "
-                            f"configuration: resume it with the same flags, or use another --out")
+        check_resumable(ckpt, ckpt_path, "base", cfg.preset, "G", config["G"])
         G.load_state_dict(ckpt["G"]); G_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
         if VD is not None:
             VD.load_state_dict(ckpt["VD"])
@@ -664,12 +732,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
                 # ---- logs, snapshots, evaluation, checkpoints (rank 0)
                 n_log += cfg.batch_size
                 if rt.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    elapsed = time.time() - t_log
-                    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": n_log / elapsed,
-                           **{k: sum(v) / len(v) for k, v in stats.items()}}
-                    log_row(cfg, row)
-                    print(f"step {step:6d}  " + "  ".join(
-                        f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")), flush=True)
+                    log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), stats)
                     stats, t_log, n_log = {}, time.time(), 0
                 t_aux = time.time()  # time spent below is not training: keep it out of img/s
                 if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
@@ -700,6 +763,212 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
         print(f"done: {step} steps. checkpoint {ckpt_path}; samples {cfg.out}/samples_*.png "
               f"(prompts in samples_prompts.txt); loss curves {plot}; log {cfg.out}/log.jsonl")
     return G_ema
+
+
+# -----------------------------------------------------------------------------
+# Stage "upsampler": the text-conditioned GAN upsampler (06_upsampler.py, paper Sec. 3.5)
+
+
+@torch.no_grad()
+def save_upsampler_snapshot(cfg, U_ema, clip, lowres, reals, prompts, step):
+    """A grid, one row per fixed (image, prompt): bicubic of the low-res input | U_ema's | real."""
+    import torchvision
+    R = U_ema.cfg.out_resolution
+    z = torch.randn(len(prompts), U_ema.cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    out = U_ema(lowres, z.to(lowres.device), *clip.text_features(prompts), noise_mode="const")[0]  # (n, 3, R, R)
+    bicubic = upsampler.resize(lowres, R)                                # (n, 3, R, R)
+    rows = torch.stack([bicubic, out, reals], dim=1).flatten(0, 1)       # (3n, 3, R, R) row-major
+    path = os.path.join(cfg.out, f"samples_{step:06d}.png")
+    torchvision.utils.save_image(rows.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=3, padding=1)
+    with open(os.path.join(cfg.out, "samples_prompts.txt"), "w") as f:
+        f.write("columns: bicubic | upsampled | real\n" + "\n".join(prompts) + "\n")
+    return path
+
+
+def build_lpips(cfg, rt):
+    """The LPIPS module of the G step; a missing pretrained backbone raises MissingWeightsError
+    (one line naming --lpips random). Seeded: a random backbone is the same in every run."""
+    if cfg.lpips == "random" and rt.main:
+        print("note: --lpips random: LPIPS on a randomly initialised AlexNet backbone (a distance, not a "
+              "perceptual one), because pretrained weights cannot be downloaded here; --lpips vgg is the paper's")
+    torch.manual_seed(cfg.seed)
+    return losses.LPIPS(cfg.lpips).to(rt.device).eval()
+
+
+def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
+    """Train U on (make_lowres(real), real) pairs of `dataset` (real images at U's output size).
+
+    The same flat loop as train_base, step for step; what differs: the generator's input is
+    a real image made small (z still varies the detail), the real pyramid is that of the
+    high-res image, there is no vision-aided D, and the G step adds lpips_weight * LPIPS."""
+    device = rt.device
+    lpips = build_lpips(cfg, rt)                                    # fails fast, before CLIP training
+    lowres_data = data.build_dataset(cfg.data, u_cfg.in_resolution, seed=cfg.seed) if cfg.clip == "tiny" else None
+    spec, clip = frozen_clip(cfg, rt, u_cfg.in_resolution, lowres_data)  # a tiny CLIP as --stage clip makes it
+
+    # ---- models and optimisers
+    torch.manual_seed(cfg.seed)
+    U = upsampler.Upsampler(u_cfg, text_dim=clip.text_width).to(device).train()  # train(): noise augmentation on
+    D = discriminator.Discriminator(d_cfg, text_dim=clip.text_width).to(device)
+    U_ema = upsampler.Upsampler(u_cfg, text_dim=clip.text_width).to(device).eval().requires_grad_(False)
+    U_ema.load_state_dict(U.state_dict())
+    betas = (cfg.beta1, cfg.beta2)
+    opt_G = torch.optim.AdamW(attention.attention_param_groups(U), lr=cfg.lr_g, betas=betas)
+    opt_D = torch.optim.AdamW(attention.attention_param_groups(D), lr=cfg.lr_d, betas=betas)
+    U_fwd, D_fwd = (torch.compile(U), torch.compile(D)) if cfg.compile else (U, D)
+
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    config = {"train": dataclasses.asdict(cfg), "U": dataclasses.asdict(u_cfg), "D": dataclasses.asdict(d_cfg),
+              "loss": dataclasses.asdict(loss_cfg), "stage": "upsampler"}
+    step, nimg = 0, 0
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_resumable(ckpt, ckpt_path, "upsampler", cfg.preset, "U", config["U"])
+        U.load_state_dict(ckpt["G"]); U_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
+        opt_G.load_state_dict(ckpt["opt_G"]); opt_D.load_state_dict(ckpt["opt_D"])
+        step, nimg = ckpt["step"], ckpt["nimg"]
+        if rt.main:
+            print(f"resumed {ckpt_path} at step {step}")
+
+    def checkpoint():
+        # the upsampler is stored under G / G_ema, as the base model: one checkpoint layout
+        save_checkpoint(ckpt_path, {
+            "G": U.state_dict(), "G_ema": U_ema.state_dict(), "D": D.state_dict(),
+            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+            "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out)})
+
+    r, R = u_cfg.in_resolution, u_cfg.out_resolution
+    if rt.main:
+        n_u, n_d = (sum(p.numel() for p in m.parameters()) for m in (U, D))
+        print(f"U {n_u / 1e6:.2f}M params ({r} -> {R} px), D {n_d / 1e6:.2f}M, LPIPS {cfg.lpips} "
+              f"(weight {loss_cfg.lpips_weight}), CLIP {spec} (text width {clip.text_width}), "
+              f"{rt.world} process(es) on {device}")
+    batch_gpu, micros = micro_batches(cfg, rt)
+    batches = make_batches(dataset, cfg, rt, batch_gpu, micros, step)
+    levels = u_cfg.levels                                          # pyramid levels R .. 4 px: 6 at 128 px
+    # held-out images for the metrics and snapshots: fresh shapes (another seed), else a seeded subset
+    held = data.build_dataset(cfg.data, R, seed=cfg.seed + 1) if cfg.data == "shapes" else dataset
+    eval_hr, eval_captions = sample_lib().eval_pairs(held, max(cfg.eval_images, 4))
+    eval_hr = eval_hr.to(device)                                   # (n, 3, R, R)
+    eval_lr = upsampler.make_lowres(eval_hr, r)                    # (n, 3, r, r)
+    scale = batch_gpu / cfg.batch_size
+    stats, t_log, n_log = {}, time.time(), 0
+
+    def condition(captions):
+        """CLIP tokens, the wrong-caption triple (Eq. 8) and its valid rows, CLIP text embeddings."""
+        text = clip.text_features(captions)                             # (b, L, D), (b, L), (b,)
+        perm, valid = losses.mismatched_permutation(captions, return_valid=True)
+        embed = clip.embed_text(captions)                               # (b, E), cached too
+        return text, losses.permute_text(text, perm), valid.to(device), embed, embed[perm.to(device)]
+
+    def add_stats(logs):
+        for k, v in logs.items():
+            stats.setdefault(k, []).append(float(v))
+
+    with StopRequest() as stop:
+        try:
+            while step < cfg.max_steps:
+                work = []
+                for micro in micros:
+                    images, captions = next(batches)
+                    reals = images.to(device, non_blocking=True)                    # (b, 3, R, R)
+                    work.append((micro, reals, upsampler.make_lowres(reals, r), list(captions)))
+
+                # ---- D step: (real, c) real; (U(x_lr), c), (real, c^), (U(x_lr), c^) fake.
+                U.requires_grad_(False); D.requires_grad_(True)
+                opt_D.zero_grad(set_to_none=True)
+                do_r1 = loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0
+                for micro, reals, lowres, captions in work:
+                    seed_for(cfg, step, micro, phase=0)
+                    text, wrong, valid, _, _ = condition(captions)
+                    z = torch.randn(len(captions), u_cfg.z_dim, device=device)
+                    with rt.autocast(), torch.no_grad():
+                        fakes = U_fwd(lowres, z, *text)                     # pyramid, finest first; noisy x_lr
+                    with rt.autocast():
+                        loss, logs = losses.discriminator_loss(D_fwd, image_pyramid(reals, levels), fakes,
+                                                               text, wrong, loss_cfg, wrong_valid=valid)
+                    check_finite(loss, "D", step)
+                    (loss * scale).backward()
+                    add_stats(logs)
+                reduce_grads([D], rt)
+                opt_D.step()
+
+                # ---- lazy R1 on the real high-res pyramid, every r1_interval steps
+                if do_r1:
+                    opt_D.zero_grad(set_to_none=True)
+                    for micro, reals, lowres, captions in work:
+                        with rt.autocast():
+                            loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels),
+                                                             clip.text_features(captions), loss_cfg)
+                        check_finite(loss, "R1", step)
+                        (loss * scale).backward()
+                        add_stats(logs)
+                    reduce_grads([D], rt)
+                    opt_D.step()
+
+                # ---- G step: fool D with the right caption, matching-aware, (CLIP if weighted),
+                # and lpips_weight * LPIPS(U(x_lr), real): stay close to this very image.
+                U.requires_grad_(True); D.requires_grad_(False)
+                opt_G.zero_grad(set_to_none=True)
+                for micro, reals, lowres, captions in work:
+                    seed_for(cfg, step, micro, phase=1)
+                    text, wrong, valid, embed, wrong_embed = condition(captions)
+                    z = torch.randn(len(captions), u_cfg.z_dim, device=device)
+                    use_clip = loss_cfg.clip_weight > 0
+                    with rt.autocast():
+                        fakes = U_fwd(lowres, z, *text)
+                        loss, logs = losses.generator_loss(
+                            D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid,
+                            clip=clip if use_clip else None, text_embed=embed, wrong_text_embed=wrong_embed,
+                            caption_ids=losses.caption_ids(captions).to(device), lpips=lpips, lpips_target=reals)
+                    check_finite(loss, "G", step)
+                    (loss * scale).backward()
+                    add_stats(logs)
+                reduce_grads([U], rt)
+                opt_G.step()
+                sync_buffers([U], rt)
+
+                # ---- EMA of U
+                step += 1
+                nimg += cfg.batch_size
+                update_ema(U_ema, U, cfg, nimg)
+
+                # ---- logs, snapshots, evaluation, checkpoints (rank 0)
+                n_log += cfg.batch_size
+                if rt.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), stats)
+                    stats, t_log, n_log = {}, time.time(), 0
+                t_aux = time.time()
+                if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
+                    save_upsampler_snapshot(cfg, U_ema, clip, eval_lr[:4], eval_hr[:4], eval_captions[:4], step)
+                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    metrics = upsampler.upsampling_metrics(U_ema, eval_lr, eval_hr, *clip.text_features(eval_captions))
+                    log_row(cfg, {"kind": "eval", "step": step, **metrics})
+                    print(f"eval  mae {metrics['mae']:.4f} (bicubic {metrics['mae_bicubic']:.4f}, ratio "
+                          f"{metrics['mae'] / max(metrics['mae_bicubic'], 1e-12):.2f})  sharpness "
+                          f"{metrics['sharpness']:.4f} (bicubic {metrics['sharpness_bicubic']:.4f}, "
+                          f"real {metrics['sharpness_real']:.4f})", flush=True)
+                if rt.main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+                    checkpoint()
+                t_log += time.time() - t_aux
+                if stop.agreed(rt):
+                    if rt.main:
+                        checkpoint()
+                        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
+                    raise SystemExit(130)
+        except NonFiniteLoss as err:
+            if rt.main:
+                print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
+                      "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
+            raise SystemExit(1)
+
+    if rt.world > 1:
+        check_in_sync([U, D], rt)
+    if rt.main:
+        plot = plot_losses(cfg)
+        print(f"done: {step} steps. checkpoint {ckpt_path}; snapshots {cfg.out}/samples_*.png (bicubic | "
+              f"upsampled | real); loss curves {plot}; log {cfg.out}/log.jsonl")
+    return U_ema
 
 
 def image_pyramid(images, levels):
@@ -773,6 +1042,38 @@ def dry_run(cfg, g_cfg, d_cfg, loss_cfg, rt):
                       "batch_gpu": batch_gpu, "est_gib_per_gpu": round((state + acts) / 2**30, 2)}))
 
 
+def dry_run_upsampler(cfg, u_cfg, d_cfg, rt):
+    """--stage upsampler --dry-run: U and its D on the meta device (and the base model's counts)."""
+    text_dim = {"ViT-L-14": 768, "ViT-B-32": 512, "ViT-B-16": 512, "ViT-H-14": 1024}.get(
+        cfg.clip.split("/")[0], 128)  # width of the CLIP text tower's token features
+    r = u_cfg.in_resolution
+    with torch.device("meta"):
+        n_g = sum(p.numel() for p in generator.Generator(generator.G_PRESETS[cfg.preset], text_dim).parameters())
+        n_bd = sum(p.numel() for p in discriminator.Discriminator(discriminator.D_PRESETS[cfg.preset],
+                                                                  text_dim).parameters())
+        U = upsampler.Upsampler(u_cfg, text_dim=text_dim).train()
+        D = discriminator.Discriminator(d_cfg, text_dim=text_dim)
+        n_u, n_d = (sum(p.numel() for p in m.parameters()) for m in (U, D))
+        b, L = 2, 77
+        tokens, eot = torch.zeros(b, L, text_dim), torch.full((b,), L - 1, dtype=torch.long)
+        mask = torch.ones(b, L, dtype=torch.bool)
+        lowres, z = torch.zeros(b, 3, r, r), torch.zeros(b, u_cfg.z_dim)
+        act_u = activation_bytes_per_image(U, b, lowres, z, tokens, mask, eot)
+        pyramid = U(lowres, z, tokens, mask, eot)
+        act_d = activation_bytes_per_image(D, b, pyramid, tokens, mask, eot)
+    batch_gpu = cfg.batch_gpu or cfg.batch_size
+    act_size = 2 if cfg.dtype == "bfloat16" else 4
+    state = 16 * (n_u + n_d) + 4 * n_u               # as dry_run: weights, grads, Adam, EMA
+    acts = batch_gpu * act_size * max(act_u + act_d, 3 * act_d)  # LPIPS's own activations not counted
+    print(f"U {n_u / 1e6:.1f}M parameters ({r} -> {u_cfg.out_resolution} px), its D {n_d / 1e6:.1f}M "
+          f"(paper: 359.1M for the 64 -> 512 upsampler); base G {n_g / 1e6:.1f}M, D {n_bd / 1e6:.1f}M")
+    print(f"memory per GPU, roughly: {state / 2**30:.1f} GiB weights+grads+Adam+EMA, "
+          f"{acts / 2**30:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype})")
+    print(json.dumps({"G_params": n_g, "D_params": n_bd, "U_params": n_u, "U_D_params": n_d,
+                      "batch_size": cfg.batch_size, "batch_gpu": batch_gpu,
+                      "est_gib_per_gpu": round((state + acts) / 2**30, 2)}))
+
+
 # -----------------------------------------------------------------------------
 # Entry point
 
@@ -790,28 +1091,33 @@ def main(argv=None):
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)
     if cfg.dry_run:
+        if cfg.stage == "upsampler":
+            return dry_run_upsampler(cfg, g_cfg, d_cfg, rt)
         return dry_run(cfg, g_cfg, d_cfg, loss_cfg, rt)
     if not cfg.data:
         print("train.py: --data is required for this preset: an image folder or 'shards/{00000..00099}.tar'",
               file=sys.stderr)
         raise SystemExit(2)
-    try:
-        dataset = data.build_dataset(cfg.data, g_cfg.resolution, seed=cfg.seed)
+    up = cfg.stage == "upsampler"
+    try:  # the upsampler learns from real images at its OUTPUT size (made small on the fly)
+        dataset = data.build_dataset(cfg.data, g_cfg.out_resolution if up else g_cfg.resolution, seed=cfg.seed)
     except (FileNotFoundError, ValueError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)
     os.makedirs(cfg.out, exist_ok=True)
     if rt.main:
-        print("config: " + json.dumps({"train": dataclasses.asdict(cfg), "G": dataclasses.asdict(g_cfg),
-                                       "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}))
+        full_config = {"train": dataclasses.asdict(cfg), "U" if up else "G": dataclasses.asdict(g_cfg),
+                       "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}
+        print("config: " + json.dumps(full_config))
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(cfg), "G": dataclasses.asdict(g_cfg),
-                       "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}, f, indent=2)
+            json.dump(full_config, f, indent=2)
     try:
         if cfg.stage == "clip":
-            return train_clip_stage(cfg, g_cfg, rt, dataset)
+            return train_clip_stage(cfg, g_cfg.resolution, rt, dataset)
+        if up:
+            return train_upsampler(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset)
         return train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset)
-    except (FlagError, FileNotFoundError) as err:
+    except (FlagError, FileNotFoundError, losses.MissingWeightsError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)
     finally:

@@ -243,8 +243,9 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--ckpt", "RUN", "--eval", "--n", "1"], "two images"),
     (["--ckpt", "RUN", "--eval", "--n", "4", "--data", "RUN/no_such_dir"], "--data"),
     (["--ckpt", "RUN", "--prompt", A, "--out", "RUN/clip.pt"], "is a file"),
-    (["--upsampler", "RUN", "--prompt", A], "not available yet"),
-    (["--upsampler", "RUN", "--lowres", "x.png", "--prompt", A, "--out", "o"], "not available yet"),
+    (["--upsampler", "RUN", "--prompt", A], "--ckpt is required"),
+    (["--lowres", "x.png", "--prompt", A, "--out", "o"], "needs --upsampler"),
+    (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A], "not an upsampler run"),
 ]
 
 

@@ -320,3 +320,48 @@ def test_script_runs_fast():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
     assert elapsed < 30, f"python 06_upsampler.py took {elapsed:.1f} s"
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class BicubicStandIn(torch.nn.Module):
+    """An 'upsampler' that is plain bicubic resizing: its metrics must equal the baseline's."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, lowres, z, tokens, mask, eot, noise_aug=None, noise_mode="random"):
+        return [up.resize(lowres, self.cfg.out_resolution)]
+
+
+def shapes_pair(n=4, R=128, r=32):
+    ds = data.ShapesDataset(R, seed=5)
+    highres = torch.stack([ds[i][0] for i in range(n)])             # (n, 3, R, R)
+    return up.make_lowres(highres, r), highres
+
+
+def test_metrics_of_bicubic_equal_the_baseline():
+    lowres, highres = shapes_pair()
+    m = up.upsampling_metrics(BicubicStandIn(up.U_PRESETS["tiny"]), lowres, highres, *up.random_text(4, D=D))
+    assert set(m) == {"mae", "mae_bicubic", "sharpness", "sharpness_bicubic", "sharpness_real"}
+    assert m["mae"] == m["mae_bicubic"] > 0 and m["sharpness"] == m["sharpness_bicubic"]
+    assert m["sharpness_bicubic"] < m["sharpness_real"]              # bicubic of a 4x smaller image is blurry
+
+
+def test_sharpness_drops_with_blur_and_is_zero_on_flat_images():
+    _, sharp = shapes_pair()
+    blurred = kernels.upsample2x(kernels.downsample2x(sharp))       # the same image, low-passed
+    assert up.sharpness(blurred) < 0.8 * up.sharpness(sharp)
+    assert up.sharpness(torch.full((1, 3, 16, 16), 0.3)) == 0.0
+    ramp = torch.arange(8.0).repeat(1, 3, 8, 1)                      # x[i, j] = j: |grad| = 1 everywhere
+    assert abs(up.sharpness(ramp) - 1.0) < 1e-6
+
+
+def test_metrics_leave_the_mode_and_skip_the_noise_augmentation(tiny):
+    lowres, highres = shapes_pair(n=2)
+    U = up.Upsampler(up.U_PRESETS["tiny"], text_dim=D).train()
+    text = up.random_text(2, D=D)
+    a, b = up.upsampling_metrics(U, lowres, highres, *text), up.upsampling_metrics(U, lowres, highres, *text)
+    assert a == b and U.training                                     # eval inside (no random noise), mode restored
+    assert abs(a["mae"] - a["mae_bicubic"]) < 0.02                   # untrained: about bicubic (small residual)
