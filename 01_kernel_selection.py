@@ -140,7 +140,7 @@ def upsample2x(x, f=None):
     each new pixel is 3/4 of its nearest old pixel plus 1/4 of the next one, per axis.
     """
     B, C, H, W = x.shape
-    f = blur_filter() if f is None else f                    # (4, 4)
+    f = blur_filter(x.device) if f is None else f            # (4, 4) on x's device (CPU or GPU)
     # only 1 of 4 output pixels receives an input sample, so the taps used per output pixel
     # sum to 1/4: the gain 4 keeps a constant image constant
     k = (f.to(x.dtype) * 4).repeat(C, 1, 1, 1)               # (C, 1, 4, 4) one filter per channel
@@ -158,7 +158,7 @@ def downsample2x(x, f=None):
     """
     B, C, H, W = x.shape
     assert H % 2 == 0 and W % 2 == 0, f"downsample2x needs even sizes, got {(H, W)}"
-    f = blur_filter() if f is None else f                    # (4, 4)
+    f = blur_filter(x.device) if f is None else f            # (4, 4) on x's device (CPU or GPU)
     k = f.to(x.dtype).repeat(C, 1, 1, 1)                     # (C, 1, 4, 4) one filter per channel
     # reflected edges (this project's choice): a one-pixel checkerboard averages to its mean
     # right up to the border, and a constant image stays constant (no dark frame)

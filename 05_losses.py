@@ -84,10 +84,13 @@ class LossConfig:
     lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
 
 
-# Named loss settings: the base model and the upsampler (paper: no vision-aided loss there).
+# Named loss settings: the base model and the upsampler. The upsampler keeps the GAN terms
+# (adversarial, matching-aware, R1) and adds LPIPS (weight 10); no vision-aided loss (paper),
+# and no CLIP loss (project choice [U]: the paper lists none for it, and its low-res input
+# already fixes what the image shows).
 LOSS_PRESETS = {
     "base": LossConfig(),
-    "upsampler": LossConfig(vision_weight=0.0),
+    "upsampler": LossConfig(vision_weight=0.0, clip_weight=0.0),
 }
 
 

@@ -109,11 +109,11 @@ TRAIN_PRESETS = {
 
 # The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice [U]).
 # tiny: a randomly initialised LPIPS backbone (this offline machine cannot download VGG), 8 images
-# of 128 px per step; 190 steps ~ 15 minutes at the ~4.6 s/step measured on one thread of a busy
-# 2-core CPU (about 1.7 img/s).
+# of 128 px per step; 360 steps ~ 14 minutes at the ~2.2 s/step (3.6 img/s, R1 steps included)
+# measured with both threads of an idle 2-core CPU, plus six evaluations of 64 held-out images.
 UPSAMPLER_TRAIN_PRESETS = {
-    "tiny": dict(max_steps=190, batch_size=8, lpips="random", eval_images=64, log_every=10,
-                 snapshot_every=50, eval_every=50, ckpt_every=50),
+    "tiny": dict(max_steps=360, batch_size=8, lpips="random", eval_images=64, log_every=10,
+                 snapshot_every=60, eval_every=60, ckpt_every=60),
     "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
 }
 LPIPS_NETS = ("vgg", "alex", "random")
@@ -428,11 +428,13 @@ def clip_spec(cfg):
 
 
 def stored_clip_spec(spec, out):
-    """A tiny CLIP inside the run directory is stored relative to it, so runs can be moved."""
+    """How the checkpoint names a tiny CLIP: relative to the run directory when the file is in
+    it or in a run beside it (`tiny:clip.pt`, `tiny:../tiny/clip.pt`: runs move together),
+    absolute otherwise; sample.py resolves relative paths against the run directory."""
     if spec.startswith("tiny:"):
         path = os.path.abspath(spec[5:])
-        if os.path.dirname(path) == os.path.abspath(out):
-            return "tiny:" + os.path.basename(path)
+        rel = os.path.relpath(path, os.path.abspath(out))
+        return "tiny:" + (path if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel)
     return spec
 
 
@@ -804,6 +806,9 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
     device = rt.device
     lpips = build_lpips(cfg, rt)                                    # fails fast, before CLIP training
     lowres_data = data.build_dataset(cfg.data, u_cfg.in_resolution, seed=cfg.seed) if cfg.clip == "tiny" else None
+    if cfg.clip == "tiny" and not os.path.isfile(os.path.join(cfg.out, "clip.pt")) and rt.main:
+        print(f"note: no tiny CLIP in {cfg.out}: training one first, as --stage clip does (minutes on a CPU); "
+              f"--clip tiny:runs/{cfg.preset}/clip.pt conditions on the base run's CLIP instead")
     spec, clip = frozen_clip(cfg, rt, u_cfg.in_resolution, lowres_data)  # a tiny CLIP as --stage clip makes it
 
     # ---- models and optimisers

@@ -305,6 +305,15 @@ def test_resampling_handles_low_precision():
     assert ks.Downsample2x()(x).dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resampling_functions_follow_the_input_to_the_gpu():
+    """The functional forms build their default filter on x's device (train.py's real pyramid,
+    the D blocks and the upsampler call them without a filter buffer)."""
+    x = torch.randn(1, 2, 8, 8)
+    for op in (ks.upsample2x, ks.downsample2x):
+        torch.testing.assert_close(op(x.cuda()).cpu(), op(x))
+
+
 # ---------------------------------------------------------------------------
 
 def test_demo_runs():

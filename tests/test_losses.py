@@ -517,7 +517,9 @@ def test_every_loss_weight_says_where_it_comes_from():
     assert len(fields) == len(L.LossConfig.__dataclass_fields__)
     for line in fields:
         assert "paper" in line or "project choice" in line, line
-    assert L.LOSS_PRESETS["upsampler"].vision_weight == 0.0  # no vision-aided loss for the upsampler
+    up = L.LOSS_PRESETS["upsampler"]                     # GAN + matching-aware + LPIPS 10 + R1 only
+    assert up.vision_weight == 0.0 and up.clip_weight == 0.0 and up.lpips_weight == 10.0
+    assert up.match_d and up.match_g and up.r1_gamma > 0
 
 
 def test_demo_runs(capsys):

@@ -3,6 +3,7 @@
 LPIPS backbone); checkpoint, resume, dry run, the base -> upsampler chain, --lowres on a photo,
 and bad input (exit 2, one line). Plumbing only, not quality."""
 import json
+import os
 
 import matplotlib.cbook
 import pytest
@@ -63,6 +64,7 @@ def test_upsampler_stage_writes_everything(runs):
     assert ckpt["config"]["stage"] == "upsampler" and ckpt["config"]["U"]["out_resolution"] == 128
     assert ckpt["config"]["D"]["resolution"] == 128 and ckpt["config"]["train"]["lpips"] == "random"
     assert any(k.startswith("decoder.") for k in ckpt["G"])          # the upsampler, not a base G
+    assert ckpt["clip"] == "tiny:../base/clip.pt"                   # the base run's CLIP, beside it
 
 
 def test_resume_equals_uninterrupted(runs, tmp_path):
@@ -90,6 +92,14 @@ def test_tiny_defaults_to_a_random_lpips_backbone_with_a_note():
     assert cfg.lpips == "random" and cfg.out.endswith("tiny-upsampler")
     assert train.parse_flags(["--stage", "upsampler", "--lpips", "vgg"])[0].lpips == "vgg"
     assert train.parse_flags([])[0].lpips == "vgg"                  # the base stage keeps the field's default
+
+
+def test_a_tiny_clip_is_named_relative_to_the_run_when_beside_it():
+    assert train.stored_clip_spec("tiny:runs/up/clip.pt", "runs/up") == "tiny:clip.pt"
+    assert train.stored_clip_spec("tiny:runs/tiny/clip.pt", "runs/up") == "tiny:../tiny/clip.pt"
+    far = os.path.abspath(os.path.join(os.sep, "elsewhere", "clip.pt"))
+    assert train.stored_clip_spec(f"tiny:{far}", "runs/up") == f"tiny:{far}"  # absolute: no ../../..
+    assert train.stored_clip_spec("ViT-B-32/openai", "runs/up") == "ViT-B-32/openai"
 
 
 def bad(argv, capsys):
