@@ -558,6 +558,22 @@ class StopRequest:
         return bool(flag.item())
 
 
+def exit_interrupted(rt, checkpoint, step, ckpt_path):
+    """Ctrl-C / SIGTERM, agreed by every process after a finished step: save, then exit 130."""
+    if rt.main:
+        checkpoint()
+        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
+    raise SystemExit(130)
+
+
+def exit_nonfinite(rt, err, ckpt_path):
+    """A NaN/inf loss: keep the last good checkpoint (nothing is saved now), say what to try, exit 1."""
+    if rt.main:
+        print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
+              "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def check_finite(loss, what, step):
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"{what} loss is {loss.item()} at step {step}")
@@ -748,15 +764,9 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
                     checkpoint()
                 t_log += time.time() - t_aux
                 if stop.agreed(rt):
-                    if rt.main:
-                        checkpoint()
-                        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
-                    raise SystemExit(130)
+                    exit_interrupted(rt, checkpoint, step, ckpt_path)
         except NonFiniteLoss as err:
-            if rt.main:
-                print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
-                      "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
-            raise SystemExit(1)
+            exit_nonfinite(rt, err, ckpt_path)
 
     if rt.world > 1:
         check_in_sync([G, D], rt)
@@ -957,15 +967,9 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
                     checkpoint()
                 t_log += time.time() - t_aux
                 if stop.agreed(rt):
-                    if rt.main:
-                        checkpoint()
-                        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
-                    raise SystemExit(130)
+                    exit_interrupted(rt, checkpoint, step, ckpt_path)
         except NonFiniteLoss as err:
-            if rt.main:
-                print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
-                      "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
-            raise SystemExit(1)
+            exit_nonfinite(rt, err, ckpt_path)
 
     if rt.world > 1:
         check_in_sync([U, D], rt)
