@@ -30,7 +30,9 @@ discriminator and the real-image pyramid all use them).
 
 A modulated conv can be run two ways (STYLE.md rule 5):
     naive  loop over the batch, one F.conv2d per sample with its own kernel (obviously right)
-    fused  fold the batch into conv groups, one F.conv2d with groups=B (fast; the default)
+    fused  modulate the activations instead of the kernel (s * x, then d * conv): one batched
+           F.conv2d for a shared kernel (N = 1), or the batch folded into conv groups
+           (groups=B) for per-sample mixed kernels (fast; the default)
 tests/test_kernel_selection.py checks that they agree.
 
 Run:  python 01_kernel_selection.py      (a CPU demo, about a second)
@@ -216,7 +218,7 @@ class NoiseInjection(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# StyleGAN2 modulated convolution: naive (per-sample loop) and fused (grouped conv)
+# StyleGAN2 modulated convolution: naive (per-sample loop) and fused (activation modulation)
 
 def modulate_weight(weight, styles, demodulate=True, eps=1e-8):
     """Per-sample kernels of a modulated conv, batched.
@@ -251,15 +253,33 @@ def _modulated_conv2d_naive(x, weight, styles, demodulate, padding, eps):
 
 
 def _modulated_conv2d_fused(x, weight, styles, demodulate, padding, eps):
-    """Fast path: the batch becomes conv groups, so one F.conv2d serves every sample."""
+    """Fast path, the same function with the modulation moved onto the activations
+    (StyleGAN2's own observation, its Sec. 2.2): conv(x, s * w) = conv(s * x, w) per input
+    channel, and the demodulation d_o is a scale of output channel o, so
+
+        out = d * conv(s * x, w),   d_o = 1 / sqrt(sum_i s_i^2 * sum_kl w_oikl^2 + eps)
+
+    No per-sample copy of the kernel is modulated, squared and rescaled (three passes over
+    B * C_out * C_in * K * K numbers, the larger part of a step at 256 channels on a CPU):
+    a shared kernel runs as one ordinary batched conv; per-sample kernels (a kernel bank
+    mixed per sample) as one grouped conv, the batch becoming conv groups.
+    """
     B, C_in, H, W = x.shape
-    w = modulate_weight(weight, styles, demodulate, eps)     # (B, C_out, C_in, K, K)
-    C_out, K = w.shape[1], w.shape[-1]
-    x = x.reshape(1, B * C_in, H, W)                         # (1, B*C_in, H, W) sample b = channel group b
-    w = w.reshape(B * C_out, C_in, K, K)                     # (B*C_out, C_in, K, K) group b = sample b's kernel
-    # groups=B: output group b only sees input group b, i.e. sample b with its own kernel
-    out = F.conv2d(x, w, padding=padding, groups=B)          # (1, B*C_out, H', W')
-    return out.reshape(B, C_out, *out.shape[2:])             # (B, C_out, H', W')
+    x = x * styles.view(B, C_in, 1, 1)                       # (B, C_in, H, W)  s_i on input channel i
+    if weight.dim() == 4:
+        out = F.conv2d(x, weight, padding=padding)           # (B, C_out, H', W') one kernel for all
+    else:
+        C_out, K = weight.shape[1], weight.shape[-1]
+        x = x.reshape(1, B * C_in, H, W)                     # (1, B*C_in, H, W) sample b = channel group b
+        w = weight.reshape(B * C_out, C_in, K, K)            # (B*C_out, C_in, K, K) group b = sample b's kernel
+        # groups=B: output group b only sees input group b, i.e. sample b with its own kernel
+        out = F.conv2d(x, w, padding=padding, groups=B)      # (1, B*C_out, H', W')
+        out = out.reshape(B, C_out, *out.shape[2:])          # (B, C_out, H', W')
+    if demodulate:
+        energy = weight.square().sum(dim=(-2, -1))           # (C_out, C_in) or (B, C_out, C_in): sum_kl w^2
+        d = ((energy * styles.square().unsqueeze(1)).sum(-1) + eps).rsqrt()  # (B, C_out)
+        out = out * d.view(B, -1, 1, 1)                      # (B, C_out, H', W')
+    return out
 
 
 def modulated_conv2d(x, weight, styles, demodulate=True, padding=None, fused=True, eps=1e-8):
@@ -267,7 +287,8 @@ def modulated_conv2d(x, weight, styles, demodulate=True, padding=None, fused=Tru
 
     x (B, C_in, H, W); weight (C_out, C_in, K, K) shared or (B, C_out, C_in, K, K) per
     sample; styles (B, C_in); padding defaults to K // 2 (same size for odd K).
-    fused=True runs one grouped conv, fused=False the per-sample reference loop.
+    fused=True runs the activation-modulation form (one batched or grouped conv),
+    fused=False the per-sample reference loop.
     Returns (B, C_out, H', W').
     """
     B, C_in, H, W = x.shape
@@ -318,8 +339,9 @@ class AdaptiveConv2d(nn.Module):
         # the bank {K_i}, stored unit normal (equalized LR); one parameter, no Python list
         self.weight = nn.Parameter(torch.randn(n_kernels, out_channels, in_channels, kernel_size, kernel_size))
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)  # runtime He scale c = 1/sqrt(fan_in)
-        # W_filter, b_filter of Eq. 2: w -> N selection logits (bias init 0: uniform on average)
-        self.affine_select = EqualLinear(w_dim, n_kernels)
+        # W_filter, b_filter of Eq. 2: w -> N selection logits (bias init 0: uniform on average);
+        # none for N = 1, whose selection is the constant 1 (a StyleGAN2 layer)
+        self.affine_select = EqualLinear(w_dim, n_kernels) if n_kernels > 1 else None
         # StyleGAN2's affine A: w -> styles s, one per input channel; bias init 1 so s ~ 1 at start
         self.affine_style = EqualLinear(w_dim, in_channels, bias_init=1.0)
         self.bias = nn.Parameter(torch.zeros(out_channels))  # (C_out,) added after the conv and noise
@@ -329,16 +351,21 @@ class AdaptiveConv2d(nn.Module):
         # after it, which is 4x cheaper; ours is the same kind of linear map, and the
         # fused and naive paths share it unchanged.
         self.upsample = Upsample2x() if up == 2 else None
-        self.fused = True  # grouped-conv fast path; False runs the per-sample reference loop
+        self.fused = True  # activation-modulation fast path; False runs the per-sample reference loop
 
     def selection_weights(self, w):
         """softmax(W_filter^T w + b_filter): how much of each kernel each sample uses. (B, N)"""
         assert w.shape[1:] == (self.w_dim,), w.shape
+        if self.affine_select is None:                       # N = 1: softmax of one logit
+            return w.new_ones(w.shape[0], 1)                 # (B, 1)
         logits = self.affine_select(w)                       # (B, N)
         return logits.softmax(dim=1)                         # (B, N), rows sum to 1
 
     def kernel(self, w):
-        """Each sample's mixed kernel K = c * sum_i p_i K_i, before modulation. (B, C_out, C_in, K, K)"""
+        """Each sample's mixed kernel K = c * sum_i p_i K_i, before modulation: (B, C_out, C_in, K, K),
+        or the one shared (C_out, C_in, K, K) when N = 1."""
+        if self.n_kernels == 1:                              # softmax of one logit is 1: StyleGAN2's
+            return self.weight[0] * self.weight_gain         # (C_out, C_in, K, K) shared by the batch
         p = self.selection_weights(w)                        # (B, N)
         # one einsum over the bank for the whole batch: K_b = sum_n p_bn * K_n
         k = torch.einsum("bn,noikl->boikl", p, self.weight)  # (B, C_out, C_in, K, K)
@@ -354,7 +381,7 @@ class AdaptiveConv2d(nn.Module):
         assert w.shape == (B, self.w_dim), (w.shape, B, self.w_dim)
         assert noise is None or self.noise is not None, "this layer was built with noise=False"
         fused = self.fused if fused is None else fused
-        kernel = self.kernel(w)                              # (B, C_out, C_in, K, K) Eq. 1-2
+        kernel = self.kernel(w)                              # (B, C_out, C_in, K, K) Eq. 1-2 (N = 1: shared)
         styles = self.affine_style(w)                        # (B, C_in) s = A(w)
         if self.upsample is not None:
             x = self.upsample(x)                             # (B, C_in, 2H, 2W)
@@ -402,7 +429,7 @@ def demo():
     print(f"demodulated conv output std {std:.3f} (input std {x.std().item():.3f})")
     assert 0.9 < std < 1.1, std
 
-    # 4. fused (grouped conv) == naive (per-sample loop), for up=1 and up=2
+    # 4. fused (activation modulation) == naive (per-sample loop), for up=1 and up=2
     for up in (1, 2):
         lay = AdaptiveConv2d(C_in, C_out, 3, w_dim=S, n_kernels=N, up=up)
         with torch.no_grad():
@@ -417,8 +444,8 @@ def demo():
     # 5. N = 1 is StyleGAN2: the softmax of one logit is exactly 1, the kernel is the bank's only one
     one = AdaptiveConv2d(C_in, C_out, 3, w_dim=S, n_kernels=1)
     assert torch.equal(one.selection_weights(w), torch.ones(B, 1))
-    assert torch.equal(one.kernel(w), (one.weight[0] * one.weight_gain).expand(B, -1, -1, -1, -1))
-    print("N=1: selection weights are exactly 1, kernel is the single StyleGAN2 kernel")
+    assert torch.equal(one.kernel(w), one.weight[0] * one.weight_gain)  # (C_out, C_in, K, K) shared
+    print("N=1: selection weights are exactly 1, kernel is the single StyleGAN2 kernel, shared by the batch")
 
     # 6. the fixed blur resampling keeps constants and halves/doubles the size
     c = torch.full((1, 3, 8, 8), 0.7)

@@ -30,10 +30,15 @@ Why these pieces.
   single pixels, so it also upsamples other models' images. Off at eval unless asked.
 - Residual over the interpolated input (this project's choice): the output is
   resize(x_lr, R) + learned residual, not an image from scratch. The coarse structure is
-  right from step 0 (the ToRGB layers start small, rgb_init), so the network only has to
-  learn detail: on two shapes images a few hundred L1 steps of the tiny preset beat bicubic
-  (CPU, under a minute), and its GAN training starts from a sensible image instead of
-  first having to learn the identity map through a U-Net.
+  right from step 0 (the ToRGB layers start at 1/1000 of their usual size, rgb_init: the
+  untrained output is within ~15% of bicubic's error), so GAN training starts from a
+  sensible image instead of first having to learn the identity map through a U-Net.
+  Measured limit (CPU, shapes 32 -> 128): beating bicubic's pixel error takes this tiny
+  U-Net many steps. With L1 alone on two images it is at 0.98x bicubic after 190 steps; on
+  the whole set neither L1 nor MSE gets below 1.0x in 600 steps, while a plain 4-conv CNN
+  at the input resolution with a pixel shuffle reaches 0.65x in 1,000 MSE steps (34 s).
+  L1 alone does not move the plain CNN either: on these mostly flat images the error is
+  in a few edge pixels, and L1 gives every flat pixel the same-size gradient.
 
 Low-res training pairs: make_lowres(real, r) is bicubic, anti-aliased (PIL's filter, the
 cubic kernel stretched by the factor), clamped to [-1, 1]. data.py shrinks real images
@@ -115,7 +120,7 @@ class UpsamplerConfig:
     cross_attention: bool = True              # cross-attention to t_local after it
     kernel_size: int = 3                      # K of the stem and decoder convs
     noise_aug_sigma: float = 0.2              # max std of the training noise on x_lr in [-1, 1] [U]
-    rgb_init: float = 0.01                    # ToRGB weights start at this x StyleGAN2's: small residual (ours)
+    rgb_init: float = 0.001                   # ToRGB weights start at this x StyleGAN2's: small residual (ours)
 
     def __post_init__(self):
         # tuples may arrive as lists (from a checkpoint's plain-dict config or a CLI flag)

@@ -44,7 +44,8 @@ def _randomise(layer):
     """Non-trivial values in every parameter that starts at a constant."""
     with torch.no_grad():
         layer.bias.normal_()
-        layer.affine_select.bias.normal_()
+        if layer.affine_select is not None:
+            layer.affine_select.bias.normal_()
         if layer.noise is not None:
             layer.noise.strength.normal_()
     return layer
@@ -126,7 +127,7 @@ def test_single_kernel_equals_independent_stylegan2(up, demodulate, activation, 
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # and the selection itself is exactly one, the kernel exactly the stored one times c
     assert torch.equal(layer.selection_weights(w), torch.ones(3, 1))
-    assert torch.equal(layer.kernel(w)[1], layer.weight[0] * layer.weight_gain)
+    assert torch.equal(layer.kernel(w), layer.weight[0] * layer.weight_gain)  # one kernel for the batch
 
 
 def test_selection_weights_softmax_and_depend_on_w():

@@ -259,21 +259,25 @@ def test_gradients_reach_every_parameter():
     U(lowres, z, *text)[0].square().mean().backward()
     missing = [n for n, p in U.named_parameters() if p.grad is None]
     assert not missing, missing
-    # zero only where the maths says so: the selection of a 1-kernel bank is a softmax of one logit
+    # and none is exactly zero (a 1-kernel bank has no selection layer: its softmax is constant)
     zero = [n for n, p in U.named_parameters() if p.grad.abs().sum() == 0]
-    assert all("affine_select" in n for n in zero), zero
-    single = [f"decoder.{s}" for s, n in enumerate(U.cfg.n_kernels) if n == 1]
-    assert all(any(n.startswith(p) for p in single) for n in zero), zero
+    assert not zero, zero
 
 
-def test_a_few_l1_steps_lower_the_error():
-    """Sanity of the residual design: starts near the bicubic error, then learns."""
+def test_residual_starts_at_bicubic_and_l1_steps_shrink_it():
+    """The residual design: the default init starts within 20% of bicubic's error; from a
+    deliberately large residual (rgb_init 0.05), 25 L1 steps on two images shrink the error."""
     ds = data.ShapesDataset(128)
     highres = torch.stack([ds[i][0] for i in range(2)])              # (2, 3, 128, 128)
     lowres = up.make_lowres(highres, 32)
-    U = up.Upsampler(up.U_PRESETS["tiny"], text_dim=D).train()
     z, text = torch.randn(2, 128), up.random_text(2, D=D)
     bicubic = (up.resize(lowres, 128) - highres).abs().mean().item()
+    U = up.Upsampler(up.U_PRESETS["tiny"], text_dim=D).eval()
+    with torch.no_grad():
+        start = (U(lowres, z, *text, noise_mode="const")[0] - highres).abs().mean().item()
+    assert start < 1.2 * bicubic, (start, bicubic)                   # the residual starts small
+    cfg = dataclasses.replace(up.U_PRESETS["tiny"], rgb_init=0.05)
+    U = up.Upsampler(cfg, text_dim=D).train()
     opt = torch.optim.Adam(U.parameters(), lr=2e-3, betas=(0.9, 0.99))
     errors = []
     for _ in range(25):
@@ -282,8 +286,8 @@ def test_a_few_l1_steps_lower_the_error():
         error.backward()
         opt.step()
         errors.append(error.item())
-    assert errors[0] < bicubic + 0.02, (errors[0], bicubic)          # the residual starts small
-    assert min(errors[-5:]) < 0.85 * errors[0], errors
+    assert errors[0] > 2 * bicubic, (errors[0], bicubic)             # a large residual to remove
+    assert min(errors[-5:]) < 0.7 * errors[0], errors
 
 
 # ----------------------------------------------------------------------------- config, errors, demo
