@@ -99,7 +99,10 @@ G_PRESETS = {
     # 32 px, ~0.75M parameters with text_dim 128 (the dataclass defaults): trains on the shapes toy set on a
     # 2-core CPU in minutes. Channels and depth are cut to what one fwd+bwd at batch 16
     # affords in well under 0.15 s; attention only at 8 and 16 px (at 32 px it would cost most).
-    "tiny": GeneratorConfig(),
+    # M at the full learning rate (StyleGAN2's 0.01 multiplier is for an unconditional M; here
+    # M carries t_global into w): at 1,000 steps of `python train.py`, colour alignment 0.63 vs
+    # 0.38 and CLIP score 0.77 vs 0.72 (one run each).
+    "tiny": GeneratorConfig(mapping_lr_mul=1.0),
     # 64 px for one 8-24 GB GPU (project's choice of sizes), every component switched on.
     "small": GeneratorConfig(
         resolution=64, z_dim=128, w_dim=512, mapping_layers=4,
