@@ -37,6 +37,8 @@ Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema, nois
                     --prompt (one, or none: the empty prompt), --n seeds. Also writes
                     comparison.png (rows = seeds; nearest | bicubic | GigaGAN at the output
                     size) and lowres.png (the resized input). Default --out <UP>/upsampled.
+    --noise-aug S   with --upsampler: add Gaussian noise of std S to its input first (the
+                    training augmentation, optional here; it hides a base model's artifacts).
 Rows of ws are named by G.synthesis.w_names (tiny: 0 4px.block0, 1 4px.torgb, 2 8px.block0, ...);
 a bad ROW is answered with the list.
 
@@ -166,15 +168,23 @@ def generate(G, clip, prompts, seeds, truncation_psi=1.0, batch=32, truncation_t
 
 
 @torch.no_grad()
-def upsample(U, clip, lowres, prompts, seeds, batch=32):
+def upsample(U, clip, lowres, prompts, seeds, batch=32, noise_aug=0.0):
     """Low-res images (N, 3, r, r) in [-1, 1], one prompt and seed each -> (N, 3, R, R) in [-1, 1].
-    U in eval mode: no noise augmentation; constant noise, z from each seed (deterministic)."""
+    U in eval mode, constant noise, z from each seed. noise_aug: the std of Gaussian noise added
+    to the input first (Sec. 3.5's augmentation, optional at inference: it hides a base model's
+    artifacts at the cost of detail); 0 = off. Deterministic for a seed: the noise of image k
+    is drawn from its own seed."""
     device = next(U.parameters()).device
 
     def make(sl):
         tokens, mask, eot = clip.text_features(prompts[sl])                 # (b, L, D), (b, L), (b,)
         z = seeded_z(seeds[sl], U.cfg.z_dim, device)                         # (b, z_dim)
-        return U(lowres[sl].to(device), z, tokens, mask, eot, noise_mode="const")[0].clamp(-1, 1)
+        x = lowres[sl].to(device)                                            # (b, 3, r, r)
+        if noise_aug > 0:
+            n = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s))
+                             for s in seeds[sl]]).to(device)                # (b, 3, r, r) per-seed noise
+            x = x + noise_aug * n
+        return U(x, z, tokens, mask, eot, noise_aug=0.0, noise_mode="const")[0].clamp(-1, 1)
     return in_batches(len(prompts), batch, make)
 
 
@@ -437,6 +447,9 @@ def build_parser():
     mode.add_argument("--eval", action="store_true", help="CLIP score, CLIP FD, shapes alignment -> eval.json")
     p.add_argument("--upsampler", metavar="UP", help="an upsampler run of train.py --stage upsampler: upsample "
                                                        "the --ckpt images, or the --lowres image")
+    p.add_argument("--noise-aug", type=float, default=0.0, metavar="SIGMA",
+                   help="with --upsampler: std of Gaussian noise added to its input (in [-1, 1] units; "
+                        "training used up to the run's noise_aug_sigma); default 0 = off")
     p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "
                                                       "and resized to the upsampler's input size, then upsampled")
     return p
@@ -467,6 +480,10 @@ def read_prompts(args):
 
 def check_args(args, mode, prompts):
     """Everything that can be checked before loading a model."""
+    if args.noise_aug != 0.0 and args.upsampler is None:
+        raise UsageError("--noise-aug is the upsampler's input noise: give --upsampler UP too")
+    if not 0 <= args.noise_aug <= 1:
+        raise UsageError(f"--noise-aug {args.noise_aug}: a std in [0, 1] (the training default is up to 0.2)")
     if args.lowres is not None:
         if args.upsampler is None:
             raise UsageError("--lowres IMAGE needs --upsampler UP: a run of train.py --stage upsampler")
@@ -573,7 +590,7 @@ def run_lowres(args, prompts, device):
           f"(the upsampler's input); upsampling x{U.cfg.factor} to {R}x{R} with prompt {prompt!r} on {device}")
     t0 = time.time()
     images = upsample(U, clip, lowres.expand(n, -1, -1, -1), [prompt] * n, [seed + k for k in range(n)],
-                      args.batch).cpu()                                              # (n, 3, R, R)
+                      args.batch, args.noise_aug).cpu()                              # (n, 3, R, R)
     print(f"{n} images in {time.time() - t0:.2f} s")
     rows = [{"caption": prompt, "seed": seed + k, "lowres": args.lowres} for k in range(n)]
     write_outputs(out, images, rows)
@@ -633,7 +650,8 @@ def _main(argv):
         images, rows, metrics, spec = run_eval(G, clip, args, ckpt)
         grid, ncol = (images, min(len(images), 16)) if args.grid else (None, 1)
     if U is not None:  # the chain: each image upsampled with its own prompt and seed
-        images = upsample(U, u_clip, images, [r["caption"] for r in rows], [r["seed"] for r in rows], args.batch)
+        images = upsample(U, u_clip, images, [r["caption"] for r in rows], [r["seed"] for r in rows], args.batch,
+                          args.noise_aug)
         grid = images if grid is not None else None
         print(f"upsampled x{U.cfg.factor} to {U.cfg.out_resolution} px by {resolve_checkpoint(args.upsampler)}")
     images = images.cpu()  # waits for the GPU: the time below is the whole generation

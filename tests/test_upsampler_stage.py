@@ -162,8 +162,21 @@ def test_lowres_photo_writes_upsampled_and_comparison(runs, tmp_path, capsys):
     assert row["caption"] == "" and row["lowres"] == PHOTO
 
 
+def test_lowres_noise_aug_is_seeded_and_changes_the_output(runs, tmp_path):
+    _, _, up = runs
+    def png(name, *extra):
+        sample.main(["--upsampler", str(up), "--lowres", PHOTO, "--out", str(tmp_path / name), "--device", "cpu",
+                     "--seed", "3", *extra])
+        return torch.tensor(list(Image.open(tmp_path / name / "00000.png").getdata()), dtype=torch.float)
+    clean, noisy, again = png("clean"), png("noisy", "--noise-aug", "0.3"), png("again", "--noise-aug", "0.3")
+    assert torch.equal(noisy, again)                                    # the noise comes from the seed
+    assert (noisy - clean).abs().mean() > 0.5                           # and it reaches the output
+
+
 BAD = [
     (["--lowres", "PHOTO", "--prompt", A], "needs --upsampler"),
+    (["--ckpt", "BASE", "--prompt", A, "--noise-aug", "0.1"], "give --upsampler"),
+    (["--upsampler", "UP", "--lowres", "PHOTO", "--noise-aug", "-1"], "a std in [0, 1]"),
     (["--upsampler", "UP", "--lowres", "TMP/missing.png"], "no such file"),
     (["--upsampler", "UP", "--lowres", "UP/log.jsonl"], "not an image"),
     (["--upsampler", "UP", "--lowres", "PHOTO", "--prompt", A, "--prompt", A], "at most one prompt"),
