@@ -137,9 +137,15 @@ def load_upsampler(path, device="cpu"):
     return U.to(device).eval().requires_grad_(False), clip, ckpt
 
 
+def seeded_normal(seeds, shape, device):
+    """N(0, 1) numbers of `shape` for each seed, from its own generator: (len(seeds), *shape).
+    An image's draw depends on its seed only, never on its batch or position in it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
 def seeded_z(seeds, z_dim, device):
-    """z for each seed, drawn from its own generator: (len(seeds), z_dim)."""
-    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+    """z for each seed: (len(seeds), z_dim)."""
+    return seeded_normal(seeds, (z_dim,), device)
 
 
 # -----------------------------------------------------------------------------
@@ -181,9 +187,7 @@ def upsample(U, clip, lowres, prompts, seeds, batch=32, noise_aug=0.0):
         z = seeded_z(seeds[sl], U.cfg.z_dim, device)                         # (b, z_dim)
         x = lowres[sl].to(device)                                            # (b, 3, r, r)
         if noise_aug > 0:
-            n = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s))
-                             for s in seeds[sl]]).to(device)                # (b, 3, r, r) per-seed noise
-            x = x + noise_aug * n
+            x = x + noise_aug * seeded_normal(seeds[sl], x.shape[1:], device)  # (b, 3, r, r) per-seed noise
         return U(x, z, tokens, mask, eot, noise_aug=0.0, noise_mode="const")[0].clamp(-1, 1)
     return in_batches(len(prompts), batch, make)
 
