@@ -21,6 +21,8 @@ The order of one optimisation step, written out below (Sec. 3 and Appendix of th
 The upsampler stage (06_upsampler.py, paper Sec. 3.5) runs the same loop with U(make_lowres(real))
 in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
+Its first --warmup-steps steps (tiny: 1000; not in the paper) are a reconstruction warm-up:
+U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator.
 
 Determinism and multi-GPU: the global batch is cut into micro-batches of `batch_gpu`
 images; process `rank` takes micro-batches rank, rank + world, ... Every random draw of a
@@ -93,6 +95,8 @@ class TrainConfig:
     ckpt_every: int = 250         # steps between checkpoints
     dry_run: bool = False         # build the models on the meta device, print sizes, exit
     lpips: str = "vgg"            # upsampler stage: LPIPS backbone vgg (paper) | alex | random (no download)
+    warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D) [U]
+    warmup_lr: float = 0.01       # their AdamW learning rate (beta1 0.9, beta2 0.99)
 
 
 # Training-side presets: sizes and a few settings, never code. G and D sizes come from 03/04's
@@ -112,12 +116,16 @@ TRAIN_PRESETS = {
 
 # The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice [U]).
 # tiny: a randomly initialised LPIPS backbone (this offline machine cannot download VGG), 8 images
-# of 128 px per step; 360 steps ~ 14 minutes at the ~2.2 s/step (3.6 img/s, R1 steps included)
-# measured with both threads of an idle 2-core CPU, plus six evaluations of 64 held-out images.
-# Its learning rate stays the paper's 0.0025 (the base preset's 0.005 was measured for G only).
+# of 128 px per step. First a reconstruction warm-up (ESRGAN's recipe, not the paper's): 1000
+# steps of pixel MSE alone, no D, at ~0.25 s each; then 200 GAN steps at ~2.2 s each (R1 steps
+# included; losses LOSS_PRESETS["upsampler_tiny"], with a pixel MSE), on both threads of an
+# idle 2-core CPU. Why: a GAN U learns no detail in a few hundred CPU steps (its D is still at
+# the matching-aware prior), and U on pixel MSE learns only with the noise inputs off and the
+# learning rate and beta1 of a regression (README, "Status"). GAN steps: the paper's 0.0025.
 UPSAMPLER_TRAIN_PRESETS = {
-    "tiny": dict(max_steps=360, batch_size=8, lpips="random", eval_images=64, log_every=10,
-                 snapshot_every=60, eval_every=60, ckpt_every=60, lr_g=0.0025, lr_d=0.0025),
+    "tiny": dict(max_steps=1200, warmup_steps=1000, warmup_lr=0.01, batch_size=8, lpips="random",
+                 eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
+                 lr_g=0.0025, lr_d=0.0025),
     "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
 }
 LPIPS_NETS = ("vgg", "alex", "random")
@@ -216,6 +224,10 @@ def parse_flags(argv):
             raise FlagError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.batch_gpu < 0:
         raise FlagError(f"--batch-gpu must be >= 0, got {cfg.batch_gpu}")
+    if cfg.warmup_steps < 0 or cfg.warmup_lr <= 0:
+        raise FlagError(f"--warmup-steps must be >= 0 and --warmup-lr positive, got {cfg.warmup_steps}, {cfg.warmup_lr}")
+    if cfg.warmup_steps and cfg.stage != "upsampler":
+        raise FlagError("--warmup-steps: only the upsampler stage has a warm-up; add --stage upsampler")
     cfg.out = cfg.out or os.path.join("runs", cfg.preset + ("-upsampler" if cfg.stage == "upsampler" else ""))
     if cfg.stage == "upsampler":
         # the generator is the upsampler U; its MS-I/O D reads pyramids of U's output size
@@ -228,7 +240,8 @@ def parse_flags(argv):
         if d_cfg.resolution != g_cfg.out_resolution:
             raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
                             f"--u.out-resolution {g_cfg.out_resolution}")
-        loss_cfg = dataclasses.replace(losses.LOSS_PRESETS["upsampler"], **values["loss."])
+        loss_name = "upsampler_tiny" if preset == "tiny" else "upsampler"
+        loss_cfg = dataclasses.replace(losses.LOSS_PRESETS[loss_name], **values["loss."])
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
     d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
@@ -834,6 +847,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
     betas = (cfg.beta1, cfg.beta2)
     opt_G = torch.optim.AdamW(attention.attention_param_groups(U), lr=cfg.lr_g, betas=betas)
     opt_D = torch.optim.AdamW(attention.attention_param_groups(D), lr=cfg.lr_d, betas=betas)
+    opt_W = torch.optim.AdamW(attention.attention_param_groups(U), lr=cfg.warmup_lr, betas=(0.9, 0.99))  # warm-up
     U_fwd, D_fwd = (torch.compile(U), torch.compile(D)) if cfg.compile else (U, D)
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -845,6 +859,8 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
         check_resumable(ckpt, ckpt_path, "upsampler", cfg.preset, "U", config["U"])
         U.load_state_dict(ckpt["G"]); U_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
         opt_G.load_state_dict(ckpt["opt_G"]); opt_D.load_state_dict(ckpt["opt_D"])
+        if "opt_W" in ckpt:                              # runs saved before the warm-up existed have none
+            opt_W.load_state_dict(ckpt["opt_W"])
         step, nimg = ckpt["step"], ckpt["nimg"]
         if rt.main:
             print(f"resumed {ckpt_path} at step {step}")
@@ -853,14 +869,15 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
         # the upsampler is stored under G / G_ema, as the base model: one checkpoint layout
         save_checkpoint(ckpt_path, {
             "G": U.state_dict(), "G_ema": U_ema.state_dict(), "D": D.state_dict(),
-            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "opt_W": opt_W.state_dict(),
             "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out)})
 
     r, R = u_cfg.in_resolution, u_cfg.out_resolution
     if rt.main:
         n_u, n_d = (sum(p.numel() for p in m.parameters()) for m in (U, D))
         print(f"U {n_u / 1e6:.2f}M params ({r} -> {R} px), D {n_d / 1e6:.2f}M, LPIPS {cfg.lpips} "
-              f"(weight {loss_cfg.lpips_weight}), CLIP {spec} (text width {clip.text_width}), "
+              f"(weight {loss_cfg.lpips_weight}), pixel MSE weight {loss_cfg.pixel_weight}, "
+              f"{min(cfg.warmup_steps, cfg.max_steps)} warm-up steps, CLIP {spec} (text width {clip.text_width}), "
               f"{rt.world} process(es) on {device}")
     batch_gpu, micros = micro_batches(cfg, rt)
     batches = make_batches(dataset, cfg, rt, batch_gpu, micros, step)
@@ -893,59 +910,78 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
                     reals = images.to(device, non_blocking=True)                    # (b, 3, R, R)
                     work.append((micro, reals, upsampler.make_lowres(reals, r), list(captions)))
 
-                # ---- D step: (real, c) real; (U(x_lr), c), (real, c^), (U(x_lr), c^) fake.
-                U.requires_grad_(False); D.requires_grad_(True)
-                opt_D.zero_grad(set_to_none=True)
-                do_r1 = loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0
-                for micro, reals, lowres, captions in work:
-                    seed_for(cfg, step, micro, phase=0)
-                    text, wrong, valid, _, _ = condition(captions)
-                    z = torch.randn(len(captions), u_cfg.z_dim, device=device)
-                    with rt.autocast(), torch.no_grad():
-                        fakes = U_fwd(lowres, z, *text)                     # pyramid, finest first; noisy x_lr
-                    with rt.autocast():
-                        loss, logs = losses.discriminator_loss(D_fwd, image_pyramid(reals, levels), fakes,
-                                                               text, wrong, loss_cfg, wrong_valid=valid)
-                    check_finite(loss, "D", step)
-                    (loss * scale).backward()
-                    add_stats(logs)
-                reduce_grads([D], rt)
-                opt_D.step()
-
-                # ---- lazy R1 on the real high-res pyramid, every r1_interval steps
-                if do_r1:
-                    opt_D.zero_grad(set_to_none=True)
+                if step < cfg.warmup_steps:
+                    # ---- reconstruction warm-up (ESRGAN-style, this project's choice [U]): U alone,
+                    # pixel MSE to the real image, its own Adam; no input noise and no noise inputs
+                    # (a pixel loss cannot predict random detail: it would teach U to switch it off)
+                    U.requires_grad_(True)
+                    opt_W.zero_grad(set_to_none=True)
                     for micro, reals, lowres, captions in work:
+                        seed_for(cfg, step, micro, phase=1)
+                        z = torch.randn(len(captions), u_cfg.z_dim, device=device)
                         with rt.autocast():
-                            loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels),
-                                                             clip.text_features(captions), loss_cfg)
-                        check_finite(loss, "R1", step)
+                            out = U_fwd(lowres, z, *clip.text_features(captions), noise_aug=0.0, noise_mode="none")
+                        loss = (out[0].float() - reals).square().mean()          # the finest level, (b, 3, R, R)
+                        check_finite(loss, "warm-up", step)
+                        (loss * scale).backward()
+                        add_stats({"W/mse": loss.detach()})
+                    reduce_grads([U], rt)
+                    opt_W.step()
+                    sync_buffers([U], rt)
+                else:
+                    # ---- D step: (real, c) real; (U(x_lr), c), (real, c^), (U(x_lr), c^) fake.
+                    U.requires_grad_(False); D.requires_grad_(True)
+                    opt_D.zero_grad(set_to_none=True)
+                    do_r1 = loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0
+                    for micro, reals, lowres, captions in work:
+                        seed_for(cfg, step, micro, phase=0)
+                        text, wrong, valid, _, _ = condition(captions)
+                        z = torch.randn(len(captions), u_cfg.z_dim, device=device)
+                        with rt.autocast(), torch.no_grad():
+                            fakes = U_fwd(lowres, z, *text)                     # pyramid, finest first; noisy x_lr
+                        with rt.autocast():
+                            loss, logs = losses.discriminator_loss(D_fwd, image_pyramid(reals, levels), fakes,
+                                                                   text, wrong, loss_cfg, wrong_valid=valid)
+                        check_finite(loss, "D", step)
                         (loss * scale).backward()
                         add_stats(logs)
                     reduce_grads([D], rt)
                     opt_D.step()
 
-                # ---- G step: fool D with the right caption, matching-aware, (CLIP if weighted),
-                # and lpips_weight * LPIPS(U(x_lr), real): stay close to this very image.
-                U.requires_grad_(True); D.requires_grad_(False)
-                opt_G.zero_grad(set_to_none=True)
-                for micro, reals, lowres, captions in work:
-                    seed_for(cfg, step, micro, phase=1)
-                    text, wrong, valid, embed, wrong_embed = condition(captions)
-                    z = torch.randn(len(captions), u_cfg.z_dim, device=device)
-                    use_clip = loss_cfg.clip_weight > 0
-                    with rt.autocast():
-                        fakes = U_fwd(lowres, z, *text)
-                        loss, logs = losses.generator_loss(
-                            D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid,
-                            clip=clip if use_clip else None, text_embed=embed, wrong_text_embed=wrong_embed,
-                            caption_ids=losses.caption_ids(captions).to(device), lpips=lpips, lpips_target=reals)
-                    check_finite(loss, "G", step)
-                    (loss * scale).backward()
-                    add_stats(logs)
-                reduce_grads([U], rt)
-                opt_G.step()
-                sync_buffers([U], rt)
+                    # ---- lazy R1 on the real high-res pyramid, every r1_interval steps
+                    if do_r1:
+                        opt_D.zero_grad(set_to_none=True)
+                        for micro, reals, lowres, captions in work:
+                            with rt.autocast():
+                                loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels),
+                                                                 clip.text_features(captions), loss_cfg)
+                            check_finite(loss, "R1", step)
+                            (loss * scale).backward()
+                            add_stats(logs)
+                        reduce_grads([D], rt)
+                        opt_D.step()
+
+                    # ---- G step: fool D with the right caption, matching-aware, (CLIP if weighted),
+                    # and lpips_weight * LPIPS(U(x_lr), real): stay close to this very image.
+                    U.requires_grad_(True); D.requires_grad_(False)
+                    opt_G.zero_grad(set_to_none=True)
+                    for micro, reals, lowres, captions in work:
+                        seed_for(cfg, step, micro, phase=1)
+                        text, wrong, valid, embed, wrong_embed = condition(captions)
+                        z = torch.randn(len(captions), u_cfg.z_dim, device=device)
+                        use_clip = loss_cfg.clip_weight > 0
+                        with rt.autocast():
+                            fakes = U_fwd(lowres, z, *text)
+                            loss, logs = losses.generator_loss(
+                                D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid,
+                                clip=clip if use_clip else None, text_embed=embed, wrong_text_embed=wrong_embed,
+                                caption_ids=losses.caption_ids(captions).to(device), lpips=lpips, lpips_target=reals)
+                        check_finite(loss, "G", step)
+                        (loss * scale).backward()
+                        add_stats(logs)
+                    reduce_grads([U], rt)
+                    opt_G.step()
+                    sync_buffers([U], rt)
 
                 # ---- EMA of U
                 step += 1

@@ -6,6 +6,7 @@ Every discriminator, CLIP and generator here is a toy written for the test (inde
     VD(features list, text_embed (B, E)) -> list of logits
     clip.embed_image(images) -> (B, E), clip.image_features(images) -> list
 """
+import dataclasses
 import inspect
 import math
 import time
@@ -451,6 +452,27 @@ def test_gradients_flow_to_every_generator_level_and_only_d_trains_in_the_d_step
     assert all(p.grad is None for p in G.parameters())  # fakes are detached in the D step
     assert all(p.grad is not None for p in D.parameters()) and all(p.grad is not None for p in VD.parameters())
     assert set(logs) >= {"D/adv", "D/match", "D/vision", "D/loss"}
+
+
+def test_pixel_term_adds_weight_times_mse_and_pulls_towards_the_target():
+    torch.manual_seed(0)
+    B = 3
+    G, D = ToyG(), ToyTextD()
+    text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
+    fake = G(torch.randn(B, 8))
+    target = torch.rand(B, 3, 32, 32) * 2 - 1
+    cfg = dataclasses.replace(L.LOSS_PRESETS["upsampler"], match_g=False, lpips_weight=0.0)
+    off, logs_off = L.generator_loss(D, fake, text, text, cfg, lpips_target=target)
+    on, logs_on = L.generator_loss(D, fake, text, text, dataclasses.replace(cfg, pixel_weight=2.5),
+                                   lpips_target=target)
+    mse = ((fake[0] - target) ** 2).mean()                       # written out independently
+    torch.testing.assert_close(on - off, 2.5 * mse)
+    assert "G/pixel" in logs_on and "G/pixel" not in logs_off
+    assert L.LOSS_PRESETS["upsampler"].pixel_weight == 0.0        # the paper's losses by default
+    # its gradient moves the image towards the target: a small step lowers the error
+    image = fake[0].detach().requires_grad_(True)
+    (2.5 * ((image - target) ** 2).mean()).backward()
+    assert ((image - 10.0 * image.grad - target).abs().mean() < (image - target).abs().mean()).item()
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import train
 
 A = "a large red circle on the left of a blue background"
 FAST = ["--batch-size", "2", "--log-every", "1", "--snapshot-every", "1000", "--eval-every", "0",
-        "--ckpt-every", "1000", "--lpips", "random"]
+        "--ckpt-every", "1000", "--lpips", "random",
+        "--warmup-steps", "1", "--loss.r1-interval", "1"]   # step 1 warm-up, then GAN steps with R1 each
 PHOTO = str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
@@ -51,15 +52,16 @@ def test_upsampler_stage_writes_everything(runs):
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2]
-    for key in ("img_s", "D/adv", "D/match", "G/adv", "G/match", "G/lpips", "R1/penalty"):
-        assert key in train_rows[0], key
-    assert not any(k.endswith("vision") for k in train_rows[0])     # no vision-aided D for the upsampler
+    assert "W/mse" in train_rows[0] and "D/adv" not in train_rows[0]  # step 1: the reconstruction warm-up
+    for key in ("img_s", "D/adv", "D/match", "G/adv", "G/match", "G/lpips", "G/pixel", "R1/penalty"):
+        assert key in train_rows[1], key
+    assert not any(k.endswith("vision") for k in train_rows[1])     # no vision-aided D for the upsampler
     (ev,) = [r for r in rows if r["kind"] == "eval"]
     assert {"mae", "mae_bicubic", "sharpness", "sharpness_bicubic", "sharpness_real"} <= set(ev)
     # snapshot: 3 columns (bicubic | upsampled | real) of 128 px, one row per fixed prompt, 1 px padding
     assert Image.open(out / "samples_000002.png").size == (3 * 129 + 1, 4 * 129 + 1)
     ckpt = state(out)                                                # weights_only loadable
-    assert set(ckpt) >= {"G", "G_ema", "D", "opt_G", "opt_D", "step", "nimg", "config", "clip"}
+    assert set(ckpt) >= {"G", "G_ema", "D", "opt_G", "opt_D", "opt_W", "step", "nimg", "config", "clip"}
     assert ckpt["step"] == 2 and ckpt["nimg"] == 4
     assert ckpt["config"]["stage"] == "upsampler" and ckpt["config"]["U"]["out_resolution"] == 128
     assert ckpt["config"]["D"]["resolution"] == 128 and ckpt["config"]["train"]["lpips"] == "random"
@@ -69,6 +71,7 @@ def test_upsampler_stage_writes_everything(runs):
 
 def test_resume_equals_uninterrupted(runs, tmp_path):
     clip, _, whole = runs                         # 2 steps in one go (its snapshot and eval draw no training noise)
+    # stopped after the warm-up step, resumed into the GAN step
     part = upsampler_run(tmp_path / "part", clip, "--max-steps", "1")
     upsampler_run(tmp_path / "part", clip, "--max-steps", "2", "--resume")
     a, b = state(whole), state(part)
@@ -76,6 +79,18 @@ def test_resume_equals_uninterrupted(runs, tmp_path):
     for key in ("G", "G_ema", "D"):
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-5, msg=f"{key}.{name}")
+
+
+def test_warm_up_trains_u_alone_on_pixel_mse(runs, tmp_path):
+    clip, _, _ = runs
+    out = upsampler_run(tmp_path / "warm", clip, "--max-steps", "3", "--warmup-steps", "3")
+    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
+    assert [sorted(k for k in r if "/" in k) for r in rows] == [["W/mse"]] * 3   # no D, G or R1 terms
+    ckpt = state(out)
+    assert ckpt["opt_D"]["state"] == {} and ckpt["opt_G"]["state"] == {}       # D and the GAN optimiser never stepped
+    assert len(ckpt["opt_W"]["state"]) > 0
+    assert train.parse_flags(["--stage", "upsampler"])[0].warmup_steps > 0     # the tiny preset warms up
+    assert train.parse_flags([])[0].warmup_steps == 0                          # the base stage has none
 
 
 def test_dry_run_prints_upsampler_counts(capsys):
@@ -92,6 +107,9 @@ def test_tiny_defaults_to_a_random_lpips_backbone_with_a_note():
     assert cfg.lpips == "random" and cfg.out.endswith("tiny-upsampler")
     assert train.parse_flags(["--stage", "upsampler", "--lpips", "vgg"])[0].lpips == "vgg"
     assert train.parse_flags([])[0].lpips == "vgg"                  # the base stage keeps the field's default
+    # the tiny upsampler adds a pixel MSE to the paper's losses; the full one keeps the paper's
+    assert train.parse_flags(["--stage", "upsampler"])[3].pixel_weight > 0
+    assert train.parse_flags(["--stage", "upsampler", "--full"])[3].pixel_weight == 0
 
 
 def test_a_tiny_clip_is_named_relative_to_the_run_when_beside_it():
@@ -128,6 +146,8 @@ def test_resuming_another_stage_or_config_is_one_line(runs, tmp_path, capsys):
     (["--stage", "upsampler", "--preset", "small"], "no upsampler preset"),
     (["--stage", "upsampler", "--u.in-resolution", "48"], "bad upsampler configuration"),
     (["--stage", "upsampler", "--d.resolution", "64"], "must equal"),
+    (["--warmup-steps", "5"], "add --stage upsampler"),
+    (["--stage", "upsampler", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--stage", "upsampler", "--lpips", "vgg", "--clip", "CLIP"], "--lpips random"),  # no VGG weights offline
 ])
 def test_bad_input_is_one_clear_line(runs, tmp_path, capsys, argv, message):
