@@ -21,7 +21,7 @@ The order of one optimisation step, written out below (Sec. 3 and Appendix of th
 The upsampler stage (06_upsampler.py, paper Sec. 3.5) runs the same loop with U(make_lowres(real))
 in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
-Its first --warmup-steps steps (tiny: 1000; not in the paper) are a reconstruction warm-up:
+Its first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstruction warm-up:
 U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator.
 
 Determinism and multi-GPU: the global batch is cut into micro-batches of `batch_gpu`
@@ -116,14 +116,14 @@ TRAIN_PRESETS = {
 
 # The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice [U]).
 # tiny: a randomly initialised LPIPS backbone (this offline machine cannot download VGG), 8 images
-# of 128 px per step. First a reconstruction warm-up (ESRGAN's recipe, not the paper's): 1000
+# of 128 px per step. First a reconstruction warm-up (ESRGAN's recipe, not the paper's): 1300
 # steps of pixel MSE alone, no D, at ~0.25 s each; then 200 GAN steps at ~2.2 s each (R1 steps
 # included; losses LOSS_PRESETS["upsampler_tiny"], with a pixel MSE), on both threads of an
 # idle 2-core CPU. Why: a GAN U learns no detail in a few hundred CPU steps (its D is still at
 # the matching-aware prior), and U on pixel MSE learns only with the noise inputs off and the
 # learning rate and beta1 of a regression (README, "Status"). GAN steps: the paper's 0.0025.
 UPSAMPLER_TRAIN_PRESETS = {
-    "tiny": dict(max_steps=1200, warmup_steps=1000, warmup_lr=0.01, batch_size=8, lpips="random",
+    "tiny": dict(max_steps=1500, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
                  eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
                  lr_g=0.0025, lr_d=0.0025),
     "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
