@@ -85,7 +85,7 @@ class TrainConfig:
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
     vision_clip: str = ""         # CLIP for the vision-aided D; '' -> the same model as --clip
-    clip_steps: int = 1000        # training steps of the tiny CLIP (stage clip)
+    clip_steps: int = 900         # training steps of the tiny CLIP (stage clip)
     clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
     workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
     log_every: int = 25           # steps between log lines

@@ -17,8 +17,11 @@ from conftest import load
 clip_lib = load("00_clip")
 
 # A deliberately very small config: these tests check behaviour, not quality.
-SMALL = clip_lib.TinyCLIPConfig(image_size=16, patch_size=4, vision_width=32, vision_layers=3,
+SMALL = clip_lib.TinyCLIPConfig(image_size=16, vision="vit", patch_size=4, vision_width=32, vision_layers=3,
                                 vision_head_width=16, text_width=32, text_layers=2, text_heads=2, embed_dim=32)
+# The tiny CLIP's default image tower (open_clip's ModifiedResNet), as small as it gets.
+RESNET = clip_lib.TinyCLIPConfig(image_size=32, vision="resnet", resnet_width=8, text_width=32, text_layers=2,
+                                 text_heads=2, embed_dim=32)
 PROMPTS = ["red", "a large blue square on the left of a yellow background", "a small green triangle"]
 
 
@@ -123,6 +126,52 @@ def test_image_path_differentiable_and_matches_open_clip(clip):
     assert torch.equal(clip.embed_image(images), embed) and len(clip.image_features(images)) == 3
 
 
+def test_resnet_tower_features_differentiable_and_match_open_clip():
+    torch.manual_seed(0)
+    clip = clip_lib.FrozenCLIP(clip_lib.build_tiny_clip(RESNET), spec="test resnet")
+    assert clip.feature_layers == [0, 2, 3] and clip.feature_channels == [32, 128, 256]
+    images = (torch.rand(3, 3, 40, 40) * 2 - 1).requires_grad_(True)  # resized to 32 inside
+    features, embed = clip.image_features_and_embedding(images)
+    assert [f.shape for f in features] == [(3, 32, 8, 8), (3, 128, 2, 2), (3, 256, 1, 1)]
+    assert embed.shape == (3, RESNET.embed_dim) and torch.allclose(embed.norm(dim=-1), torch.ones(3))
+    (embed.sum() + sum(f.square().mean() for f in features)).backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    x = clip_lib.clip_preprocess(images.detach(), 32, clip.mean, clip.std)
+    assert torch.allclose(embed, clip.model.encode_image(x, normalize=True), atol=1e-5)
+    # open_clip counts the stem as block 0, so stage i is its block i + 1
+    ref = clip.model.visual.forward_intermediates(x, indices=[i + 1 for i in clip.feature_layers],
+                                                  intermediates_only=True)
+    assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(features, ref["image_intermediates"]))
+    assert clip.state_dict() == {} and list(clip.parameters()) == []  # batch norm folded away, nothing to save
+
+
+def test_resnet_batchnorm_folding_is_exact():
+    """Frozen, each batch norm is folded into its conv; the tower computes the same function."""
+    import copy
+    torch.manual_seed(0)
+    model = clip_lib.build_tiny_clip(RESNET)
+    for m in model.visual.modules():  # non-trivial statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(model).eval()
+    clip = clip_lib.FrozenCLIP(model, spec="folded")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in clip.modules())
+    x = clip_lib.clip_preprocess(torch.rand(4, 3, 32, 32) * 2 - 1, 32, clip.mean, clip.std)
+    with torch.no_grad():
+        expected = reference.visual.forward_intermediates(x, indices=[1, 3, 4], intermediates_only=True)
+        features, embed = clip_lib.vision_tower(clip.model, x, clip.feature_layers)
+        assert torch.allclose(embed, reference.encode_image(x), atol=1e-5)
+    assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(features, expected["image_intermediates"]))
+
+
+def test_resnet_tower_needs_a_multiple_of_32_and_known_tower():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        clip_lib.build_tiny_clip(clip_lib.TinyCLIPConfig(image_size=16))
+    with pytest.raises(ValueError, match="'resnet' or 'vit'"):
+        clip_lib.build_tiny_clip(clip_lib.TinyCLIPConfig(vision="convnext"))
+
+
 def test_frozen_weights_are_buffers_not_saved(clip):
     assert list(clip.parameters()) == [] and clip.state_dict() == {}  # no optimiser, no checkpoint
     assert all(not b.requires_grad for b in clip.buffers())
@@ -159,6 +208,18 @@ def test_missing_pretrained_weights_fail_fast(monkeypatch):
 def test_bad_spec_is_a_clear_error(spec, match):
     with pytest.raises(ValueError, match=match):
         clip_lib.load_clip(spec)
+
+
+def test_tiny_file_without_a_tower_name_loads_as_vit(tmp_path):
+    """Files written before the ResNet tower have no "vision" key: they hold a ViT."""
+    torch.manual_seed(0)
+    model = clip_lib.build_tiny_clip(SMALL)
+    config = {k: v for k, v in vars(SMALL).items() if k not in ("vision", "resnet_width", "resnet_layers",
+                                                                 "resnet_head_width")}
+    torch.save({"config": config, "state_dict": model.state_dict()}, tmp_path / "old.pt")
+    clip = clip_lib.load_clip(f"tiny:{tmp_path}/old.pt")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(clip.embed_image(x), clip_lib.FrozenCLIP(model, spec="same").embed_image(x), atol=1e-6)
 
 
 def test_missing_tiny_file_is_a_clear_error(tmp_path):
@@ -258,3 +319,14 @@ def test_train_tiny_clip_with_hard_negatives(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "hard negatives for 64 pairs" in out and "clip step" in out
     assert clip.embed_text(["a red circle"]).shape == (1, SMALL.embed_dim)
+
+
+def test_train_tiny_clip_picks_the_tower_by_resolution(tmp_path):
+    """Without a config: the ResNet tower at a multiple of 32 px (the tiny preset), a ViT otherwise."""
+    data = pytest.importorskip("data")
+    for res, tower in ((32, "resnet"), (24, "vit")):
+        path = str(tmp_path / f"c{res}.pt")
+        clip = clip_lib.train_tiny_clip(data.ShapesDataset(res, seed=0, length=16), path, steps=2, batch_size=8,
+                                        resolution=res, log_every=0, pool_size=16)
+        assert torch.load(path, weights_only=True)["config"]["vision"] == tower
+        assert clip.embed_image(torch.zeros(1, 3, res, res)).shape == (1, 64)
