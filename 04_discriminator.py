@@ -123,8 +123,7 @@ class DiscriminatorConfig:
 #          ViT-L/14 text width D = 768, i.e. -0.3% from the paper's 381.4M.
 # The vision-aided heads are counted apart from the 381.4M (this project's reading):
 # build them with VisionAidedDiscriminator(feature_channels, E, hidden=cfg.vision_hidden,
-# psi_layers=cfg.vision_psi_layers). 64 wide on the tiny CLIP's ResNet maps (32 x 8 x 8,
-# 128 x 2 x 2, 256 x 1 x 1 at 32 px).
+# psi_layers=cfg.vision_psi_layers). 64 wide on the tiny CLIP's 64 x 4 x 4 ViT token grids.
 D_PRESETS = {
     "tiny": DiscriminatorConfig(),
     "small": DiscriminatorConfig(

@@ -85,7 +85,8 @@ class TrainConfig:
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
     vision_clip: str = ""         # CLIP for the vision-aided D; '' -> the same model as --clip
-    clip_steps: int = 900         # training steps of the tiny CLIP (stage clip)
+    clip_steps: int = 1000        # training steps of the tiny CLIP (stage clip)
+    clip_tower: str = "vit"       # the tiny CLIP's image tower: vit | resnet (sharper on shape, worse for G)
     clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
     workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
     log_every: int = 25           # steps between log lines
@@ -217,6 +218,8 @@ def parse_flags(argv):
         raise FlagError(f"unknown --stage {cfg.stage!r}: choose clip | base | upsampler")
     if cfg.lpips not in LPIPS_NETS:
         raise FlagError(f"unknown --lpips {cfg.lpips!r}: choose vgg (paper) | alex | random (no download)")
+    if cfg.clip_tower not in ("vit", "resnet"):
+        raise FlagError(f"unknown --clip-tower {cfg.clip_tower!r}: choose vit (default) | resnet")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise FlagError(f"unknown --dtype {cfg.dtype!r}: choose float32 | bfloat16")
     for name in ("max_steps", "batch_size", "log_every", "snapshot_every", "ckpt_every", "clip_steps"):
@@ -463,7 +466,7 @@ def train_clip_stage(cfg, resolution, rt, dataset):
         negatives = data.shapes_hard_negatives if cfg.data == "shapes" else None  # one-word changes
         clip_lib.train_tiny_clip(dataset, path, steps=cfg.clip_steps, batch_size=cfg.clip_batch_size,
                                  device=rt.device, resolution=resolution, seed=cfg.seed,
-                                 negatives=negatives)
+                                 negatives=negatives, vision=cfg.clip_tower)
     if rt.world > 1:
         dist.barrier()
     return path

@@ -167,7 +167,7 @@ def test_resnet_batchnorm_folding_is_exact():
 
 def test_resnet_tower_needs_a_multiple_of_32_and_known_tower():
     with pytest.raises(ValueError, match="divisible by 32"):
-        clip_lib.build_tiny_clip(clip_lib.TinyCLIPConfig(image_size=16))
+        clip_lib.build_tiny_clip(clip_lib.TinyCLIPConfig(image_size=16, vision="resnet"))
     with pytest.raises(ValueError, match="'resnet' or 'vit'"):
         clip_lib.build_tiny_clip(clip_lib.TinyCLIPConfig(vision="convnext"))
 
@@ -321,12 +321,13 @@ def test_train_tiny_clip_with_hard_negatives(tmp_path, capsys):
     assert clip.embed_text(["a red circle"]).shape == (1, SMALL.embed_dim)
 
 
-def test_train_tiny_clip_picks_the_tower_by_resolution(tmp_path):
-    """Without a config: the ResNet tower at a multiple of 32 px (the tiny preset), a ViT otherwise."""
+def test_train_tiny_clip_tower_choice(tmp_path):
+    """The ViT by default; vision="resnet" (train.py --clip-tower resnet) trains the ResNet tower."""
     data = pytest.importorskip("data")
-    for res, tower in ((32, "resnet"), (24, "vit")):
-        path = str(tmp_path / f"c{res}.pt")
-        clip = clip_lib.train_tiny_clip(data.ShapesDataset(res, seed=0, length=16), path, steps=2, batch_size=8,
-                                        resolution=res, log_every=0, pool_size=16)
-        assert torch.load(path, weights_only=True)["config"]["vision"] == tower
-        assert clip.embed_image(torch.zeros(1, 3, res, res)).shape == (1, 64)
+    for vision in ("vit", "resnet"):
+        path = str(tmp_path / f"{vision}.pt")
+        kwargs = {} if vision == "vit" else {"vision": "resnet"}
+        clip = clip_lib.train_tiny_clip(data.ShapesDataset(32, seed=0, length=16), path, steps=2, batch_size=8,
+                                        resolution=32, log_every=0, pool_size=16, **kwargs)
+        assert torch.load(path, weights_only=True)["config"]["vision"] == vision
+        assert clip.embed_image(torch.zeros(1, 3, 32, 32)).shape == (1, 64)

@@ -165,6 +165,7 @@ def test_help_lists_every_flag(capsys):
     (["--max-steps", "0"], "must be positive"),
     (["--preset", "huge"], "unknown preset"),
     (["--dtype", "float8"], "unknown --dtype"),
+    (["--clip-tower", "convnext"], "unknown --clip-tower"),
     (["--g.self-attention", "maybe"], "bad value for --g.self-attention"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
