@@ -243,13 +243,22 @@ def parse_flags(argv):
         if d_cfg.resolution != g_cfg.out_resolution:
             raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
                             f"--u.out-resolution {g_cfg.out_resolution}")
+        check_clip_tower(cfg, g_cfg.in_resolution)
         loss_name = "upsampler_tiny" if preset == "tiny" else "upsampler"
         loss_cfg = dataclasses.replace(losses.LOSS_PRESETS[loss_name], **values["loss."])
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
+    check_clip_tower(cfg, g_cfg.resolution)
     d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
     loss_cfg = dataclasses.replace(losses.LOSS_PRESETS["base"], **values["loss."])
     return cfg, g_cfg, d_cfg, loss_cfg
+
+
+def check_clip_tower(cfg, resolution):
+    """The tiny CLIP is trained at the data's resolution; a ResNet tower needs a multiple of 32."""
+    if cfg.clip_tower == "resnet" and resolution % 32:
+        raise FlagError(f"--clip-tower resnet needs a resolution divisible by 32, got {resolution}: "
+                        "use --clip-tower vit")
 
 
 def print_help():

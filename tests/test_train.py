@@ -166,6 +166,7 @@ def test_help_lists_every_flag(capsys):
     (["--preset", "huge"], "unknown preset"),
     (["--dtype", "float8"], "unknown --dtype"),
     (["--clip-tower", "convnext"], "unknown --clip-tower"),
+    (["--clip-tower", "resnet", "--g.resolution", "16", "--g.channels", "[64, 64, 32]", "--g.blocks-per-scale", "[1, 1, 1]", "--g.n-kernels", "[1, 2, 2]"], "divisible by 32"),
     (["--g.self-attention", "maybe"], "bad value for --g.self-attention"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
