@@ -192,9 +192,10 @@ def upsample(U, clip, lowres, prompts, seeds, batch=32, noise_aug=0.0):
     return in_batches(len(prompts), batch, make)
 
 
-def text_condition(G, clip, prompts):
-    """Prompts -> G's own text features (T): t_local (B, L, C), local_mask (B, L), t_global (B, C)."""
-    return G.text_encoder(*clip.text_features(prompts))
+def text_condition(G, clip, prompts, length=None):
+    """Prompts -> G's own text features (T): t_local (B, L, C), local_mask (B, L), t_global (B, C).
+    length: L (see FrozenCLIP.text_features); give it when two calls' features are combined."""
+    return G.text_encoder(*clip.text_features(prompts, length))
 
 
 def style(G, seeds, t_global, psi, target):
@@ -226,8 +227,9 @@ def mixed_images(G, clip, coarse, fine, row, psi=1.0, target="prompt", batch=32)
 
     def make(sl):
         (p_c, s_c), (p_f, s_f) = zip(*coarse[sl]), zip(*fine[sl])
-        t_c, m_c, g_c = text_condition(G, clip, list(p_c))                   # (b, L, C), (b, L), (b, C)
-        t_f, m_f, g_f = text_condition(G, clip, list(p_f))
+        L = clip.context_length                                              # the same L for both
+        t_c, m_c, g_c = text_condition(G, clip, list(p_c), L)                # (b, L, C), (b, L), (b, C)
+        t_f, m_f, g_f = text_condition(G, clip, list(p_f), L)
         w_c = style(G, s_c, g_c, psi, target)[:, None].expand(-1, G.num_ws, -1)  # (b, num_ws, S)
         w_f = style(G, s_f, g_f, psi, target)[:, None].expand(-1, G.num_ws, -1)
         ws = generator.style_mixing(w_c, w_f, row)                           # (b, num_ws, S)
@@ -249,8 +251,9 @@ def interpolated_images(G, clip, prompts_a, prompts_b, alphas, seeds, psi=1.0, t
     endpoint also attends to its own T outputs at the positions past its last word that the
     other, longer prompt uses)."""
     def make(sl):
-        t_a, m_a, g_a = text_condition(G, clip, prompts_a[sl])              # (b, L, C), (b, L), (b, C)
-        t_b, m_b, g_b = text_condition(G, clip, prompts_b[sl])
+        L = clip.context_length                                              # the same L for both
+        t_a, m_a, g_a = text_condition(G, clip, prompts_a[sl], L)           # (b, L, C), (b, L), (b, C)
+        t_b, m_b, g_b = text_condition(G, clip, prompts_b[sl], L)
         alpha = torch.tensor(alphas[sl], device=t_a.device, dtype=t_a.dtype)  # (b,)
         t_local = torch.lerp(t_a, t_b, alpha[:, None, None])                 # (b, L, C)
         t_global = torch.lerp(g_a, g_b, alpha[:, None])                      # (b, C)

@@ -55,7 +55,7 @@ def test_demo_runs():
 
 
 def test_text_features_shapes_mask_and_eot(clip):
-    tokens, mask, eot = clip.text_features(PROMPTS)
+    tokens, mask, eot = clip.text_features(PROMPTS, length=77)
     assert tokens.shape == (3, 77, SMALL.text_width) and mask.shape == (3, 77) and mask.dtype == torch.bool
     ids, _ = clip_lib.tokenize(clip.tokenizer, PROMPTS, 77)
     for i in range(3):
@@ -75,7 +75,7 @@ def test_text_tower_matches_open_clip(clip):
     hook = m.transformer.resblocks[-2].register_forward_hook(lambda mod, i, o: seen.update(x=o))
     reference = m.encode_text(ids, normalize=True)  # (B, E), open_clip's own forward over all 77
     hook.remove()
-    tokens, mask, _ = clip.text_features(PROMPTS)
+    tokens, mask, _ = clip.text_features(PROMPTS, length=77)
     expected = m.ln_final(seen["x"])  # (B, 77, D)
     assert torch.allclose(tokens[mask], expected[mask], atol=1e-5)
     assert torch.allclose(clip.embed_text(PROMPTS), reference, atol=1e-5)
@@ -186,7 +186,7 @@ def test_random_weights_spec_builds():
     clip = clip_lib.load_clip("ViT-S-32/none")  # the smallest ViT open_clip lists (~63M, ~1 s)
     assert clip.spec == "ViT-S-32/none" and clip.image_size == 224 and clip.context_length == 77
     tokens, mask, eot = clip.text_features(["a photo of a cat"])
-    assert tokens.shape == (1, 77, clip.text_width)
+    assert tokens.shape == (1, 8, clip.text_width)  # padded to 8: SOT, 5 words, EOT
     assert [f.shape[1:] for f in clip.image_features(torch.zeros(1, 3, 32, 32))] == \
         [(c, 7, 7) for c in clip.feature_channels]
 
