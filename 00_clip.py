@@ -334,14 +334,14 @@ class FrozenCLIP(nn.Module):
         L = `length`, or by default the longest caption's token count rounded up to a multiple
         of 8 (at most the context length 77). Every consumer masks the padding out, so the
         shorter L changes no number, and G, D and U skip the work on up to 77 - L empty tokens
-        (sampling at 32 px: 1.4x faster for shapes captions). Rounding keeps the shapes few
+        (their text encoders and cross-attention run on L tokens). Rounding keeps the shapes few
         (torch.compile, tensor cores). Pass length=clip.context_length where features of
         separate calls are combined (sample.py's interpolation and prompt mixing).
         """
         entries = self._lookup(list(captions))
         B, D = len(entries), self.text_width
         eot = torch.tensor([t.shape[0] - 1 for t, _ in entries], dtype=torch.long)  # (B,)
-        L = length or min(self.context_length, -(-(int(eot.max()) + 1) // 8) * 8)
+        L = length if length is not None else min(self.context_length, -(-(int(eot.max()) + 1) // 8) * 8)
         if not int(eot.max()) < L <= self.context_length:
             raise ValueError(f"text_features: length {L} must hold the longest caption "
                              f"({int(eot.max()) + 1} tokens) and be at most {self.context_length}")

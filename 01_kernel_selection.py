@@ -367,7 +367,7 @@ class AdaptiveConv2d(nn.Module):
         if self.n_kernels == 1:                              # softmax of one logit is 1: StyleGAN2's
             return self.weight[0] * self.weight_gain         # (C_out, C_in, K, K) shared by the batch
         # the equalized-LR scale c goes onto the (B, N) weights, not onto the B kernels after mixing:
-        # the same numbers, one pass less over B * C_out * C_in * K * K (10% of sampling at 256 ch)
+        # the same numbers, one pass less over B * C_out * C_in * K * K (10% of G's op time at 256 ch)
         p = self.selection_weights(w) * self.weight_gain    # (B, N) c * p_bn
         # one einsum over the bank for the whole batch: K_b = sum_n c * p_bn * K_n
         return torch.einsum("bn,noikl->boikl", p, self.weight)  # (B, C_out, C_in, K, K)
