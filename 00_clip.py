@@ -420,6 +420,11 @@ def _offline_reason(cfg):
         return f"{host} unreachable: {e}"
 
 
+class CLIPLoadError(RuntimeError):
+    """Weights that cannot be had here (no file, no download, another version's file); its message
+    is one line that names the command or flag that avoids it, for train.py and sample.py to print."""
+
+
 def load_clip(spec: str, device="cpu", cache_size: int = 100_000) -> FrozenCLIP:
     """Build the frozen CLIP named by `spec` (see the module docstring); fails fast and clearly."""
     if not isinstance(spec, str) or not spec:
@@ -427,10 +432,18 @@ def load_clip(spec: str, device="cpu", cache_size: int = 100_000) -> FrozenCLIP:
     if spec.startswith("tiny:"):
         path = spec[len("tiny:"):]
         if not os.path.isfile(path):
-            raise RuntimeError(f"tiny CLIP file {path!r} not found: train one with "
+            raise CLIPLoadError(f"tiny CLIP file {path!r} not found: train one with "
                                "`python train.py --stage clip --out DIR` (it writes DIR/clip.pt)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # {"config": dict, "state_dict": ...}
         config = {"vision": "vit", **ckpt["config"]}  # files saved before the ResNet tower hold a ViT
+        # earlier versions had an optional conv stem for the ViT; a file without it loads as is
+        unknown = sorted(k for k, v in config.items() if k not in TinyCLIPConfig.__dataclass_fields__
+                         and not (k == "conv_stem" and not v))
+        if unknown:
+            raise CLIPLoadError(f"tiny CLIP file {path!r} was written by another version of 00_clip.py "
+                               f"(settings {unknown} are unknown here): retrain it with "
+                               "`python train.py --stage clip --out DIR`")
+        config = {k: v for k, v in config.items() if k in TinyCLIPConfig.__dataclass_fields__}
         model = build_tiny_clip(TinyCLIPConfig(**config))
         model.load_state_dict(ckpt["state_dict"])
         return FrozenCLIP(model, spec, cache_size=cache_size).to(device)
@@ -453,11 +466,11 @@ def load_clip(spec: str, device="cpu", cache_size: int = 100_000) -> FrozenCLIP:
                 f"`python train.py --stage clip` and pass `--clip tiny`, or pass `--clip {name} --clip-pretrained none` for random weights")
         reason = _offline_reason(cfg)
         if reason is not None:
-            raise RuntimeError(hint.format(reason))
+            raise CLIPLoadError(hint.format(reason))
         try:
             path = open_clip.pretrained.download_pretrained(cfg)  # the real download (first use)
         except Exception as e:
-            raise RuntimeError(hint.format(f"{type(e).__name__}: {str(e)[:200]}")) from e
+            raise CLIPLoadError(hint.format(f"{type(e).__name__}: {str(e)[:200]}")) from e
     # quick_gelu: OpenAI's weights were trained with QuickGELU, which the plain config lacks.
     model = open_clip.create_model(name, pretrained=path, force_quick_gelu=cfg.get("quick_gelu", False))
     return FrozenCLIP(model, spec, mean=cfg.get("mean", OPENAI_DATASET_MEAN), std=cfg.get("std", OPENAI_DATASET_STD),

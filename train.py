@@ -1178,7 +1178,7 @@ def main(argv=None):
         if up:
             return train_upsampler(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset)
         return train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset)
-    except (FlagError, FileNotFoundError, losses.MissingWeightsError) as err:
+    except (FlagError, FileNotFoundError, losses.MissingWeightsError, clip_lib.CLIPLoadError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)
     finally:

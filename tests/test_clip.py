@@ -19,7 +19,7 @@ clip_lib = load("00_clip")
 # A deliberately very small config: these tests check behaviour, not quality.
 SMALL = clip_lib.TinyCLIPConfig(image_size=16, vision="vit", patch_size=4, vision_width=32, vision_layers=3,
                                 vision_head_width=16, text_width=32, text_layers=2, text_heads=2, embed_dim=32)
-# The tiny CLIP's default image tower (open_clip's ModifiedResNet), as small as it gets.
+# The tiny CLIP's optional ResNet image tower (open_clip's ModifiedResNet; --clip-tower resnet), as small as it gets.
 RESNET = clip_lib.TinyCLIPConfig(image_size=32, vision="resnet", resnet_width=8, text_width=32, text_layers=2,
                                  text_heads=2, embed_dim=32)
 PROMPTS = ["red", "a large blue square on the left of a yellow background", "a small green triangle"]
@@ -220,6 +220,21 @@ def test_tiny_file_without_a_tower_name_loads_as_vit(tmp_path):
     clip = clip_lib.load_clip(f"tiny:{tmp_path}/old.pt")
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.allclose(clip.embed_image(x), clip_lib.FrozenCLIP(model, spec="same").embed_image(x), atol=1e-6)
+
+
+def test_tiny_file_of_another_version_is_a_clear_error_or_loads(tmp_path):
+    """Files from the version with the optional ViT conv stem: without the stem they load; with it
+    (weights this version cannot build) the error names the command that retrains the CLIP."""
+    torch.manual_seed(0)
+    model = clip_lib.build_tiny_clip(SMALL)
+    for stem in (False, True):
+        config = dict(vars(SMALL), conv_stem=stem)
+        torch.save({"config": config, "state_dict": model.state_dict()}, tmp_path / f"stem{stem}.pt")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    clip = clip_lib.load_clip(f"tiny:{tmp_path}/stemFalse.pt")
+    assert torch.allclose(clip.embed_image(x), clip_lib.FrozenCLIP(model, spec="same").embed_image(x), atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"another version.*conv_stem.*--stage clip"):
+        clip_lib.load_clip(f"tiny:{tmp_path}/stemTrue.pt")
 
 
 def test_missing_tiny_file_is_a_clear_error(tmp_path):

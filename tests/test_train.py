@@ -170,6 +170,7 @@ def test_help_lists_every_flag(capsys):
     (["--g.self-attention", "maybe"], "bad value for --g.self-attention"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
+    (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
     (["--batch-size", "6", "--batch-gpu", "4"], "multiple of --batch-gpu"),
     (["stray"], "unexpected argument"),
 ])
