@@ -32,7 +32,8 @@ A modulated conv can be run two ways (STYLE.md rule 5):
     naive  loop over the batch, one F.conv2d per sample with its own kernel (obviously right)
     fused  modulate the activations instead of the kernel (s * x, then d * conv): one batched
            F.conv2d for a shared kernel (N = 1), or the batch folded into conv groups
-           (groups=B) for per-sample mixed kernels (fast; the default)
+           (groups=B) for per-sample mixed kernels (fast; the default); a 2x-upsampling
+           layer as a transposed conv, which skips the zeros the upsampling inserts
 tests/test_kernel_selection.py checks that they agree.
 
 Run:  python 01_kernel_selection.py      (a CPU demo, about a second)
@@ -252,7 +253,7 @@ def _modulated_conv2d_naive(x, weight, styles, demodulate, padding, eps):
     return torch.cat(outs)                                   # (B, C_out, H', W')
 
 
-def _modulated_conv2d_fused(x, weight, styles, demodulate, padding, eps):
+def _modulated_conv2d_fused(x, weight, styles, demodulate, padding, eps, energy=None):
     """Fast path, the same function with the modulation moved onto the activations
     (StyleGAN2's own observation, its Sec. 2.2): conv(x, s * w) = conv(s * x, w) per input
     channel, and the demodulation d_o is a scale of output channel o, so
@@ -276,31 +277,113 @@ def _modulated_conv2d_fused(x, weight, styles, demodulate, padding, eps):
         out = F.conv2d(x, w, padding=padding, groups=B)      # (1, B*C_out, H', W')
         out = out.reshape(B, C_out, *out.shape[2:])          # (B, C_out, H', W')
     if demodulate:
-        energy = weight.square().sum(dim=(-2, -1))           # (C_out, C_in) or (B, C_out, C_in): sum_kl w^2
-        d = ((energy * styles.square().unsqueeze(1)).sum(-1) + eps).rsqrt()  # (B, C_out)
-        out = out * d.view(B, -1, 1, 1)                      # (B, C_out, H', W')
+        if energy is None:
+            energy = weight.square().sum(dim=(-2, -1))       # (C_out, C_in) or (B, C_out, C_in): sum_kl w^2
+        out = out * demodulation(energy, styles, eps).view(B, -1, 1, 1)  # (B, C_out, H', W')
     return out
 
 
-def modulated_conv2d(x, weight, styles, demodulate=True, padding=None, fused=True, eps=1e-8):
-    """StyleGAN2's modulated (and demodulated) convolution, stride 1.
+def demodulation(energy, styles, eps=1e-8):
+    """d_o = 1 / sqrt(sum_i s_i^2 * energy_oi + eps), energy_oi = sum_kl w_oikl^2 of the
+    unmodulated kernel, (C_out, C_in) shared or (B, C_out, C_in); styles (B, C_in) -> (B, C_out)."""
+    return ((energy * styles.square().unsqueeze(1)).sum(-1) + eps).rsqrt()
+
+
+def modulated_conv2d(x, weight, styles, demodulate=True, padding=None, fused=True, eps=1e-8, up=1, energy=None):
+    """StyleGAN2's modulated (and demodulated) convolution, stride 1, of x or (up=2) of its
+    2x upsampling (see upsample_modulated_conv2d below).
 
     x (B, C_in, H, W); weight (C_out, C_in, K, K) shared or (B, C_out, C_in, K, K) per
-    sample; styles (B, C_in); padding defaults to K // 2 (same size for odd K).
+    sample; styles (B, C_in); padding defaults to K // 2 (same size for odd K; up=1 only).
     fused=True runs the activation-modulation form (one batched or grouped conv),
-    fused=False the per-sample reference loop.
-    Returns (B, C_out, H', W').
+    fused=False the per-sample reference loop. energy: sum_kl weight^2, (C_out, C_in) or
+    (B, C_out, C_in), when the caller has it more cheaply (AdaptiveConv2d does).
+    Returns (B, C_out, H*up, W*up) (H', W' with another padding).
     """
     B, C_in, H, W = x.shape
     assert styles.shape == (B, C_in), (styles.shape, x.shape)
     assert weight.dim() in (4, 5), weight.shape
     assert weight.dim() == 4 or weight.shape[0] == B, (weight.shape, B)
     assert weight.shape[-3] == C_in, (weight.shape, C_in)
-    padding = weight.shape[-1] // 2 if padding is None else padding
-    conv = _modulated_conv2d_fused if fused else _modulated_conv2d_naive
-    out = conv(x, weight, styles, demodulate, padding, eps)  # (B, C_out, H', W')
+    assert up in (1, 2), up
+    if up == 2:
+        assert padding is None, "up=2 always gives (2H, 2W)"
+        if fused:
+            out = upsample_modulated_conv2d(x, transposed_rows(weight), styles, weight.shape[-1],
+                                            demodulate, eps, energy)
+        else:
+            out = _upsample_modulated_conv2d_naive(x, weight, styles, demodulate, eps)
+    else:
+        padding = weight.shape[-1] // 2 if padding is None else padding
+        if fused:
+            out = _modulated_conv2d_fused(x, weight, styles, demodulate, padding, eps, energy)
+        else:
+            out = _modulated_conv2d_naive(x, weight, styles, demodulate, padding, eps)
     assert out.shape[:2] == (B, weight.shape[-4]), out.shape
     return out
+
+
+# -----------------------------------------------------------------------------
+# 2x upsampling + modulated conv in one op: a transposed conv (a quarter of the work)
+#
+# An up=2 layer convolves the 2x upsampling of its input. upsample2x is "insert a zero after
+# every sample, then blur with [1, 3, 3, 1] x 4", so 3 of every 4 pixels the conv reads are
+# inserted zeros. The blur and the conv are both linear filters on the fine grid, so their
+# order can be swapped:
+#
+#     conv(blur(zero_insert(x))) = blur(conv(zero_insert(x))) = blur(conv_transpose2d(x, stride 2))
+#
+# and a stride-2 transposed conv never multiplies the inserted zeros: every input pixel
+# scatters its C_out x K x K patch (one matmul per sample), the overlapping patches are
+# summed (F.fold). A quarter of the multiply-adds of "upsample, then conv" (StyleGAN2
+# upsamples inside its convs the same way). x counts as zero outside the image
+# [U: upsample2x on its own replicates its edges; the swap needs one linear filter chain].
+# _upsample_modulated_conv2d_naive is the literal "zero-pad, upsample, then conv" reference.
+
+def transposed_rows(weight):
+    """(..., C_out, C_in, K, K) -> (..., C_out*K*K, C_in): each kernel flipped (a transposed
+    conv scatters with the flipped kernel what the conv gathers) and laid out as the rows of
+    the matrix that maps one input pixel's C_in values to its output patch."""
+    *lead, C_out, C_in, K, _ = weight.shape
+    rows = weight.flip(-2, -1).permute(*range(len(lead)), -4, -2, -1, -3)  # (..., C_out, K, K, C_in)
+    return rows.reshape(*lead, C_out * K * K, C_in)
+
+
+def upsample_modulated_conv2d(x, rows, styles, kernel_size, demodulate=True, eps=1e-8, energy=None):
+    """Modulated conv of the 2x upsampling of x, as blur(conv_transpose2d(s * x)) * d.
+
+    x (B, C_in, H, W); rows (C_out*K*K, C_in) shared or (B, C_out*K*K, C_in) per sample
+    (transposed_rows of the kernel); styles (B, C_in); energy sum_kl w^2 as in
+    modulated_conv2d (needed with demodulate; computed from rows when None).
+    Returns (B, C_out, 2H, 2W).
+    """
+    B, C_in, H, W = x.shape
+    K = kernel_size
+    C_out = rows.shape[-2] // (K * K)
+    x = x * styles.view(B, C_in, 1, 1)                       # (B, C_in, H, W)  s_i on input channel i
+    patches = torch.matmul(rows, x.reshape(B, C_in, H * W))   # (B, C_out*K*K, H*W) one output patch per input pixel
+    # patches placed 2 px apart and summed where they overlap = conv_transpose2d, stride 2
+    out = F.fold(patches, (2 * H + K - 2, 2 * W + K - 2), K, stride=2)  # (B, C_out, 2H+K-2, 2W+K-2)
+    # the blur of upsample2x, zeros outside; pad (5 - K) // 2 (negative crops) -> (2H, 2W)
+    p = (5 - K) // 2
+    f = (blur_filter(x.device, out.dtype) * 4).expand(C_out, 1, 4, 4)  # (C_out, 1, 4, 4) gain 4 as in upsample2x
+    out = F.conv2d(F.pad(out, (p, p, p, p)), f, groups=C_out)  # (B, C_out, 2H, 2W)
+    if demodulate:
+        if energy is None:
+            energy = rows.unflatten(-2, (C_out, K * K)).square().sum(-2)  # (C_out, C_in) or (B, C_out, C_in)
+        out = out * demodulation(energy, styles, eps).view(B, C_out, 1, 1)
+    return out
+
+
+def _upsample_modulated_conv2d_naive(x, weight, styles, demodulate, eps):
+    """Reference for up=2: zero-pad x by m, upsample2x (bilinear), conv without padding, crop
+    the (2H, 2W) that the image covers."""
+    K = weight.shape[-1]
+    m = K // 4 + 1                                           # enough zeros for the conv's reach
+    u = upsample2x(F.pad(x, (m, m, m, m)))                   # (B, C_in, 2H+4m, 2W+4m) zeros outside x
+    out = _modulated_conv2d_naive(u, weight, styles, demodulate, 0, eps)  # (B, C_out, 2H+4m-K+1, ...)
+    c = 2 * m - K // 2                                       # where the image's first output pixel is
+    return out[..., c : c + 2 * x.shape[2], c : c + 2 * x.shape[3]]
 
 
 # -----------------------------------------------------------------------------
@@ -312,6 +395,7 @@ class AdaptiveConv2d(nn.Module):
     forward(x (B, C_in, H, W), w (B, S), noise=None) -> (B, C_out, H*up, W*up):
         K   = sum_i softmax(W_filter^T w + b_filter)_i * K_i     (Eq. 1-2)   per sample
         y   = modconv(upsample(x) if up == 2 else x, K, s = A(w))           StyleGAN2
+              (up == 2 runs as one transposed conv, upsample_modulated_conv2d)
         out = act(y + strength * noise + bias)
     With n_kernels=1 this is exactly a StyleGAN2 modulated conv layer. With
     demodulate=False, kernel_size=1, activation=None, noise=False it is a ToRGB layer.
@@ -346,11 +430,9 @@ class AdaptiveConv2d(nn.Module):
         self.affine_style = EqualLinear(w_dim, in_channels, bias_init=1.0)
         self.bias = nn.Parameter(torch.zeros(out_channels))  # (C_out,) added after the conv and noise
         self.noise = NoiseInjection(out_channels) if noise else None  # per-channel strength (project's choice)
-        # up=2, this project's choice: blur-upsample x 2 (bilinear), then a stride-1 conv
-        # ("resize-convolution"). StyleGAN2 instead runs a stride-2 transposed conv and blurs
-        # after it, which is 4x cheaper; ours is the same kind of linear map, and the
-        # fused and naive paths share it unchanged.
-        self.upsample = Upsample2x() if up == 2 else None
+        # up=2: the conv of the bilinear 2x upsampling of x (zeros around x); the fused path runs
+        # it as StyleGAN2 does, a stride-2 transposed conv and then the blur (4x fewer
+        # multiply-adds), the naive path literally (upsample, then conv). See above.
         self.fused = True  # activation-modulation fast path; False runs the per-sample reference loop
 
     def selection_weights(self, w):
@@ -364,13 +446,33 @@ class AdaptiveConv2d(nn.Module):
     def kernel(self, w):
         """Each sample's mixed kernel K = c * sum_i p_i K_i, before modulation: (B, C_out, C_in, K, K),
         or the one shared (C_out, C_in, K, K) when N = 1."""
+        return self._mix(w, self.weight)
+
+    def _mix(self, w, bank):
+        """c * sum_n p_bn * bank_n for a bank (N, ...) stored in any layout -> (B, ...), or
+        (...) shared when N = 1."""
         if self.n_kernels == 1:                              # softmax of one logit is 1: StyleGAN2's
-            return self.weight[0] * self.weight_gain         # (C_out, C_in, K, K) shared by the batch
+            return bank[0] * self.weight_gain                # shared by the batch
         # the equalized-LR scale c goes onto the (B, N) weights, not onto the B kernels after mixing:
         # the same numbers, one pass less over B * C_out * C_in * K * K (10% of G's op time at 256 ch)
         p = self.selection_weights(w) * self.weight_gain    # (B, N) c * p_bn
-        # one einsum over the bank for the whole batch: K_b = sum_n c * p_bn * K_n
-        return torch.einsum("bn,noikl->boikl", p, self.weight)  # (B, C_out, C_in, K, K)
+        # one matmul over the bank for the whole batch: K_b = sum_n c * p_bn * K_n
+        return (p @ bank.flatten(1)).view(-1, *bank.shape[1:])  # (B, ...)
+
+    def kernel_energy(self, w):
+        """sum_kl K_oikl^2 of each sample's mixed kernel, for the demodulation, without forming
+        the B squared kernels: with G_nm = sum_kl K_n K_m (the bank's Gram matrix, N x N per
+        (o, i), shared by the batch), sum_kl (sum_n p_n K_n)^2 = sum_nm p_n p_m G_nm.
+        -> (B, C_out, C_in), or (C_out, C_in) shared when N = 1."""
+        bank = self.weight.flatten(-2)                       # (N, C_out, C_in, K*K)
+        if self.n_kernels == 1:
+            return bank[0].square().sum(-1) * self.weight_gain ** 2  # (C_out, C_in)
+        if w.shape[0] < self.n_kernels ** 2:                 # B < N^2: squaring B kernels is less work
+            return self.kernel(w).square().sum((-2, -1))     # (B, C_out, C_in)
+        gram = torch.einsum("noik,moik->nmoi", bank, bank)   # (N, N, C_out, C_in)
+        p = self.selection_weights(w) * self.weight_gain    # (B, N)
+        pp = (p[:, :, None] * p[:, None, :]).flatten(1)      # (B, N*N) p_n * p_m
+        return (pp @ gram.flatten(2).flatten(0, 1)).view(-1, *gram.shape[2:])  # (B, C_out, C_in)
 
     def forward(self, x, w, noise=None, fused=None):
         """x (B, C_in, H, W), w (B, S), noise (B or 1, 1, H*up, W*up) or None -> (B, C_out, H*up, W*up).
@@ -382,11 +484,16 @@ class AdaptiveConv2d(nn.Module):
         assert w.shape == (B, self.w_dim), (w.shape, B, self.w_dim)
         assert noise is None or self.noise is not None, "this layer was built with noise=False"
         fused = self.fused if fused is None else fused
-        kernel = self.kernel(w)                              # (B, C_out, C_in, K, K) Eq. 1-2 (N = 1: shared)
         styles = self.affine_style(w)                        # (B, C_in) s = A(w)
-        if self.upsample is not None:
-            x = self.upsample(x)                             # (B, C_in, 2H, 2W)
-        x = modulated_conv2d(x, kernel, styles, self.demodulate, fused=fused)  # (B, C_out, H*up, W*up)
+        if not fused:                                        # reference: the mixed kernel, conv per sample
+            x = modulated_conv2d(x, self.kernel(w), styles, self.demodulate, fused=False, up=self.up)
+        else:
+            energy = self.kernel_energy(w) if self.demodulate else None  # (B, C_out, C_in) or shared
+            if self.up == 2:                                 # Eq. 1-2 mixed straight into the transposed layout
+                rows = self._mix(w, transposed_rows(self.weight))  # (B, C_out*K*K, C_in) or shared
+                x = upsample_modulated_conv2d(x, rows, styles, self.kernel_size, self.demodulate, energy=energy)
+            else:
+                x = modulated_conv2d(x, self.kernel(w), styles, self.demodulate, energy=energy)
         if self.noise is not None:
             x = self.noise(x, noise)                         # + strength_c * n, per pixel
         x = x + self.bias.view(1, -1, 1, 1)                  # (B, C_out, H*up, W*up)

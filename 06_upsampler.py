@@ -282,8 +282,9 @@ class DecoderScale(nn.Module):
         x   = blocks(x, w, t_local)            03's SynthesisBlock: adaptive conv (Eq. 1-2)
                                                [-> self-attention -> cross-attention (Eq. 5)]
         rgb = ToRGB(x, w)                      this scale's residual detail, (B, 3, res, res)
-    The 2x upsampling is a fixed bilinear resize outside the conv ("resize-convolution", as
-    01's up=2 does inside it), so the skip can be concatenated at the new size first.
+    The 2x upsampling is a fixed bilinear resize outside the conv ("resize-convolution"; 01's
+    up=2 computes the resize and its conv together, as a transposed conv), so the skip can be
+    concatenated at the new size first.
     """
 
     def __init__(

@@ -28,9 +28,11 @@ def stylegan2_layer_reference(layer, x, w, noise):
             norm = torch.sqrt((wk * wk).sum(dim=[1, 2, 3]) + 1e-8)
             wk = wk / norm[:, None, None, None]              # demodulate
         xb = x[b : b + 1]
-        if layer.up == 2:
-            xb = F.interpolate(xb, scale_factor=2, mode="bilinear", align_corners=False)
-        y = F.conv2d(xb, wk, padding=K // 2)
+        if layer.up == 2:  # bilinear 2x of x with zeros around it, conv, crop back to (2H, 2W)
+            xb = F.interpolate(F.pad(xb, (1, 1, 1, 1)), scale_factor=2, mode="bilinear", align_corners=False)
+            y = F.conv2d(xb, wk)[..., 2 - K // 2 : 2 - K // 2 + 2 * x.shape[2], 2 - K // 2 : 2 - K // 2 + 2 * x.shape[3]]
+        else:
+            y = F.conv2d(xb, wk, padding=K // 2)
         if layer.noise is not None:
             y = y + layer.noise.strength[None, :, None, None] * noise[b : b + 1]
         y = y + layer.bias[None, :, None, None]
@@ -66,6 +68,38 @@ def test_modulated_conv2d_fused_equals_naive(B, C_in, C_out, K, H, per_sample, d
     b = ks.modulated_conv2d(x, weight, styles, demodulate=demodulate, fused=False)
     assert a.shape == (B, C_out, H, H)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,C_in,C_out,K,H", [(1, 3, 5, 3, 4), (3, 8, 4, 1, 5), (2, 6, 10, 5, 3)])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("demodulate", [True, False])
+def test_upsampling_modulated_conv2d_fused_equals_naive(B, C_in, C_out, K, H, per_sample, demodulate):
+    # fused: one transposed conv (matmul + fold) then the blur; naive: upsample2x, then conv
+    x = torch.randn(B, C_in, H, H + 1)
+    weight = torch.randn((B, C_out, C_in, K, K) if per_sample else (C_out, C_in, K, K))
+    styles = torch.randn(B, C_in)
+    a = ks.modulated_conv2d(x, weight, styles, demodulate=demodulate, fused=True, up=2)
+    b = ks.modulated_conv2d(x, weight, styles, demodulate=demodulate, fused=False, up=2)
+    assert a.shape == b.shape == (B, C_out, 2 * H, 2 * H + 2)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_upsampling_conv_is_upsample_then_conv_away_from_the_border():
+    # the swap conv(blur(zero_insert(x))) = blur(conv_transpose(x)) is exact; only the edge
+    # differs from upsample2x's replicated border (x is zero outside the image instead)
+    x, weight = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    a = ks.modulated_conv2d(x, weight, torch.ones(2, 4), demodulate=False, up=2)
+    b = F.conv2d(ks.upsample2x(x), weight, padding=1)         # the resize-conv written plainly
+    torch.testing.assert_close(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2], atol=1e-5, rtol=1e-5)
+    assert (a - b).abs().amax() > 1e-3                       # and the border does differ
+
+
+def test_kernel_energy_from_the_gram_matrix_equals_the_mixed_kernels_squares():
+    for N, B in ((1, 4), (3, 4), (3, 16)):                  # B < N^2 squares the kernels, B >= N^2 the Gram
+        layer = _randomise(ks.AdaptiveConv2d(6, 7, 3, w_dim=8, n_kernels=N))
+        w = torch.randn(B, 8)
+        torch.testing.assert_close(layer.kernel_energy(w), layer.kernel(w).square().sum((-2, -1)),
+                                   atol=1e-6, rtol=1e-5)
 
 
 def test_modulated_conv2d_matches_plain_conv_with_unit_styles_no_demod():

@@ -188,7 +188,7 @@ class CountOps(TorchDispatchMode):
 
 def test_no_python_loop_over_the_batch(tiny):
     counts = []
-    for B in (1, 4):
+    for B in (4, 7):  # both >= N^2 = 4 (tiny's largest bank), see test_generator's twin
         lowres, z, text = inputs(tiny.cfg, B=B)
         with CountOps() as c:
             run(tiny, lowres, z, text, noise_aug=0.1)
