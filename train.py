@@ -148,10 +148,17 @@ def _coerce(value, annotation, flag):
         if annotation in (int, float, str):
             return annotation(value)
         if origin in (tuple, list, dict) or annotation in (tuple, list, dict):
-            parsed = json.loads(value)  # e.g. --g.channels '{"4": 256, "8": 256}'
-            return tuple(parsed) if (origin or annotation) is tuple else parsed
+            kind = origin or annotation
+            if kind is not dict and not value.lstrip().startswith(("[", "{")):
+                value = f"[{value}]"  # --g.channels 64,64,64,32 as well as '[64, 64, 64, 32]'
+            parsed = json.loads(value)  # e.g. --g.channels '[64, 64, 64, 32]'
+            if not isinstance(parsed, dict if kind is dict else list):
+                raise ValueError
+            return tuple(parsed) if kind is tuple else parsed
     except (ValueError, json.JSONDecodeError):
-        raise FlagError(f"bad value for {flag}: {value!r} (expected {getattr(annotation, '__name__', annotation)})")
+        what = getattr(annotation, '__name__', annotation)
+        hint = " such as 64,64,64,32 or '[64, 64, 64, 32]'" if what in ("tuple", "list") else ""
+        raise FlagError(f"bad value for {flag}: {value!r} (expected {what}{hint})")
     return value
 
 

@@ -17,7 +17,7 @@ D = 128  # text width of the random stand-in for CLIP tokens
 def tiny():
     """One tiny G in eval mode, shared by the tests that only run it (never mutated)."""
     torch.manual_seed(0)
-    G = gen.Generator(gen.G_PRESETS["tiny"], text_dim=D).eval()
+    G = gen.Generator(dataclasses.replace(gen.G_PRESETS["tiny"], noise=True), text_dim=D).eval()
     for p in G.parameters():
         p.requires_grad_(False)
     # noise strengths start at 0; make them nonzero so the noise tests can see the noise
@@ -206,6 +206,16 @@ def test_same_seed_same_image(tiny):
     assert torch.equal(c[0], d[0]) and not torch.allclose(d[0], e[0])     # random noise is seeded
     n1 = run(tiny, z, tokens, mask, eot, noise_mode="none")
     assert not torch.allclose(n1[0], a[0])                                # the noise does something
+
+
+def test_without_noise_inputs_every_noise_mode_is_the_same_image():
+    torch.manual_seed(0)
+    G = gen.Generator(dataclasses.replace(gen.G_PRESETS["tiny"], noise=False), text_dim=D).eval()
+    assert not any("noise.strength" in name for name, _ in G.named_parameters())
+    z, (tokens, mask, eot) = torch.randn(2, 128), text(2)
+    ref = run(G, z, tokens, mask, eot, noise_mode="random")
+    for mode in ("random", "const", "none"):
+        assert torch.equal(run(G, z, tokens, mask, eot, noise_mode=mode)[0], ref[0]), mode
 
 
 def test_batch_consistency(tiny):

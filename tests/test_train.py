@@ -159,6 +159,16 @@ def test_help_lists_every_flag(capsys):
         assert flag in text, flag
 
 
+def test_tuple_flags_take_commas_or_json():
+    for value in ("48,48,32,16", "[48, 48, 32, 16]"):
+        _, g_cfg, _, _ = train.parse_flags(["--g.channels", value])[:4]
+        assert g_cfg.channels == (48, 48, 32, 16)
+    with pytest.raises(train.FlagError, match="such as 64,64,64,32"):
+        train.parse_flags(["--g.channels", "wide"])
+    with pytest.raises(train.FlagError, match="bad value for --g.channels"):
+        train.parse_flags(["--g.channels", '{"4": 64}'])     # a dict is not a tuple
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bogus", "1"], "unknown flag --bogus"),
     (["--max-steps", "ten"], "bad value for --max-steps"),
