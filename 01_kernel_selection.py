@@ -345,7 +345,7 @@ def transposed_rows(weight):
     conv scatters with the flipped kernel what the conv gathers) and laid out as the rows of
     the matrix that maps one input pixel's C_in values to its output patch."""
     *lead, C_out, C_in, K, _ = weight.shape
-    rows = weight.flip(-2, -1).permute(*range(len(lead)), -4, -2, -1, -3)  # (..., C_out, K, K, C_in)
+    rows = weight.permute(*range(len(lead)), -4, -2, -1, -3).flip(-3, -2)  # (..., C_out, K, K, C_in)
     return rows.reshape(*lead, C_out * K * K, C_in)
 
 
@@ -467,8 +467,6 @@ class AdaptiveConv2d(nn.Module):
         bank = self.weight.flatten(-2)                       # (N, C_out, C_in, K*K)
         if self.n_kernels == 1:
             return bank[0].square().sum(-1) * self.weight_gain ** 2  # (C_out, C_in)
-        if w.shape[0] < self.n_kernels ** 2:                 # B < N^2: squaring B kernels is less work
-            return self.kernel(w).square().sum((-2, -1))     # (B, C_out, C_in)
         gram = torch.einsum("noik,moik->nmoi", bank, bank)   # (N, N, C_out, C_in)
         p = self.selection_weights(w) * self.weight_gain    # (B, N)
         pp = (p[:, :, None] * p[:, None, :]).flatten(1)      # (B, N*N) p_n * p_m
@@ -488,12 +486,18 @@ class AdaptiveConv2d(nn.Module):
         if not fused:                                        # reference: the mixed kernel, conv per sample
             x = modulated_conv2d(x, self.kernel(w), styles, self.demodulate, fused=False, up=self.up)
         else:
-            energy = self.kernel_energy(w) if self.demodulate else None  # (B, C_out, C_in) or shared
-            if self.up == 2:                                 # Eq. 1-2 mixed straight into the transposed layout
-                rows = self._mix(w, transposed_rows(self.weight))  # (B, C_out*K*K, C_in) or shared
+            # Few samples (B < N^2): squaring and re-laying out the B mixed kernels is less work
+            # than the bank's Gram matrix and re-laying out the N bank kernels; many: the reverse.
+            few = B < self.n_kernels ** 2
+            kernel = self.kernel(w) if few or self.up == 1 else None  # (B, C_out, C_in, K, K) or shared
+            energy = None                                    # (B, C_out, C_in) or shared
+            if self.demodulate:
+                energy = kernel.square().sum((-2, -1)) if few else self.kernel_energy(w)
+            if self.up == 2:                                 # the kernel as (C_out*K*K, C_in) rows, flipped
+                rows = transposed_rows(kernel) if few else self._mix(w, transposed_rows(self.weight))
                 x = upsample_modulated_conv2d(x, rows, styles, self.kernel_size, self.demodulate, energy=energy)
             else:
-                x = modulated_conv2d(x, self.kernel(w), styles, self.demodulate, energy=energy)
+                x = modulated_conv2d(x, kernel, styles, self.demodulate, energy=energy)
         if self.noise is not None:
             x = self.noise(x, noise)                         # + strength_c * n, per pixel
         x = x + self.bias.view(1, -1, 1, 1)                  # (B, C_out, H*up, W*up)

@@ -95,7 +95,7 @@ def test_upsampling_conv_is_upsample_then_conv_away_from_the_border():
 
 
 def test_kernel_energy_from_the_gram_matrix_equals_the_mixed_kernels_squares():
-    for N, B in ((1, 4), (3, 4), (3, 16)):                  # B < N^2 squares the kernels, B >= N^2 the Gram
+    for N, B in ((1, 4), (3, 4), (3, 16)):
         layer = _randomise(ks.AdaptiveConv2d(6, 7, 3, w_dim=8, n_kernels=N))
         w = torch.randn(B, 8)
         torch.testing.assert_close(layer.kernel_energy(w), layer.kernel(w).square().sum((-2, -1)),
@@ -132,7 +132,8 @@ def test_demodulated_output_has_unit_std():
 # AdaptiveConv2d
 
 @pytest.mark.parametrize("N", [1, 4])
-@pytest.mark.parametrize("B,C_in,C_out,K,H,up", [(2, 4, 6, 3, 8, 1), (3, 5, 3, 1, 6, 1), (2, 6, 4, 3, 5, 2), (1, 3, 8, 5, 4, 2)])
+@pytest.mark.parametrize("B,C_in,C_out,K,H,up", [(2, 4, 6, 3, 8, 1), (3, 5, 3, 1, 6, 1), (2, 6, 4, 3, 5, 2), (1, 3, 8, 5, 4, 2),
+                                                  (16, 4, 6, 3, 5, 1), (17, 5, 4, 3, 4, 2)])  # B >= N^2: the bank's Gram and layout
 def test_adaptive_conv_fused_equals_naive(N, B, C_in, C_out, K, H, up):
     layer = _randomise(ks.AdaptiveConv2d(C_in, C_out, K, w_dim=10, n_kernels=N, up=up))
     x, w = torch.randn(B, C_in, H, H), torch.randn(B, 10)
