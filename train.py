@@ -270,14 +270,14 @@ def check_clip_tower(cfg, resolution):
 
 def print_help():
     print(__doc__)
-    for title, prefix, cls in (("train", "", TrainConfig), ("generator", "g.", generator.GeneratorConfig),
-                               ("discriminator", "d.", discriminator.DiscriminatorConfig),
-                               ("losses", "loss.", losses.LossConfig),
-                               ("upsampler (--stage upsampler)", "u.", upsampler.UpsamplerConfig)):
+    # the values `python train.py` runs with (the tiny preset), not the dataclasses' own defaults
+    cfg, g_cfg, d_cfg, loss_cfg = parse_flags([])[:4]
+    for title, prefix, values in (("train", "", cfg), ("generator", "g.", g_cfg), ("discriminator", "d.", d_cfg),
+                                  ("losses", "loss.", loss_cfg),
+                                  ("upsampler (--stage upsampler)", "u.", upsampler.U_PRESETS["tiny"])):
         print(f"{title} flags (tiny defaults):")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"  --{prefix}{f.name.replace('_', '-'):<24} {default!r}")
+        for f in dataclasses.fields(values):
+            print(f"  --{prefix}{f.name.replace('_', '-'):<24} {getattr(values, f.name)!r}")
     print(f"presets: {', '.join(TRAIN_PRESETS)}; --stage upsampler: tiny, full, with these train "
           f"settings changed: {json.dumps(UPSAMPLER_TRAIN_PRESETS)}")
 

@@ -157,6 +157,9 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--max-steps", "--batch-gpu", "--clip-pretrained", "--g.n-kernels", "--d.multi-scale",
                  "--loss.clip-weight"):
         assert flag in text, flag
+    # the values listed are the tiny preset's, the ones `python train.py` runs with
+    import re
+    assert re.search(r"--lr-g\s+0\.005\n", text) and re.search(r"--g\.noise\s+False\n", text)
 
 
 def test_tuple_flags_take_commas_or_json():
