@@ -282,13 +282,13 @@ class SynthesisBlock(nn.Module):
                                    noise=noise)
         self.self_attn = ImageSelfAttention(out_channels, heads) if self_attention else None
         self.cross_attn = ImageCrossAttention(out_channels, text_width, heads) if cross_attention else None
-        # fixed noise image for noise_mode="const": a buffer, saved with the model
-        self.register_buffer("noise_const", torch.randn(1, 1, resolution, resolution))
+        if noise:  # fixed noise image for noise_mode="const": a buffer, saved with the model
+            self.register_buffer("noise_const", torch.randn(1, 1, resolution, resolution))
 
     def forward(self, x, ws, t_local, local_mask, noise_mode="random"):
         """x (B, C_in, r/up, r/up), ws (B, num_ws, S), t_local (B, L, C), local_mask (B, L) -> (B, C_out, r, r)."""
         if noise_mode == "random" or self.conv.noise is None:
-            noise = None                                        # the conv draws fresh N(0, 1) per sample (if it has noise)
+            noise = None                                        # fresh N(0, 1) per sample, or no noise input at all
         elif noise_mode == "const":
             noise = self.noise_const                            # (1, 1, r, r) shared by the batch
         else:

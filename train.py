@@ -625,13 +625,16 @@ def frozen_clip(cfg, rt, resolution, dataset):
     return spec, clip_lib.load_clip(spec, device=rt.device)        # frozen, never saved in checkpoints
 
 
-def check_resumable(ckpt, path, stage, preset, model_key, model_config):
-    """A checkpoint continues only the same stage, preset and model configuration."""
+def check_resumable(ckpt, path, stage, preset, model_key, model_config, config_cls):
+    """A checkpoint continues only the same stage, preset and model configuration.
+    A field added to config_cls since the checkpoint was written counts at its default."""
     found = ckpt["config"].get("stage", "base")
     if found != stage:
         raise FlagError(f"{path} is a {found}-stage run, not a {stage}-stage one: resume it with "
                         f"--stage {found}, or use another --out")
-    if ckpt["config"]["train"]["preset"] != preset or ckpt["config"].get(model_key) != model_config:
+    stored = ckpt["config"].get(model_key)
+    stored = dataclasses.asdict(config_cls(**stored)) if isinstance(stored, dict) else stored
+    if ckpt["config"]["train"]["preset"] != preset or stored != model_config:
         raise FlagError(f"{path} is a {ckpt['config']['train']['preset']!r} run with another model "
                         f"configuration: resume it with the same flags, or use another --out")
 
@@ -665,7 +668,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     step, nimg = 0, 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt, ckpt_path, "base", cfg.preset, "G", config["G"])
+        check_resumable(ckpt, ckpt_path, "base", cfg.preset, "G", config["G"], generator.GeneratorConfig)
         G.load_state_dict(ckpt["G"]); G_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
         if VD is not None:
             VD.load_state_dict(ckpt["VD"])
@@ -875,7 +878,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
     step, nimg = 0, 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt, ckpt_path, "upsampler", cfg.preset, "U", config["U"])
+        check_resumable(ckpt, ckpt_path, "upsampler", cfg.preset, "U", config["U"], upsampler.UpsamplerConfig)
         U.load_state_dict(ckpt["G"]); U_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
         opt_G.load_state_dict(ckpt["opt_G"]); opt_D.load_state_dict(ckpt["opt_D"])
         if "opt_W" in ckpt:                              # runs saved before the warm-up existed have none

@@ -204,6 +204,19 @@ def test_resume_of_another_preset_is_refused(tmp_path, tiny_clip, capsys):
     assert "resume it with the same flags" in capsys.readouterr().err
 
 
+def test_resume_of_a_run_written_before_a_config_field_existed(tmp_path, tiny_clip, capsys):
+    # a run from before GeneratorConfig.noise (noise inputs on, no "noise" key in its config)
+    out = run(tmp_path, "--max-steps", "1", "--g.noise", "true", name="old", clip=tiny_clip)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["G"]["noise"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(SystemExit):                          # the new tiny default (no noise) is another model
+        run(tmp_path, "--max-steps", "2", "--resume", name="old", clip=tiny_clip)
+    assert "resume it with the same flags" in capsys.readouterr().err
+    run(tmp_path, "--max-steps", "2", "--resume", "--g.noise", "true", name="old", clip=tiny_clip)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 @pytest.mark.slow
 def test_short_tiny_run_learns_the_background_colour(tmp_path):
     """The learning test: a tiny CLIP of 300 steps, then 250 GAN steps of batch 8 (2,000 images;
