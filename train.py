@@ -633,7 +633,11 @@ def check_resumable(ckpt, path, stage, preset, model_key, model_config, config_c
         raise FlagError(f"{path} is a {found}-stage run, not a {stage}-stage one: resume it with "
                         f"--stage {found}, or use another --out")
     stored = ckpt["config"].get(model_key)
-    stored = dataclasses.asdict(config_cls(**stored)) if isinstance(stored, dict) else stored
+    try:
+        stored = dataclasses.asdict(config_cls(**stored)) if isinstance(stored, dict) else stored
+    except (TypeError, ValueError, AssertionError):  # a field this version no longer has, or a bad value
+        raise FlagError(f"{path} holds a {model_key} configuration this version of the code cannot read: "
+                        "resume it with the code that wrote it, or use another --out") from None
     if ckpt["config"]["train"]["preset"] != preset or stored != model_config:
         raise FlagError(f"{path} is a {ckpt['config']['train']['preset']!r} run with another model "
                         f"configuration: resume it with the same flags, or use another --out")

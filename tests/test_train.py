@@ -215,6 +215,12 @@ def test_resume_of_a_run_written_before_a_config_field_existed(tmp_path, tiny_cl
     assert "resume it with the same flags" in capsys.readouterr().err
     run(tmp_path, "--max-steps", "2", "--resume", "--g.noise", "true", name="old", clip=tiny_clip)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["G"]["retired_field"] = 1                 # a field this version no longer has
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--max-steps", "3", "--resume", "--g.noise", "true", name="old", clip=tiny_clip)
+    assert "configuration this version of the code cannot read" in capsys.readouterr().err
 
 
 @pytest.mark.slow
