@@ -257,7 +257,8 @@ def parse_flags(argv):
     g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
     check_clip_tower(cfg, g_cfg.resolution)
     d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
-    loss_cfg = dataclasses.replace(losses.LOSS_PRESETS["base"], **values["loss."])
+    loss_name = "base_tiny" if preset == "tiny" else "base"
+    loss_cfg = dataclasses.replace(losses.LOSS_PRESETS[loss_name], **values["loss."])
     return cfg, g_cfg, d_cfg, loss_cfg
 
 

@@ -240,3 +240,12 @@ def test_short_tiny_run_learns_the_background_colour(tmp_path):
     before, after = evals[0]["align_background"], evals[1]["align_background"]
     assert before < 0.35 and after > before + 0.15, (before, after)
     assert evals[1]["clip_fd"] < evals[0]["clip_fd"]  # generated CLIP features moved toward the real ones
+
+
+def test_tiny_preset_uses_its_own_r1_gamma():
+    # the tiny base preset trains with gamma 1.0 (05's LOSS_PRESETS["base_tiny"]); the other
+    # presets keep the paper's 0.2048, and a flag overrides either
+    assert train.parse_flags([])[3].r1_gamma == 1.0
+    assert train.parse_flags(["--preset", "small"])[3].r1_gamma == pytest.approx(0.2048)
+    assert train.parse_flags(["--full"])[3].r1_gamma == pytest.approx(0.2048)
+    assert train.parse_flags(["--loss.r1_gamma", "0.5"])[3].r1_gamma == 0.5
