@@ -79,13 +79,14 @@ class LossConfig:
     clip_temperature: float = 0.01  # project choice: CLIP's own trained scale (logit_scale = 100)
     vision_weight: float = 0.5      # project choice: weight of the vision-aided terms (G and D)
     vision_match: bool = True       # project choice: the vision-aided D also sees (x, c^) as fake
-    r1_gamma: float = 0.2048        # paper value: low end of its 0.2048-2.048 range
+    r1_gamma: float = 0.2048        # paper value: low end of its 0.2048-2.048 range (tiny: 1.0, see LOSS_PRESETS)
     r1_interval: int = 16           # paper value: lazy R1 every 16 D steps (StyleGAN2's interval)
     lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
     pixel_weight: float = 0.0       # project choice [U]: weight of a pixel MSE to lpips_target (paper: none)
 
 
-# Named loss settings: the base model and the upsampler. The upsampler keeps the GAN terms
+# Named loss settings: the base model and the upsampler, and "<stage>_tiny" where the tiny preset
+# differs (train.py's loss_preset picks "<stage>_<preset>" when it exists, else "<stage>"). The upsampler keeps the GAN terms
 # (adversarial, matching-aware, R1) and adds LPIPS (weight 10); no vision-aided loss (paper),
 # and no CLIP loss (project choice [U]: the paper lists none for it, and its low-res input
 # already fixes what the image shows).

@@ -251,15 +251,19 @@ def parse_flags(argv):
             raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
                             f"--u.out-resolution {g_cfg.out_resolution}")
         check_clip_tower(cfg, g_cfg.in_resolution)
-        loss_name = "upsampler_tiny" if preset == "tiny" else "upsampler"
-        loss_cfg = dataclasses.replace(losses.LOSS_PRESETS[loss_name], **values["loss."])
+        loss_cfg = dataclasses.replace(loss_preset("upsampler", preset), **values["loss."])
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
     check_clip_tower(cfg, g_cfg.resolution)
     d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
-    loss_name = "base_tiny" if preset == "tiny" else "base"
-    loss_cfg = dataclasses.replace(losses.LOSS_PRESETS[loss_name], **values["loss."])
+    loss_cfg = dataclasses.replace(loss_preset("base", preset), **values["loss."])
     return cfg, g_cfg, d_cfg, loss_cfg
+
+
+def loss_preset(stage, preset):
+    """05's loss settings of a stage ("base" | "upsampler"): "<stage>_<preset>" where a size preset
+    has its own (tiny: a stronger R1 for the base, a pixel MSE for the upsampler), else "<stage>"."""
+    return losses.LOSS_PRESETS.get(f"{stage}_{preset}", losses.LOSS_PRESETS[stage])
 
 
 def check_clip_tower(cfg, resolution):
