@@ -652,6 +652,8 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     device = rt.device
     spec, clip = frozen_clip(cfg, rt, g_cfg.resolution, dataset)
     vclip = clip if not cfg.vision_clip else clip_lib.load_clip(cfg.vision_clip, device=device)
+    if cfg.dtype == "bfloat16":  # frozen image towers: cast once, not by autocast at every pass
+        clip.image_tower_to(torch.bfloat16), vclip.image_tower_to(torch.bfloat16)
 
     # ---- models and optimisers
     torch.manual_seed(cfg.seed)

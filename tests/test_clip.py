@@ -126,6 +126,36 @@ def test_image_path_differentiable_and_matches_open_clip(clip):
     assert torch.equal(clip.embed_image(images), embed) and len(clip.image_features(images)) == 3
 
 
+def test_written_out_vit_block_matches_open_clip_block_values_and_gradients(clip):
+    """vit_block (F.linear + scaled_dot_product_attention) == open_clip's block (nn.MultiheadAttention)."""
+    block = clip.model.visual.transformer.resblocks[1]
+    x = torch.randn(3, 17, SMALL.vision_width, requires_grad=True)
+    ours = clip_lib.vit_block(block, x)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    ref = block(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(g_ours, g_ref, atol=1e-4)
+
+
+def test_image_tower_in_bfloat16_is_close_and_keeps_the_callers_dtype():
+    torch.manual_seed(0)
+    clip = clip_lib.FrozenCLIP(clip_lib.build_tiny_clip(SMALL), spec="test bf16")
+    images = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    features, embed = clip.image_features_and_embedding(images)
+    text_before = clip.text_features(PROMPTS)[0]
+    clip.image_tower_to(torch.bfloat16)
+    assert clip.model.visual.conv1.weight.dtype == torch.bfloat16
+    assert clip.model.token_embedding.weight.dtype == torch.float32  # the text tower is untouched
+    features16, embed16 = clip.image_features_and_embedding(images)
+    assert embed16.dtype == torch.float32 and all(f.dtype == torch.float32 for f in features16)
+    assert (embed16 - embed).abs().max() < 0.05  # bfloat16 keeps ~3 significant digits
+    assert all((a - b).abs().max() < 0.05 * b.abs().max() for a, b in zip(features16, features))
+    embed16.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    clip._cache.clear()
+    assert torch.equal(clip.text_features(PROMPTS)[0], text_before)
+
+
 def test_resnet_tower_features_differentiable_and_match_open_clip():
     torch.manual_seed(0)
     clip = clip_lib.FrozenCLIP(clip_lib.build_tiny_clip(RESNET), spec="test resnet")
