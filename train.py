@@ -1094,6 +1094,22 @@ def activation_bytes_per_image(module, batch, *inputs):
     return total[0] / batch
 
 
+def frozen_clip_bytes(cfg):
+    """Memory of the frozen CLIP(s) a base run holds: open_clip models built on the meta device
+    (no weights read); text towers in float32, image towers in the run's dtype (image_tower_to).
+    -> {model name: bytes}; tiny CLIPs (a few MB) and names open_clip does not know are left out."""
+    out = {}
+    for spec in dict.fromkeys([cfg.clip, cfg.vision_clip or cfg.clip]):
+        name = spec.split("/")[0]
+        if name not in clip_lib.open_clip.list_models():
+            continue
+        model = clip_lib.open_clip.create_model(name, pretrained=None, device="meta")
+        n_image = sum(p.numel() for p in model.visual.parameters())
+        n_text = sum(p.numel() for p in model.parameters()) - n_image
+        out[name] = 4 * n_text + (2 if cfg.dtype == "bfloat16" else 4) * n_image
+    return out
+
+
 def dry_run(cfg, g_cfg, d_cfg, loss_cfg, rt):
     text_dim = {"ViT-L-14": 768, "ViT-B-32": 512, "ViT-B-16": 512, "ViT-H-14": 1024}.get(
         cfg.clip.split("/")[0], 128)  # width of the CLIP text tower's token features
@@ -1114,14 +1130,17 @@ def dry_run(cfg, g_cfg, d_cfg, loss_cfg, rt):
     state = 16 * (n_g + n_d) + 4 * n_g
     # G step keeps G's and D's activations; D step keeps D's on 3 batches (real, fake, mismatched).
     acts = batch_gpu * act_size * max(act_g + act_d, 3 * act_d)
+    clips = frozen_clip_bytes(cfg)  # frozen, no gradients or Adam state
     gpus = max(1, cfg.batch_size // batch_gpu)
     print(f"G {n_g / 1e6:.1f}M parameters, D {n_d / 1e6:.1f}M (paper: 652.5M and 381.4M for full)")
     print(f"memory per GPU, roughly: {state / 2**30:.1f} GiB weights+grads+Adam+EMA, "
-          f"{acts / 2**30:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype})")
+          f"{acts / 2**30:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype}), "
+          f"{sum(clips.values()) / 2**30:.1f} GiB frozen CLIP ({', '.join(clips) or 'tiny'})")
     print(f"launch: torchrun --nproc_per_node=8 --nnodes={max(1, gpus // 8)} train.py --preset {cfg.preset} "
           f"--batch-size {cfg.batch_size} --batch-gpu {batch_gpu} --data 'shards/{{00000..09999}}.tar'")
     print(json.dumps({"G_params": n_g, "D_params": n_d, "batch_size": cfg.batch_size,
-                      "batch_gpu": batch_gpu, "est_gib_per_gpu": round((state + acts) / 2**30, 2)}))
+                      "batch_gpu": batch_gpu, "clip_gib": round(sum(clips.values()) / 2**30, 2),
+                      "est_gib_per_gpu": round((state + acts + sum(clips.values())) / 2**30, 2)}))
 
 
 def dry_run_upsampler(cfg, u_cfg, d_cfg, rt):

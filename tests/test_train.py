@@ -149,6 +149,8 @@ def test_full_dry_run_prints_parameter_counts(capsys):
     counts = json.loads(last)
     assert abs(counts["G_params"] / 652.5e6 - 1) < 0.05
     assert abs(counts["D_params"] / 381.4e6 - 1) < 0.05
+    # ViT-L/14 (text 123.7M fp32, image 304.0M bf16) + ViT-B/32 (text 63.4M fp32, image 87.8M bf16)
+    assert abs(counts["clip_gib"] - 1.43) < 0.02 and counts["est_gib_per_gpu"] > counts["clip_gib"]
 
 
 def test_help_lists_every_flag(capsys):
