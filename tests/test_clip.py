@@ -126,15 +126,20 @@ def test_image_path_differentiable_and_matches_open_clip(clip):
     assert torch.equal(clip.embed_image(images), embed) and len(clip.image_features(images)) == 3
 
 
-def test_written_out_vit_block_matches_open_clip_block_values_and_gradients(clip):
-    """vit_block (F.linear + scaled_dot_product_attention) == open_clip's block (nn.MultiheadAttention)."""
+def test_written_out_block_matches_open_clip_block_values_and_gradients(clip):
+    """clip_block (F.linear + scaled_dot_product_attention) == open_clip's block (nn.MultiheadAttention)."""
     block = clip.model.visual.transformer.resblocks[1]
     x = torch.randn(3, 17, SMALL.vision_width, requires_grad=True)
-    ours = clip_lib.vit_block(block, x)
+    ours = clip_lib.clip_block(block, x)
     (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
     ref = block(x)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
     assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(g_ours, g_ref, atol=1e-4)
+    text_block = clip.model.transformer.resblocks[0]  # causal: the text tower's mask
+    x = torch.randn(3, 9, SMALL.text_width)
+    ref = text_block(x, attn_mask=clip.model.attn_mask[:9, :9])
+    assert torch.allclose(clip_lib.clip_block(text_block, x, causal=True), ref, atol=1e-5)
+    assert not torch.allclose(clip_lib.clip_block(text_block, x), ref, atol=1e-3)  # the mask matters
 
 
 def test_image_tower_in_bfloat16_is_close_and_keeps_the_callers_dtype():
