@@ -653,7 +653,8 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     spec, clip = frozen_clip(cfg, rt, g_cfg.resolution, dataset)
     vclip = clip if not cfg.vision_clip else clip_lib.load_clip(cfg.vision_clip, device=device)
     if cfg.dtype == "bfloat16":  # frozen image towers: cast once, not by autocast at every pass
-        clip.image_tower_to(torch.bfloat16), vclip.image_tower_to(torch.bfloat16)
+        clip.image_tower_to(torch.bfloat16)
+        vclip.image_tower_to(torch.bfloat16)  # the same object when there is no --vision-clip
 
     # ---- models and optimisers
     torch.manual_seed(cfg.seed)
