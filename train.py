@@ -253,9 +253,15 @@ def parse_flags(argv):
         check_clip_tower(cfg, g_cfg.in_resolution)
         loss_cfg = dataclasses.replace(loss_preset("upsampler", preset), **values["loss."])
         return cfg, g_cfg, d_cfg, loss_cfg
-    g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
+    try:
+        g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
+    except AssertionError as err:
+        raise FlagError(f"bad generator configuration (--g.*): {err}") from None
     check_clip_tower(cfg, g_cfg.resolution)
-    d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
+    try:
+        d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
+    except AssertionError as err:
+        raise FlagError(f"bad discriminator configuration (--d.*): {err}") from None
     loss_cfg = dataclasses.replace(loss_preset("base", preset), **values["loss."])
     return cfg, g_cfg, d_cfg, loss_cfg
 

@@ -193,3 +193,32 @@ def test_predictor_position_map_lets_d_see_where_features_are():
     assert not torch.allclose(seeing(h, c), seeing(shifted, c), atol=1e-3)
     D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
     assert all(p.position.shape[-1] == r // 2 for p, r in zip(D.predictors.values(), D.resolutions))
+
+
+@pytest.mark.parametrize("downsample,projection", [("max", False), ("blur", True), ("max", True)])
+def test_downsample_and_projection_options_keep_ms_io_properties(downsample, projection):
+    """Max-pool downsampling and the flattened projection term keep every MS-I/O property:
+    prediction (i, j) sees x_i only, it depends on the text, and R1's double backward works."""
+    D = dm.Discriminator(tiny_cfg(downsample=downsample, projection=projection), TEXT_DIM)
+    pyramid, text = random_inputs(D, seed=3)
+    _, other = random_inputs(D, seed=4)
+    pyramid = [x.requires_grad_() for x in pyramid]
+    preds = D(pyramid, *text)
+    assert len(preds) == 10 and all(p.shape == (2,) for p in preds)
+    for (i, j), p, q in zip(D.pairs, preds, D(pyramid, *other)):
+        assert (p - q).abs().min() > 1e-4, f"prediction {(i, j)} ignores the text"
+        grads = torch.autograd.grad(p.sum(), pyramid, retain_graph=True, allow_unused=True)
+        for k, g in enumerate(grads):
+            seen = g is not None and torch.count_nonzero(g) > 0
+            assert seen == (k == i), f"prediction {(i, j)}: level {k} seen={seen}"
+    assert _r1_backward(preds, pyramid, list(D.parameters())) > len(list(D.parameters())) // 2
+    if projection:
+        assert all(p.project is not None for p in D.predictors.values())
+
+
+def test_max_downsample_is_a_2x2_max_pool_and_bad_mode_is_rejected():
+    block = dm.DownBlock(4, 4, mode="max")
+    x = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(block.halve(x), torch.nn.functional.max_pool2d(x, 2))
+    with pytest.raises(AssertionError, match="downsample"):
+        tiny_cfg(downsample="stride")

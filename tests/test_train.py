@@ -183,6 +183,8 @@ def test_tuple_flags_take_commas_or_json():
     (["--clip-tower", "convnext"], "unknown --clip-tower"),
     (["--clip-tower", "resnet", "--g.resolution", "16", "--g.channels", "[64, 64, 32]", "--g.blocks-per-scale", "[1, 1, 1]", "--g.n-kernels", "[1, 2, 2]"], "divisible by 32"),
     (["--g.self-attention", "maybe"], "bad value for --g.self-attention"),
+    (["--d.downsample", "stride"], "bad discriminator configuration (--d.*): downsample 'stride'"),
+    (["--g.resolution", "30"], "bad generator configuration (--g.*)"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
     (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
