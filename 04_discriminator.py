@@ -144,6 +144,11 @@ D_PRESETS = {
 # Building blocks of the image branch phi
 
 
+def max_pool2x(x):
+    """(n, C, H, W) -> (n, C, H/2, W/2): the largest of each 2x2 block (DownBlock's "max" mode)."""
+    return nn.functional.max_pool2d(x, 2)
+
+
 class DownBlock(nn.Module):
     """StyleGAN2's residual D block (Karras et al. 2020, Fig. 7c), optionally halving H, W.
 
@@ -167,7 +172,8 @@ class DownBlock(nn.Module):
     ):
         super().__init__()
         self.down = down
-        self.halve = downsample2x if mode == "blur" else lambda x: nn.functional.max_pool2d(x, 2)
+        assert mode in ("blur", "max"), f"DownBlock mode {mode!r}: 'blur' or 'max'"
+        self.halve = downsample2x if mode == "blur" else max_pool2x  # (n, C, r, r) -> (n, C, r/2, r/2)
         self.conv0 = EqualConv2d(in_channels, in_channels, 3, activation="lrelu")
         self.conv1 = EqualConv2d(in_channels, out_channels, 3, activation="lrelu")
         self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False)

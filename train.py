@@ -241,29 +241,29 @@ def parse_flags(argv):
     cfg.out = cfg.out or os.path.join("runs", cfg.preset + ("-upsampler" if cfg.stage == "upsampler" else ""))
     if cfg.stage == "upsampler":
         # the generator is the upsampler U; its MS-I/O D reads pyramids of U's output size
-        try:
-            g_cfg = dataclasses.replace(upsampler.U_PRESETS[preset], **values["u."])
-        except AssertionError as err:
-            raise FlagError(f"bad upsampler configuration (--u.*): {err}") from None
-        d_cfg = dataclasses.replace(upsampler.U_D_PRESETS[preset],
-                                    **{"resolution": g_cfg.out_resolution, **values["d."]})
+        g_cfg = configured(upsampler.U_PRESETS[preset], values["u."], "upsampler", "u")
+        d_cfg = configured(upsampler.U_D_PRESETS[preset], {"resolution": g_cfg.out_resolution, **values["d."]},
+                           "discriminator", "d")
         if d_cfg.resolution != g_cfg.out_resolution:
             raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
                             f"--u.out-resolution {g_cfg.out_resolution}")
         check_clip_tower(cfg, g_cfg.in_resolution)
         loss_cfg = dataclasses.replace(loss_preset("upsampler", preset), **values["loss."])
         return cfg, g_cfg, d_cfg, loss_cfg
-    try:
-        g_cfg = dataclasses.replace(generator.G_PRESETS[preset], **values["g."])
-    except AssertionError as err:
-        raise FlagError(f"bad generator configuration (--g.*): {err}") from None
+    g_cfg = configured(generator.G_PRESETS[preset], values["g."], "generator", "g")
     check_clip_tower(cfg, g_cfg.resolution)
-    try:
-        d_cfg = dataclasses.replace(discriminator.D_PRESETS[preset], **values["d."])
-    except AssertionError as err:
-        raise FlagError(f"bad discriminator configuration (--d.*): {err}") from None
+    d_cfg = configured(discriminator.D_PRESETS[preset], values["d."], "discriminator", "d")
     loss_cfg = dataclasses.replace(loss_preset("base", preset), **values["loss."])
     return cfg, g_cfg, d_cfg, loss_cfg
+
+
+def configured(preset_cfg, changes, what, prefix):
+    """A model preset with the --PREFIX.* flags applied; the config's own checks (its
+    __post_init__ asserts) become one FlagError line."""
+    try:
+        return dataclasses.replace(preset_cfg, **changes)
+    except AssertionError as err:
+        raise FlagError(f"bad {what} configuration (--{prefix}.*): {err}") from None
 
 
 def loss_preset(stage, preset):

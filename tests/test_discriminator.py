@@ -222,3 +222,5 @@ def test_max_downsample_is_a_2x2_max_pool_and_bad_mode_is_rejected():
     torch.testing.assert_close(block.halve(x), torch.nn.functional.max_pool2d(x, 2))
     with pytest.raises(AssertionError, match="downsample"):
         tiny_cfg(downsample="stride")
+    with pytest.raises(AssertionError, match="mode"):
+        dm.DownBlock(4, 4, mode="stride")

@@ -185,6 +185,7 @@ def test_tuple_flags_take_commas_or_json():
     (["--g.self-attention", "maybe"], "bad value for --g.self-attention"),
     (["--d.downsample", "stride"], "bad discriminator configuration (--d.*): downsample 'stride'"),
     (["--g.resolution", "30"], "bad generator configuration (--g.*)"),
+    (["--stage", "upsampler", "--d.downsample", "stride"], "bad discriminator configuration (--d.*)"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
     (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
