@@ -84,6 +84,12 @@ class LossConfig:
     lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
     pixel_weight: float = 0.0       # project choice [U]: weight of a pixel MSE to lpips_target (paper: none)
 
+    def __post_init__(self):
+        for name in ("match_weight", "clip_weight", "vision_weight", "r1_gamma", "lpips_weight", "pixel_weight"):
+            assert getattr(self, name) >= 0, f"{name} {getattr(self, name)}: a weight, >= 0 (0 turns the term off)"
+        assert self.clip_temperature > 0, f"clip_temperature {self.clip_temperature}: > 0"
+        assert self.r1_interval >= 1, f"r1_interval {self.r1_interval}: >= 1 (steps between R1 steps)"
+
 
 # Named loss settings: the base model and the upsampler, and "<stage>_tiny" where the tiny preset
 # differs (train.py's loss_preset picks "<stage>_<preset>" when it exists, else "<stage>"). The upsampler keeps the GAN terms

@@ -248,17 +248,17 @@ def parse_flags(argv):
             raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
                             f"--u.out-resolution {g_cfg.out_resolution}")
         check_clip_tower(cfg, g_cfg.in_resolution)
-        loss_cfg = dataclasses.replace(loss_preset("upsampler", preset), **values["loss."])
+        loss_cfg = configured(loss_preset("upsampler", preset), values["loss."], "loss", "loss")
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = configured(generator.G_PRESETS[preset], values["g."], "generator", "g")
     check_clip_tower(cfg, g_cfg.resolution)
     d_cfg = configured(discriminator.D_PRESETS[preset], values["d."], "discriminator", "d")
-    loss_cfg = dataclasses.replace(loss_preset("base", preset), **values["loss."])
+    loss_cfg = configured(loss_preset("base", preset), values["loss."], "loss", "loss")
     return cfg, g_cfg, d_cfg, loss_cfg
 
 
 def configured(preset_cfg, changes, what, prefix):
-    """A model preset with the --PREFIX.* flags applied; the config's own checks (its
+    """A model or loss preset with the --PREFIX.* flags applied; the config's own checks (its
     __post_init__ asserts) become one FlagError line."""
     try:
         return dataclasses.replace(preset_cfg, **changes)

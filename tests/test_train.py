@@ -186,6 +186,8 @@ def test_tuple_flags_take_commas_or_json():
     (["--d.downsample", "stride"], "bad discriminator configuration (--d.*): downsample 'stride'"),
     (["--g.resolution", "30"], "bad generator configuration (--g.*)"),
     (["--stage", "upsampler", "--d.downsample", "stride"], "bad discriminator configuration (--d.*)"),
+    (["--loss.r1-gamma", "-1"], "bad loss configuration (--loss.*): r1_gamma -1"),
+    (["--stage", "upsampler", "--loss.r1-interval", "0"], "bad loss configuration (--loss.*): r1_interval 0"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
     (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
