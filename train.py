@@ -32,6 +32,7 @@ So one process with gradient accumulation, N processes, and a resumed run all se
 numbers (up to float summation order).
 """
 import dataclasses
+import functools
 import importlib
 import itertools
 import json
@@ -98,6 +99,8 @@ class TrainConfig:
     lpips: str = "vgg"            # upsampler stage: LPIPS backbone vgg (paper) | alex | random (no download)
     warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D) [U]
     warmup_lr: float = 0.01       # their AdamW learning rate (beta1 0.9, beta2 0.99)
+    hard_negatives: float = 0.0   # share of Eq. 8's wrong captions that are one-word edits (shapes) [U]
+    hard_attribute: str = "any"   # the word they change: any | shape | color | background | size | position
 
 
 # Training-side presets: sizes and a few settings, never code. G and D sizes come from 03/04's
@@ -238,6 +241,13 @@ def parse_flags(argv):
         raise FlagError(f"--warmup-steps must be >= 0 and --warmup-lr positive, got {cfg.warmup_steps}, {cfg.warmup_lr}")
     if cfg.warmup_steps and cfg.stage != "upsampler":
         raise FlagError("--warmup-steps: only the upsampler stage has a warm-up; add --stage upsampler")
+    if not 0.0 <= cfg.hard_negatives <= 1.0:
+        raise FlagError(f"--hard-negatives is a share of the wrong captions, 0..1, got {cfg.hard_negatives}")
+    if cfg.hard_attribute not in ("any",) + HARD_ATTRIBUTES:
+        raise FlagError(f"unknown --hard-attribute {cfg.hard_attribute!r}: choose any | {' | '.join(HARD_ATTRIBUTES)}")
+    if cfg.hard_negatives and (cfg.data != "shapes" or cfg.stage == "clip"):
+        raise FlagError("--hard-negatives edits captions of the shapes grammar: use it with --data shapes "
+                        "and --stage base or upsampler")
     cfg.out = cfg.out or os.path.join("runs", cfg.preset + ("-upsampler" if cfg.stage == "upsampler" else ""))
     if cfg.stage == "upsampler":
         # the generator is the upsampler U; its MS-I/O D reads pyramids of U's output size
@@ -562,6 +572,53 @@ def save_snapshot(cfg, G_ema, clip, prompts, z, step):
 
 
 # -----------------------------------------------------------------------------
+# Wrong captions for the matching-aware loss (Eq. 8)
+#
+# The paper pairs each image with another caption of the batch. Two random shapes captions
+# almost always differ in several words, so D can call such a pair wrong from the colour word
+# alone and never has to read the shape word (README, "Why the shape is missing"). With
+# --hard-negatives F a share F of the rows instead gets its own caption with one attribute
+# word changed (data.shapes_hard_negatives, the tiny CLIP's negatives): a pair D can only
+# reject by checking that one attribute. This project's addition [U]; 0 (the default) is the paper's.
+
+HARD_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # shapes_hard_negatives' order
+
+
+@functools.lru_cache(maxsize=100_000)
+def one_word_edits(caption):
+    """data.shapes_hard_negatives, cached: a tuple of 5 tuples of captions, one per attribute."""
+    return tuple(tuple(edits) for edits in data.shapes_hard_negatives(caption))
+
+
+def wrong_captions(captions, perm, cfg):
+    """The wrong caption c^ of every row: captions[perm[i]], or for a cfg.hard_negatives share of
+    the rows (drawn from torch's seeded generator) a one-word edit of captions[i]. Returns the list
+    and the (B,) bool mask of rows whose caption really differs. The loop is over strings only:
+    the text features of the result come from the per-caption cache, like the right ones."""
+    B = len(captions)
+    wrong = [captions[j] for j in perm.tolist()]
+    hard = torch.rand(B) < cfg.hard_negatives                               # (B,) rows to edit
+    if cfg.hard_attribute == "any":
+        attr = torch.randint(len(HARD_ATTRIBUTES), (B,))                    # (B,) which word
+    else:
+        attr = torch.full((B,), HARD_ATTRIBUTES.index(cfg.hard_attribute))
+    pick = torch.rand(B)                                                    # (B,) which edit of it
+    for i in hard.nonzero().flatten().tolist():
+        edits = one_word_edits(captions[i])
+        if edits and edits[attr[i]]:                                        # () outside the grammar
+            options = edits[attr[i]]
+            wrong[i] = options[int(pick[i] * len(options))]
+    valid = torch.tensor([w != c for w, c in zip(wrong, captions)])
+    return wrong, valid
+
+
+def split_text(text):
+    """A (tokens, mask, eot) triple of 2B captions -> the triples of its two halves."""
+    half = text[0].shape[0] // 2
+    return tuple(x[:half] for x in text), tuple(x[half:] for x in text)
+
+
+# -----------------------------------------------------------------------------
 # Stage "base": the text-to-image GAN
 
 
@@ -721,11 +778,15 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
         caption, and the CLIP text embeddings (right and wrong) for the CLIP/vision losses."""
         text = clip.text_features(captions)                             # (b, L, D), (b, L), (b,)
         perm, valid = losses.mismatched_permutation(captions, return_valid=True)
-        wrong = losses.permute_text(text, perm)
-        perm = perm.to(device)
         embed = clip.embed_text(captions)                               # (b, E), cached too
         v_embed = embed if vclip is clip else vclip.embed_text(captions)  # the vision-aided D's CLIP
-        return text, wrong, valid.to(device), (embed, embed[perm], v_embed, v_embed[perm])
+        if cfg.hard_negatives:                                          # some one-word edits (above)
+            wrong_caps, valid = wrong_captions(captions, perm, cfg)
+            text, wrong = split_text(clip.text_features(captions + wrong_caps))  # one padded length
+            return (text, wrong, valid.to(device),
+                    (embed, clip.embed_text(wrong_caps), v_embed, vclip.embed_text(wrong_caps)))
+        perm = perm.to(device)                                          # the paper's: a shuffled batch
+        return text, losses.permute_text(text, perm), valid.to(device), (embed, embed[perm], v_embed, v_embed[perm])
 
     def add_stats(logs):
         for k, v in logs.items():
@@ -935,6 +996,10 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
         text = clip.text_features(captions)                             # (b, L, D), (b, L), (b,)
         perm, valid = losses.mismatched_permutation(captions, return_valid=True)
         embed = clip.embed_text(captions)                               # (b, E), cached too
+        if cfg.hard_negatives:                                          # some one-word edits
+            wrong_caps, valid = wrong_captions(captions, perm, cfg)
+            text, wrong = split_text(clip.text_features(captions + wrong_caps))
+            return text, wrong, valid.to(device), embed, clip.embed_text(wrong_caps)
         return text, losses.permute_text(text, perm), valid.to(device), embed, embed[perm.to(device)]
 
     def add_stats(logs):

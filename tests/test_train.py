@@ -189,6 +189,9 @@ def test_tuple_flags_take_commas_or_json():
     (["--loss.r1-gamma", "-1"], "bad loss configuration (--loss.*): r1_gamma -1"),
     (["--stage", "upsampler", "--loss.r1-interval", "0"], "bad loss configuration (--loss.*): r1_interval 0"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--hard-negatives", "1.5"], "--hard-negatives is a share"),
+    (["--hard-attribute", "texture"], "unknown --hard-attribute"),
+    (["--hard-negatives", "0.5", "--data", "/tmp"], "--hard-negatives edits captions of the shapes grammar"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
     (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
     (["--batch-size", "6", "--batch-gpu", "4"], "multiple of --batch-gpu"),
@@ -256,3 +259,35 @@ def test_tiny_preset_uses_its_own_r1_gamma():
     assert train.parse_flags(["--preset", "small"])[3].r1_gamma == pytest.approx(0.2048)
     assert train.parse_flags(["--full"])[3].r1_gamma == pytest.approx(0.2048)
     assert train.parse_flags(["--loss.r1_gamma", "0.5"])[3].r1_gamma == 0.5
+
+
+def test_hard_negatives_change_one_word_of_their_own_caption():
+    import data
+    ds = data.ShapesDataset(resolution=32, seed=3)
+    captions = [ds[i][1] for i in range(64)] + ["a drawing of a cat"] * 2       # two outside the grammar
+    perm = torch.arange(len(captions)).roll(1)
+    cfg = train.TrainConfig(hard_negatives=1.0, hard_attribute="shape")
+    torch.manual_seed(0)
+    wrong, valid = train.wrong_captions(captions, perm, cfg)
+    for right, w, ok in zip(captions[:64], wrong, valid):
+        a, b = data.parse_shapes_caption(right), data.parse_shapes_caption(w)
+        assert ok and a["shape"] != b["shape"]
+        assert {k: v for k, v in a.items() if k != "shape"} == {k: v for k, v in b.items() if k != "shape"}
+    assert wrong[64:] == [captions[63], captions[64]]         # no edit possible: the shuffled caption
+    assert valid.tolist()[64:] == [True, False]                # ... and a row that met itself is masked
+    torch.manual_seed(0)
+    assert train.wrong_captions(captions, perm, cfg)[0] == wrong   # seeded: the same draw again
+    cfg = train.TrainConfig(hard_negatives=0.5)                    # half the rows, any attribute
+    torch.manual_seed(1)
+    wrong, _ = train.wrong_captions(captions[:64], perm[:64] % 64, cfg)
+    n_edited = sum(w in sum(data.shapes_hard_negatives(c), []) for w, c in zip(wrong, captions))
+    changed = {k for w, c in zip(wrong, captions) for k, v in data.parse_shapes_caption(c).items()
+               if w in sum(data.shapes_hard_negatives(c), []) and data.parse_shapes_caption(w)[k] != v}
+    assert 16 <= n_edited <= 48 and len(changed) >= 4, (n_edited, changed)
+
+
+def test_base_stage_trains_with_hard_negatives(tmp_path, tiny_clip):
+    out = run(tmp_path, "--max-steps", "2", "--hard-negatives", "0.5", name="base", clip=tiny_clip)
+    assert state(out)["step"] == 2
+    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
+    assert all(r["D/match"] > 0 for r in rows)

@@ -93,6 +93,13 @@ def test_warm_up_trains_u_alone_on_pixel_mse(runs, tmp_path):
     assert train.parse_flags([])[0].warmup_steps == 0                          # the base stage has none
 
 
+def test_upsampler_stage_trains_with_hard_negatives(runs, tmp_path):
+    clip, _, _ = runs
+    out = upsampler_run(tmp_path / "hard", clip, "--max-steps", "2", "--hard-negatives", "1")
+    (gan_row,) = [json.loads(line) for line in open(out / "log.jsonl") if '"D/match"' in line]
+    assert gan_row["step"] == 2 and gan_row["D/match"] > 0
+
+
 def test_dry_run_prints_upsampler_counts(capsys):
     train.main(["--stage", "upsampler", "--dry-run"])
     printed = capsys.readouterr().out.strip().splitlines()
