@@ -613,10 +613,18 @@ def wrong_captions(captions, perm, cfg):
     return wrong, valid
 
 
-def split_text(text):
-    """A (tokens, mask, eot) triple of 2B captions -> the triples of its two halves."""
-    half = text[0].shape[0] // 2
-    return tuple(x[:half] for x in text), tuple(x[half:] for x in text)
+def caption_pairs(clip, captions, cfg):
+    """Eq. 8's pairs of a micro-batch, from the text-feature cache: the right (tokens, mask, eot)
+    triple, the wrong one, the (B,) mask of rows that really got a wrong caption, and the wrong
+    captions themselves (for their CLIP embeddings, cached too)."""
+    perm, valid = losses.mismatched_permutation(captions, return_valid=True)
+    if not cfg.hard_negatives:                                  # the paper's: a shuffled batch
+        text = clip.text_features(captions)                     # (b, L, D), (b, L), (b,)
+        return text, losses.permute_text(text, perm), valid, [captions[j] for j in perm.tolist()]
+    wrong_caps, valid = wrong_captions(captions, perm, cfg)    # some one-word edits (above)
+    both = clip.text_features(captions + wrong_caps)            # one call: one padded length L
+    b = len(captions)
+    return tuple(x[:b] for x in both), tuple(x[b:] for x in both), valid, wrong_caps
 
 
 # -----------------------------------------------------------------------------
@@ -777,17 +785,10 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
         """Everything the losses need to know about a micro-batch's captions, from the cache:
         CLIP tokens, the wrong-caption triple (Eq. 8) and which rows really got a wrong
         caption, and the CLIP text embeddings (right and wrong) for the CLIP/vision losses."""
-        text = clip.text_features(captions)                             # (b, L, D), (b, L), (b,)
-        perm, valid = losses.mismatched_permutation(captions, return_valid=True)
-        embed = clip.embed_text(captions)                               # (b, E), cached too
-        v_embed = embed if vclip is clip else vclip.embed_text(captions)  # the vision-aided D's CLIP
-        if cfg.hard_negatives:                                          # some one-word edits (above)
-            wrong_caps, valid = wrong_captions(captions, perm, cfg)
-            text, wrong = split_text(clip.text_features(captions + wrong_caps))  # one padded length
-            return (text, wrong, valid.to(device),
-                    (embed, clip.embed_text(wrong_caps), v_embed, vclip.embed_text(wrong_caps)))
-        perm = perm.to(device)                                          # the paper's: a shuffled batch
-        return text, losses.permute_text(text, perm), valid.to(device), (embed, embed[perm], v_embed, v_embed[perm])
+        text, wrong, valid, wrong_caps = caption_pairs(clip, captions, cfg)
+        embeds = (clip.embed_text(captions), clip.embed_text(wrong_caps))  # (b, E) each, cached
+        v_embeds = embeds if vclip is clip else (vclip.embed_text(captions), vclip.embed_text(wrong_caps))
+        return text, wrong, valid.to(device), (*embeds, *v_embeds)         # v_: the vision-aided D's CLIP
 
     def add_stats(logs):
         for k, v in logs.items():
@@ -994,14 +995,8 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
 
     def condition(captions):
         """CLIP tokens, the wrong-caption triple (Eq. 8) and its valid rows, CLIP text embeddings."""
-        text = clip.text_features(captions)                             # (b, L, D), (b, L), (b,)
-        perm, valid = losses.mismatched_permutation(captions, return_valid=True)
-        embed = clip.embed_text(captions)                               # (b, E), cached too
-        if cfg.hard_negatives:                                          # some one-word edits
-            wrong_caps, valid = wrong_captions(captions, perm, cfg)
-            text, wrong = split_text(clip.text_features(captions + wrong_caps))
-            return text, wrong, valid.to(device), embed, clip.embed_text(wrong_caps)
-        return text, losses.permute_text(text, perm), valid.to(device), embed, embed[perm.to(device)]
+        text, wrong, valid, wrong_caps = caption_pairs(clip, captions, cfg)
+        return text, wrong, valid.to(device), clip.embed_text(captions), clip.embed_text(wrong_caps)
 
     def add_stats(logs):
         for k, v in logs.items():
