@@ -18,6 +18,8 @@ itself - D step, lazy R1, G step, EMA - stays written out in train.py).
     R1 (Mescheder et al. 2018) on real images and every real pyramid level, lazy:
         R1 = sum_levels E_b ||d(sum_p D_p(x, c)) / d x_level||^2,  applied as gamma/2 * R1 * interval
     LPIPS (Zhang et al. 2018) for the upsampler, weight 10.
+    mode seeking (Mao et al. 2019; project choice, not in the paper, off unless weighted):
+        L_ms = 1 / mean_pairs(mean|G(c, z1) - G(c, z2)| / mean|z1 - z2|), pairs of one caption
 
 Why. The plain GAN loss only asks "is this a real image?"; a text-conditioned D can answer
 that while ignoring the text. The matching-aware pairs make ignoring the text costly for D,
@@ -83,9 +85,11 @@ class LossConfig:
     r1_interval: int = 16           # paper value: lazy R1 every 16 D steps (StyleGAN2's interval)
     lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
     pixel_weight: float = 0.0       # project choice [U]: weight of a pixel MSE to lpips_target (paper: none)
+    mode_seeking_weight: float = 0.0  # project choice, not in the paper: MSGAN's diversity term (base G only)
 
     def __post_init__(self):
-        for name in ("match_weight", "clip_weight", "vision_weight", "r1_gamma", "lpips_weight", "pixel_weight"):
+        for name in ("match_weight", "clip_weight", "vision_weight", "r1_gamma", "lpips_weight", "pixel_weight",
+                     "mode_seeking_weight"):
             assert getattr(self, name) >= 0, f"{name} {getattr(self, name)}: a weight, >= 0 (0 turns the term off)"
         assert self.clip_temperature > 0, f"clip_temperature {self.clip_temperature}: > 0"
         assert self.r1_interval >= 1, f"r1_interval {self.r1_interval}: >= 1 (steps between R1 steps)"
@@ -264,6 +268,32 @@ def clip_contrastive_loss(image_embed, text_embed, temperature, caption_ids=None
     log_all = torch.logsumexp(logits, dim=1)  # (B,) log sum_j exp(l_ij)
     log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)  # (B,) over positives
     return (log_all - log_pos).mean()
+
+
+# -----------------------------------------------------------------------------
+# Mode seeking (Mao et al. 2019, "MSGAN"; project choice, NOT in the paper, off by default)
+#
+# A conditional G can settle on one image per caption: each image looks real and matches
+# its text, and as a batch of random captions rarely holds one caption twice, no D term
+# sees that two seeds give the same picture. Mode seeking rewards G for images that move
+# when z moves: for pairs of rows with the SAME caption and different z,
+#     ratio = mean_pairs( mean|G(c, z1) - G(c, z2)| / mean|z1 - z2| ),   L_ms = 1 / (ratio + eps)
+# (MSGAN's form; its gradient fades as the images spread, so it does not push without end).
+# train.py builds such pairs by giving the G step's rows P..2P-1 the captions of rows 0..P-1.
+
+def mode_seeking_loss(images, z, eps=1e-5):
+    """images (2P, ...) and z (2P, Z): row i and row P + i are a pair (same caption, other z)."""
+    P = images.shape[0] // 2
+    assert P >= 1 and images.shape[0] == 2 * P == z.shape[0], (images.shape, z.shape)
+    d_image = (images[:P].float() - images[P:].float()).abs().flatten(1).mean(1)  # (P,) mean abs per pair
+    d_z = (z[:P].float() - z[P:].float()).abs().mean(1)                          # (P,)
+    return 1.0 / ((d_image / d_z).mean() + eps)
+
+
+def mode_seeking_captions(captions):
+    """The G step's captions for mode seeking: the first half twice (an odd last row stays)."""
+    P = len(captions) // 2
+    return captions[:P] * 2 + captions[2 * P:]
 
 
 # -----------------------------------------------------------------------------
@@ -524,8 +554,9 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
 
 def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip=None, vd=None,
                    text_embed=None, wrong_text_embed=None, caption_ids=None, lpips=None, lpips_target=None,
-                   vision_clip=None, vision_text_embed=None, vision_wrong_text_embed=None):
-    """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS).
+                   vision_clip=None, vision_text_embed=None, vision_wrong_text_embed=None, z=None):
+    """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS)
+    (+ mode seeking).
 
     Arguments as in discriminator_loss, plus
     caption_ids   (B,) ids of identical captions (caption_ids(captions)) for the CLIP loss
@@ -534,6 +565,8 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
     vision_clip, vision_text_embed, vision_wrong_text_embed   the CLIP of the vision-aided D and
                   its caption embeddings, when it is another model than `clip` (the paper: ViT-B/32
                   for the vision-aided D, ViT-L/14 for text); default: `clip` and its embeddings
+    z             (B, Z) the latents of fake_pyr, for cfg.mode_seeking_weight > 0; the captions must
+                  then be paired as mode_seeking_captions pairs them (row i and row P + i alike)
     Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c)
     should look real; (fake, c^) should look fake (reading (ii) of the module docstring).
     D and vd also receive gradients here: train.py switches their requires_grad off for the
@@ -583,6 +616,11 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
         pixel = (image.float() - lpips_target).square().mean()
         loss = loss + cfg.pixel_weight * pixel
         logs["G/pixel"] = _num(pixel)
+    if z is not None and cfg.mode_seeking_weight > 0 and image.shape[0] >= 2:
+        n = image.shape[0] // 2 * 2  # the paired rows (an odd last row has no partner)
+        seeking = mode_seeking_loss(image[:n], z[:n])
+        loss = loss + cfg.mode_seeking_weight * seeking
+        logs["G/mode_seeking"] = _num(seeking)
     logs["G/loss"] = _num(loss)
     return loss, logs
 

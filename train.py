@@ -259,6 +259,9 @@ def parse_flags(argv):
                             f"--u.out-resolution {g_cfg.out_resolution}")
         check_clip_tower(cfg, g_cfg.in_resolution)
         loss_cfg = configured(loss_preset("upsampler", preset), values["loss."], "loss", "loss")
+        if loss_cfg.mode_seeking_weight > 0:
+            raise FlagError("--loss.mode-seeking-weight is a term of the base G (its z); the upsampler "
+                            "stage has none: drop the flag or use --stage base")
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = configured(generator.G_PRESETS[preset], values["g."], "generator", "g")
     check_clip_tower(cfg, g_cfg.resolution)
@@ -846,6 +849,8 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
                 opt_G.zero_grad(set_to_none=True)
                 for micro, reals, captions in work:
                     seed_for(cfg, step, micro, phase=1)
+                    if loss_cfg.mode_seeking_weight > 0:  # rows i and P + i: one caption, two z
+                        captions = losses.mode_seeking_captions(captions)
                     text, wrong, valid, embeds = condition(captions)
                     z = torch.randn(len(captions), g_cfg.z_dim, device=device)
                     with rt.autocast():
@@ -854,7 +859,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
                             D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid, clip=clip, vd=VD,
                             text_embed=embeds[0], wrong_text_embed=embeds[1],
                             vision_clip=vclip, vision_text_embed=embeds[2], vision_wrong_text_embed=embeds[3],
-                            caption_ids=losses.caption_ids(captions).to(device))
+                            caption_ids=losses.caption_ids(captions).to(device), z=z)
                     check_finite(loss, "G", step)
                     (loss * scale).backward()
                     add_stats(logs)

@@ -475,6 +475,48 @@ def test_pixel_term_adds_weight_times_mse_and_pulls_towards_the_target():
     assert ((image - 10.0 * image.grad - target).abs().mean() < (image - target).abs().mean()).item()
 
 
+def test_mode_seeking_equals_msgan_ratio_and_rewards_diverse_pairs():
+    torch.manual_seed(0)
+    images, z = torch.randn(6, 3, 8, 8), torch.randn(6, 5)
+    ratios = [F.l1_loss(images[i], images[i + 3]) / F.l1_loss(z[i], z[i + 3]) for i in range(3)]  # one pair at a time
+    torch.testing.assert_close(L.mode_seeking_loss(images, z), 1 / (sum(ratios) / 3 + 1e-5))
+    # sign: a pair drawn twice alike costs most (1/eps); spreading the images lowers it
+    same = torch.cat([images[:3], images[:3]])
+    assert L.mode_seeking_loss(same, z) > 1e4
+    assert L.mode_seeking_loss(2 * images, z) < L.mode_seeking_loss(images, z)
+    # its gradient pushes each pair apart: one descent step raises every pair's distance
+    x = images.clone().requires_grad_(True)
+    L.mode_seeking_loss(x, z).backward()
+    stepped = (x - 0.1 * x.grad).detach()
+    assert ((stepped[:3] - stepped[3:]).abs().mean((1, 2, 3)) > (images[:3] - images[3:]).abs().mean((1, 2, 3))).all()
+    with pytest.raises(AssertionError):
+        L.mode_seeking_loss(images[:5], z[:5])  # pairs need an even batch
+
+
+def test_mode_seeking_captions_pair_rows_i_and_p_plus_i():
+    assert L.mode_seeking_captions(["a", "b", "c", "d"]) == ["a", "b", "a", "b"]
+    assert L.mode_seeking_captions(["a", "b", "c", "d", "e"]) == ["a", "b", "a", "b", "e"]  # the odd row stays
+
+
+def test_generator_loss_adds_mode_seeking_only_when_weighted_and_given_z():
+    torch.manual_seed(0)
+    B = 5  # odd: the last row has no partner and is left out of the term
+    G, D = ToyG(), ToyTextD()
+    text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
+    z = torch.randn(B, 8)
+    fake = G(z)
+    cfg = L.LossConfig(match_g=False, clip_weight=0.0)
+    off, logs_off = L.generator_loss(D, fake, text, None, cfg, z=z)
+    on, logs_on = L.generator_loss(D, fake, text, None, dataclasses.replace(cfg, mode_seeking_weight=0.3), z=z)
+    no_z, logs_no_z = L.generator_loss(D, fake, text, None, dataclasses.replace(cfg, mode_seeking_weight=0.3))
+    torch.testing.assert_close(on - off, 0.3 * L.mode_seeking_loss(fake[0][:4], z[:4]))
+    assert "G/mode_seeking" in logs_on and "G/mode_seeking" not in logs_off and "G/mode_seeking" not in logs_no_z
+    torch.testing.assert_close(no_z, off)
+    assert L.LOSS_PRESETS["base"].mode_seeking_weight == 0.0  # not in the paper: off by default
+    with pytest.raises(AssertionError):
+        L.LossConfig(mode_seeking_weight=-1.0)
+
+
 # -----------------------------------------------------------------------------
 # LPIPS
 

@@ -190,6 +190,8 @@ def test_tuple_flags_take_commas_or_json():
     (["--stage", "upsampler", "--loss.r1-interval", "0"], "bad loss configuration (--loss.*): r1_interval 0"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--hard-negatives", "1.5"], "--hard-negatives is a share"),
+    (["--loss.mode-seeking-weight", "-1"], "bad loss configuration (--loss.*): mode_seeking_weight -1"),
+    (["--stage", "upsampler", "--loss.mode-seeking-weight", "1"], "a term of the base G"),
     (["--hard-attribute", "texture"], "unknown --hard-attribute"),
     (["--hard-negatives", "0.5", "--data", "/tmp"], "--hard-negatives edits captions of the shapes grammar"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
@@ -291,3 +293,21 @@ def test_base_stage_trains_with_hard_negatives(tmp_path, tiny_clip):
     assert state(out)["step"] == 2
     rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
     assert all(r["D/match"] > 0 for r in rows)
+
+
+def test_base_stage_trains_with_mode_seeking_on_paired_captions(tmp_path, tiny_clip, monkeypatch):
+    seen = []  # the caption ids of every G step: rows i and P + i must share a caption
+    original = train.losses.generator_loss
+
+    def recording(*args, caption_ids=None, z=None, **kwargs):
+        seen.append((caption_ids.clone(), z.clone()))
+        return original(*args, caption_ids=caption_ids, z=z, **kwargs)
+
+    monkeypatch.setattr(train.losses, "generator_loss", recording)
+    out = run(tmp_path, "--max-steps", "2", "--loss.mode-seeking-weight", "1", name="base", clip=tiny_clip)
+    assert state(out)["step"] == 2 and len(seen) == 2
+    for ids, z in seen:
+        P = len(ids) // 2
+        assert torch.equal(ids[:P], ids[P:2 * P]) and not torch.equal(z[:P], z[P:2 * P])
+    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
+    assert all(r["G/mode_seeking"] > 0 for r in rows)
