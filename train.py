@@ -18,6 +18,8 @@ The order of one optimisation step, written out below (Sec. 3 and Appendix of th
     D step (adversarial + matching-aware + vision-aided) -> lazy R1 every r1_interval steps
     -> G step (adversarial + matching-aware + CLIP + vision-aided) -> EMA of G
     -> logs, snapshots, evaluation, checkpoint.
+(--loss.mode-seeking-weight W > 0 adds MSGAN's diversity term to the G step, ours, not the paper's:
+its rows P..2P-1 then take the captions of rows 0..P-1, so each caption is drawn with two z.)
 The upsampler stage (06_upsampler.py, paper Sec. 3.5) runs the same loop with U(make_lowres(real))
 in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
