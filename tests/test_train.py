@@ -311,3 +311,20 @@ def test_base_stage_trains_with_mode_seeking_on_paired_captions(tmp_path, tiny_c
         assert torch.equal(ids[:P], ids[P:2 * P]) and not torch.equal(z[:P], z[P:2 * P])
     rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
     assert all(r["G/mode_seeking"] > 0 for r in rows)
+
+
+def test_base_stage_with_a_resnet_tiny_clip_for_the_vision_aided_d(tmp_path, tiny_clip):
+    rn = tmp_path / "clip_rn"
+    train.main(["--stage", "clip", "--out", str(rn), "--clip-tower", "resnet", "--clip-steps", "2",
+                "--clip-batch-size", "16"])
+    spec = f"tiny:{rn / 'clip.pt'}"
+    out = run(tmp_path, "--max-steps", "2", "--vision-clip", spec, name="split", clip=tiny_clip)
+    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
+    assert all(r["D/vision"] > 0 and "G/vision" in r and "G/clip" in r for r in rows)
+    # the vision-aided D reads the ResNet CLIP's feature maps, not the text CLIP's
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}
+    d_cfg = train.discriminator.D_PRESETS["tiny"]
+    for c, same in ((train.clip_lib.load_clip(spec), True), (train.clip_lib.load_clip(tiny_clip), False)):
+        vd = train.discriminator.VisionAidedDiscriminator(c.feature_channels, c.embed_dim, hidden=d_cfg.vision_hidden,
+                                                          psi_layers=d_cfg.vision_psi_layers)
+        assert (shapes(vd.state_dict()) == shapes(state(out)["VD"])) == same
