@@ -1262,7 +1262,11 @@ def main(argv=None):
     try:
         cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
         rt = setup_runtime(cfg)
-        micro_batches(cfg, rt), clip_spec(cfg)  # check now, before minutes of CLIP training
+        batch_gpu, _ = micro_batches(cfg, rt)  # check now, before minutes of CLIP training
+        clip_spec(cfg)
+        if loss_cfg.mode_seeking_weight > 0 and batch_gpu < 2:
+            raise FlagError(f"--loss.mode-seeking-weight pairs images within a micro-batch of {batch_gpu}: "
+                            "use --batch-gpu 2 or more")
     except FlagError as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -192,6 +192,7 @@ def test_tuple_flags_take_commas_or_json():
     (["--hard-negatives", "1.5"], "--hard-negatives is a share"),
     (["--loss.mode-seeking-weight", "-1"], "bad loss configuration (--loss.*): mode_seeking_weight -1"),
     (["--stage", "upsampler", "--loss.mode-seeking-weight", "1"], "a term of the base G"),
+    (["--loss.mode-seeking-weight", "1", "--batch-size", "4", "--batch-gpu", "1"], "use --batch-gpu 2 or more"),
     (["--hard-attribute", "texture"], "unknown --hard-attribute"),
     (["--hard-negatives", "0.5", "--data", "/tmp"], "--hard-negatives edits captions of the shapes grammar"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
