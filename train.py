@@ -261,9 +261,6 @@ def parse_flags(argv):
                             f"--u.out-resolution {g_cfg.out_resolution}")
         check_clip_tower(cfg, g_cfg.in_resolution)
         loss_cfg = configured(loss_preset("upsampler", preset), values["loss."], "loss", "loss")
-        if loss_cfg.mode_seeking_weight > 0:
-            raise FlagError("--loss.mode-seeking-weight is a term of the base G (its z); the upsampler "
-                            "stage has none: drop the flag or use --stage base")
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = configured(generator.G_PRESETS[preset], values["g."], "generator", "g")
     check_clip_tower(cfg, g_cfg.resolution)
@@ -285,6 +282,18 @@ def loss_preset(stage, preset):
     """05's loss settings of a stage ("base" | "upsampler"): "<stage>_<preset>" where a size preset
     has its own (tiny: a stronger R1 for the base, a pixel MSE for the upsampler), else "<stage>"."""
     return losses.LOSS_PRESETS.get(f"{stage}_{preset}", losses.LOSS_PRESETS[stage])
+
+
+def check_mode_seeking(cfg, loss_cfg, batch_gpu):
+    """Mode seeking pairs two z of one caption inside a micro-batch of the base G."""
+    if loss_cfg.mode_seeking_weight <= 0:
+        return
+    if cfg.stage != "base":
+        raise FlagError(f"--loss.mode-seeking-weight is a term of the base G (its z); the {cfg.stage} "
+                        "stage has none: drop the flag or use --stage base")
+    if batch_gpu < 2:
+        raise FlagError(f"--loss.mode-seeking-weight pairs images within a micro-batch of {batch_gpu}: "
+                        "use --batch-gpu 2 or more")
 
 
 def check_clip_tower(cfg, resolution):
@@ -1262,11 +1271,8 @@ def main(argv=None):
     try:
         cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
         rt = setup_runtime(cfg)
-        batch_gpu, _ = micro_batches(cfg, rt)  # check now, before minutes of CLIP training
-        clip_spec(cfg)
-        if loss_cfg.mode_seeking_weight > 0 and batch_gpu < 2:
-            raise FlagError(f"--loss.mode-seeking-weight pairs images within a micro-batch of {batch_gpu}: "
-                            "use --batch-gpu 2 or more")
+        check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])  # check now, before minutes of
+        clip_spec(cfg)                                                # CLIP training
     except FlagError as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -323,7 +323,9 @@ def test_base_stage_with_a_resnet_tiny_clip_for_the_vision_aided_d(tmp_path, tin
     rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
     assert all(r["D/vision"] > 0 and "G/vision" in r and "G/clip" in r for r in rows)
     # the vision-aided D reads the ResNet CLIP's feature maps, not the text CLIP's
-    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}
+    def shapes(state_dict):
+        return {k: tuple(v.shape) for k, v in state_dict.items()}
+
     d_cfg = train.discriminator.D_PRESETS["tiny"]
     for c, same in ((train.clip_lib.load_clip(spec), True), (train.clip_lib.load_clip(tiny_clip), False)):
         vd = train.discriminator.VisionAidedDiscriminator(c.feature_channels, c.embed_dim, hidden=d_cfg.vision_hidden,
