@@ -87,7 +87,7 @@ class TrainConfig:
     resume: bool = False          # continue from <out>/checkpoint.pt
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
-    vision_clip: str = ""         # CLIP for the vision-aided D; '' -> the same model as --clip
+    vision_clip: str = "auto"     # CLIP of the vision-aided D: auto | same (--clip's) | tiny:PATH | NAME/TAG (vision_clip_spec)
     clip_steps: int = 1000        # training steps of the tiny CLIP (stage clip)
     clip_tower: str = "vit"       # the tiny CLIP's image tower: vit | resnet (sharper on shape, worse for G)
     clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
@@ -232,6 +232,9 @@ def parse_flags(argv):
         raise FlagError(f"unknown --lpips {cfg.lpips!r}: choose vgg (paper) | alex | random (no download)")
     if cfg.clip_tower not in ("vit", "resnet"):
         raise FlagError(f"unknown --clip-tower {cfg.clip_tower!r}: choose vit (default) | resnet")
+    if cfg.vision_clip not in ("auto", "same") and not cfg.vision_clip.startswith("tiny:") and "/" not in cfg.vision_clip:
+        raise FlagError(f"bad --vision-clip {cfg.vision_clip!r}: choose auto | same | tiny:PATH | NAME/TAG "
+                        "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise FlagError(f"unknown --dtype {cfg.dtype!r}: choose float32 | bfloat16")
     for name in ("max_steps", "batch_size", "log_every", "snapshot_every", "ckpt_every", "clip_steps"):
@@ -498,6 +501,31 @@ def clip_spec(cfg):
     return cfg.clip
 
 
+VISION_CLIP = "vision_clip.pt"  # the ResNet-tower sibling of a tiny clip.pt, for the vision-aided D
+
+
+def vision_clip_spec(cfg):
+    """--vision-clip -> the load_clip spec of the vision-aided D's CLIP, or None: the text CLIP itself.
+
+    `auto` (the default): a tiny ViT CLIP gets a sibling with the ResNet image tower, `vision_clip.pt`
+    beside its `clip.pt`, which this run trains itself with `--clip tiny` (as --stage clip does) and
+    uses when present with `--clip tiny:PATH`; any other --clip serves both roles (`same`).
+    Why (project's choice; the paper, too, gives the vision-aided D its own CLIP, ViT-B/32 beside
+    the ViT-L/14 of the text): the tiny ViT reads shape poorly (zero-shot 0.83, and it takes G's
+    upright ellipses for triangles), the tiny ResNet reads it (0.99), and G learns shape fastest
+    with the ViT for the text and the CLIP loss and the ResNet's features in the vision-aided D
+    (README, Status: shape 0.58-0.64 at step 2,000 against 0.37 with the ViT alone)."""
+    if cfg.vision_clip == "same":
+        return None
+    if cfg.vision_clip != "auto":
+        return cfg.vision_clip
+    spec = clip_spec(cfg)
+    if not spec.startswith("tiny:") or cfg.clip_tower == "resnet":  # a ResNet text CLIP needs no sibling
+        return None
+    path = os.path.join(os.path.dirname(spec[len("tiny:"):]), VISION_CLIP)
+    return "tiny:" + path if cfg.clip == "tiny" or os.path.isfile(path) else None
+
+
 def stored_clip_spec(spec, out):
     """How the checkpoint names a tiny CLIP: relative to the run directory when the file is in
     it or in a run beside it (`tiny:clip.pt`, `tiny:../tiny/clip.pt`: runs move together),
@@ -509,15 +537,23 @@ def stored_clip_spec(spec, out):
     return spec
 
 
-def train_clip_stage(cfg, resolution, rt, dataset):
-    """Train the tiny CLIP on the training data at `resolution` px (rank 0 only; the others wait)."""
+def train_clip_stage(cfg, resolution, rt, dataset, vision=True, only_missing=False):
+    """Train the run's tiny CLIPs on the training data at `resolution` px (rank 0 only; the others
+    wait): <out>/clip.pt with the --clip-tower image tower and, when `vision` and --vision-clip auto
+    asks for it (vision_clip_spec), its ResNet-tower sibling <out>/vision_clip.pt.
+    only_missing: skip a file that is already there (the cache of `--clip tiny`). -> clip.pt's path."""
     path = os.path.join(cfg.out, "clip.pt")
+    jobs = [(path, cfg.clip_tower)]
+    if vision and cfg.vision_clip == "auto" and cfg.clip_tower == "vit":
+        jobs.append((os.path.join(cfg.out, VISION_CLIP), "resnet"))
+    jobs = [(p, tower) for p, tower in jobs if not (only_missing and os.path.isfile(p))]
     if rt.main:
-        print(f"[clip] training a tiny CLIP for {cfg.clip_steps} steps on {cfg.data} -> {path}")
         negatives = data.shapes_hard_negatives if cfg.data == "shapes" else None  # one-word changes
-        clip_lib.train_tiny_clip(dataset, path, steps=cfg.clip_steps, batch_size=cfg.clip_batch_size,
-                                 device=rt.device, resolution=resolution, seed=cfg.seed,
-                                 negatives=negatives, vision=cfg.clip_tower)
+        for p, tower in jobs:
+            print(f"[clip] training a tiny CLIP ({tower} image tower) for {cfg.clip_steps} steps on {cfg.data} -> {p}")
+            clip_lib.train_tiny_clip(dataset, p, steps=cfg.clip_steps, batch_size=cfg.clip_batch_size,
+                                     device=rt.device, resolution=resolution, seed=cfg.seed,
+                                     negatives=negatives, vision=tower)
     if rt.world > 1:
         dist.barrier()
     return path
@@ -706,13 +742,14 @@ def check_finite(loss, what, step):
         raise NonFiniteLoss(f"{what} loss is {loss.item()} at step {step}")
 
 
-def frozen_clip(cfg, rt, resolution, dataset):
-    """The run's frozen CLIP (--clip): a tiny one is trained first if <out>/clip.pt is missing."""
+def frozen_clip(cfg, rt, resolution, dataset, vision=False):
+    """The run's frozen CLIP (--clip). With --clip tiny, its files are trained first when missing
+    (<out>/clip.pt, and with `vision` the vision-aided D's <out>/vision_clip.pt: see vision_clip_spec)."""
     spec = clip_spec(cfg)
-    if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
-        if cfg.clip != "tiny":
-            raise FileNotFoundError(f"no tiny CLIP at {spec[5:]}: train one with python train.py --stage clip")
-        train_clip_stage(cfg, resolution, rt, dataset)             # cached: skipped when present
+    if cfg.clip == "tiny":
+        train_clip_stage(cfg, resolution, rt, dataset, vision=vision, only_missing=True)  # cached
+    elif spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
+        raise FileNotFoundError(f"no tiny CLIP at {spec[5:]}: train one with python train.py --stage clip")
     return spec, clip_lib.load_clip(spec, device=rt.device)        # frozen, never saved in checkpoints
 
 
@@ -736,8 +773,9 @@ def check_resumable(ckpt, path, stage, preset, model_key, model_config, config_c
 
 def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     device = rt.device
-    spec, clip = frozen_clip(cfg, rt, g_cfg.resolution, dataset)
-    vclip = clip if not cfg.vision_clip else clip_lib.load_clip(cfg.vision_clip, device=device)
+    spec, clip = frozen_clip(cfg, rt, g_cfg.resolution, dataset, vision=loss_cfg.vision_weight > 0)
+    vspec = vision_clip_spec(cfg) if loss_cfg.vision_weight > 0 else None  # None: `clip` serves the vision-aided D
+    vclip = clip if vspec is None else clip_lib.load_clip(vspec, device=device)
     if cfg.dtype == "bfloat16":  # frozen image towers: cast once, not by autocast at every pass
         clip.image_tower_to(torch.bfloat16)
         vclip.image_tower_to(torch.bfloat16)  # the same object when there is no --vision-clip
@@ -767,6 +805,10 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
         check_resumable(ckpt, ckpt_path, "base", cfg.preset, "G", config["G"], generator.GeneratorConfig)
+        stored = ckpt.get("vision_clip")  # VD's weights fit that CLIP's feature maps only
+        if stored is not None and VD is not None and stored != stored_clip_spec(vspec or spec, cfg.out):
+            raise FlagError(f"{ckpt_path} was trained with the vision-aided D on CLIP {stored}, this run would "
+                            f"use {vspec or spec}: resume with --vision-clip as before (e.g. --vision-clip same)")
         G.load_state_dict(ckpt["G"]); G_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
         if VD is not None:
             VD.load_state_dict(ckpt["VD"])
@@ -780,13 +822,15 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
             "G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
             "VD": VD.state_dict() if VD is not None else {},
             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-            "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out)})
+            "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out),
+            "vision_clip": stored_clip_spec(vspec or spec, cfg.out)})
 
     if rt.main:
         n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
         n_vd = sum(p.numel() for p in VD.parameters()) if VD is not None else 0
-        print(f"G {n_g / 1e6:.2f}M params, D {n_d / 1e6:.2f}M, vision-aided D {n_vd / 1e6:.2f}M, "
-              f"CLIP {spec} (text width {clip.text_width}), {rt.world} process(es) on {device}")
+        print(f"G {n_g / 1e6:.2f}M params, D {n_d / 1e6:.2f}M, vision-aided D {n_vd / 1e6:.2f}M"
+              f"{f' on CLIP {vspec}' if vspec else ''}, CLIP {spec} (text width {clip.text_width}), "
+              f"{rt.world} process(es) on {device}")
     batch_gpu, micros = micro_batches(cfg, rt)
     batches = make_batches(dataset, cfg, rt, batch_gpu, micros, step)
     levels = len(g_cfg.scales)                                     # pyramid levels: 4 at 32 px, 5 at 64 px
@@ -1183,7 +1227,7 @@ def frozen_clip_bytes(cfg):
     (no weights read); text towers in float32, image towers in the run's dtype (image_tower_to).
     -> {model name: bytes}; tiny CLIPs (a few MB) and names open_clip does not know are left out."""
     out = {}
-    for spec in dict.fromkeys([cfg.clip, cfg.vision_clip or cfg.clip]):
+    for spec in dict.fromkeys([cfg.clip, vision_clip_spec(cfg) or cfg.clip]):
         name = spec.split("/")[0]
         if name not in clip_lib.open_clip.list_models():
             continue

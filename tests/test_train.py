@@ -196,6 +196,7 @@ def test_tuple_flags_take_commas_or_json():
     (["--hard-attribute", "texture"], "unknown --hard-attribute"),
     (["--hard-negatives", "0.5", "--data", "/tmp"], "--hard-negatives edits captions of the shapes grammar"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
+    (["--vision-clip", "ViT-B-32"], "bad --vision-clip 'ViT-B-32': choose auto | same"),
     (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
     (["--batch-size", "6", "--batch-gpu", "4"], "multiple of --batch-gpu"),
     (["stray"], "unexpected argument"),
@@ -331,3 +332,40 @@ def test_base_stage_with_a_resnet_tiny_clip_for_the_vision_aided_d(tmp_path, tin
         vd = train.discriminator.VisionAidedDiscriminator(c.feature_channels, c.embed_dim, hidden=d_cfg.vision_hidden,
                                                           psi_layers=d_cfg.vision_psi_layers)
         assert (shapes(vd.state_dict()) == shapes(state(out)["VD"])) == same
+
+
+def test_vision_clip_auto_resolves_to_the_resnet_sibling(tmp_path):
+    """--vision-clip auto: `--clip tiny` trains <out>/vision_clip.pt; `--clip tiny:PATH` uses the
+    file beside PATH when it is there; a ResNet text CLIP, a pretrained one or `same` serve both."""
+    def spec(*argv):
+        return train.vision_clip_spec(train.parse_flags(["--out", str(tmp_path / "r"), *argv])[0])
+
+    assert spec() == f"tiny:{tmp_path / 'r' / 'vision_clip.pt'}"
+    assert spec("--clip-tower", "resnet") is None
+    assert spec("--vision-clip", "same") is None
+    assert spec("--clip", "ViT-B-32", "--clip-pretrained", "none") is None
+    assert spec("--vision-clip", "tiny:elsewhere.pt") == "tiny:elsewhere.pt"
+    assert spec("--full") == "ViT-B-32/openai"                   # the paper's: ViT-B/32 beside ViT-L/14
+    (tmp_path / "c").mkdir()
+    assert spec("--clip", f"tiny:{tmp_path / 'c' / 'clip.pt'}") is None  # no sibling: the text CLIP
+    (tmp_path / "c" / "vision_clip.pt").write_bytes(b"")
+    assert spec("--clip", f"tiny:{tmp_path / 'c' / 'clip.pt'}") == f"tiny:{tmp_path / 'c' / 'vision_clip.pt'}"
+
+
+def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_path, tiny_clip, capsys):
+    sibling = os.path.join(os.path.dirname(tiny_clip[len("tiny:"):]), "vision_clip.pt")
+    assert os.path.isfile(sibling)                              # --stage clip wrote both files
+    rn = train.clip_lib.load_clip("tiny:" + sibling)
+    assert rn.feature_channels != train.clip_lib.load_clip(tiny_clip).feature_channels  # a ResNet tower
+    out = run(tmp_path, "--max-steps", "2", name="auto", clip=tiny_clip)
+    assert "on CLIP tiny:" + sibling in capsys.readouterr().out
+    ckpt = state(out)
+    assert ckpt["vision_clip"].endswith("vision_clip.pt")
+    head = next(v for k, v in ckpt["VD"].items() if k.endswith("stem.0.weight"))
+    assert head.shape[1] == rn.feature_channels[0]              # VD reads the ResNet's feature maps
+    # resuming with another vision-aided CLIP would load VD onto other feature maps: refused
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--max-steps", "3", "--resume", "--vision-clip", "same", name="auto", clip=tiny_clip)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "resume with --vision-clip as before" in err and len(err.splitlines()) == 1, err
