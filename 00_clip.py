@@ -58,7 +58,8 @@ class TinyCLIPConfig:
     # the ViT tells shape (circle / square / triangle) apart in 0.82-0.88 of fresh images whatever
     # its stem or learning rate, the ResNet in 0.98-0.99. But G learns worse through the ResNet:
     # its gradients at the data's own 32 px teach G pixel speckle (FD 0.038 vs 0.019-0.024, no
-    # better alignment), so the GAN default stays the ViT.
+    # better alignment), so the text and the CLIP loss stay with the ViT. Where the ResNet helps
+    # is as the vision-aided D's backbone beside it (train.py's --vision-clip auto, the default).
     vision: str = "vit"
     resnet_width: int = 8  # stem width; stage i outputs 4 * width * 2^i channels: 32, 64, 128, 256
     resnet_layers: tuple = (1, 1, 1, 1)  # bottleneck blocks per stage (strides 4, 8, 16, 32 px)
@@ -264,7 +265,7 @@ class FrozenCLIP(nn.Module):
         spec: str,  # how it was loaded, e.g. "ViT-L-14/openai" or "tiny:runs/clip.pt"
         mean=OPENAI_DATASET_MEAN,  # per-channel input normalisation the weights were trained with
         std=OPENAI_DATASET_STD,
-        feature_layers=None,  # ViT blocks / ResNet stages whose outputs image_features returns; None: 3 evenly spaced
+        feature_layers=None,  # ViT blocks / ResNet stages for image_features; None: 3 evenly spaced blocks, every stage
         cache_size: int = 100_000,  # most captions kept; ViT-L/14 needs ~3 KB per token kept
     ):
         super().__init__()
@@ -291,7 +292,11 @@ class FrozenCLIP(nn.Module):
         self.embed_dim = v.output_dim  # E
         self.image_size = v.image_size if resnet else v.image_size[0]  # S (square towers only)
         n_blocks = 4 if resnet else len(v.transformer.resblocks)  # ResNet: its 4 stages
-        if feature_layers is None:  # e.g. 12 blocks -> after blocks 3, 7, 11 (0-based); 3 -> 0, 1, 2; 4 -> 0, 2, 3
+        if feature_layers is None and resnet:  # every stage: strides 4, 8, 16, 32 (project's choice)
+            # the stride-8 map is where a 10-20 px shape's outline lives at 32 px; with stages 0, 2, 3
+            # only, the vision-aided D taught G the shape more slowly (README, Status: 0.54 vs 0.61)
+            feature_layers = list(range(n_blocks))
+        elif feature_layers is None:  # ViT: 3 evenly spaced, e.g. 12 blocks -> after 3, 7, 11 (0-based); 3 -> 0, 1, 2
             feature_layers = sorted({max(0, round(n_blocks * k / 3) - 1) for k in (1, 2, 3)})
         self.feature_layers = list(feature_layers)
         if resnet:  # stage i: 4 * width * 2^i channels at stride 2^(i+2)

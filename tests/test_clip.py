@@ -164,10 +164,10 @@ def test_image_tower_in_bfloat16_is_close_and_keeps_the_callers_dtype():
 def test_resnet_tower_features_differentiable_and_match_open_clip():
     torch.manual_seed(0)
     clip = clip_lib.FrozenCLIP(clip_lib.build_tiny_clip(RESNET), spec="test resnet")
-    assert clip.feature_layers == [0, 2, 3] and clip.feature_channels == [32, 128, 256]
+    assert clip.feature_layers == [0, 1, 2, 3] and clip.feature_channels == [32, 64, 128, 256]
     images = (torch.rand(3, 3, 40, 40) * 2 - 1).requires_grad_(True)  # resized to 32 inside
     features, embed = clip.image_features_and_embedding(images)
-    assert [f.shape for f in features] == [(3, 32, 8, 8), (3, 128, 2, 2), (3, 256, 1, 1)]
+    assert [f.shape for f in features] == [(3, 32, 8, 8), (3, 64, 4, 4), (3, 128, 2, 2), (3, 256, 1, 1)]
     assert embed.shape == (3, RESNET.embed_dim) and torch.allclose(embed.norm(dim=-1), torch.ones(3))
     (embed.sum() + sum(f.square().mean() for f in features)).backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
@@ -194,7 +194,7 @@ def test_resnet_batchnorm_folding_is_exact():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in clip.modules())
     x = clip_lib.clip_preprocess(torch.rand(4, 3, 32, 32) * 2 - 1, 32, clip.mean, clip.std)
     with torch.no_grad():
-        expected = reference.visual.forward_intermediates(x, indices=[1, 3, 4], intermediates_only=True)
+        expected = reference.visual.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
         features, embed = clip_lib.vision_tower(clip.model, x, clip.feature_layers)
         assert torch.allclose(embed, reference.encode_image(x), atol=1e-5)
     assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(features, expected["image_intermediates"]))
