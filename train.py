@@ -1,8 +1,8 @@
 """
 train.py - one flat, readable training loop for every stage of GigaGAN.
 
-    python train.py                                  # tiny CLIP, then a tiny text-to-image GAN on `shapes` (CPU, minutes)
-    python train.py --stage clip --out runs/clip     # only the tiny CLIP -> runs/clip/clip.pt
+    python train.py                                  # tiny CLIPs, then a tiny text-to-image GAN on `shapes` (CPU, minutes)
+    python train.py --stage clip --out runs/clip     # only the tiny CLIPs -> runs/clip/clip.pt, vision_clip.pt
     python train.py --preset small --device cuda     # 64 px on one GPU
     torchrun --nproc_per_node=8 train.py --full --data 'shards/{00000..09999}.tar'
     python train.py --full --dry-run                 # parameter counts and memory estimate, no training
@@ -25,6 +25,10 @@ in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, an
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
 Its first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstruction warm-up:
 U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator.
+
+The frozen CLIPs: --clip gives the text features and the CLIP loss; --vision-clip the backbone of the
+vision-aided D (auto: with a tiny ViT CLIP, a tiny ResNet-tower sibling `vision_clip.pt`, which reads
+shape; see vision_clip_spec; `same`: the --clip model). Both are trained first when --clip is tiny.
 
 Determinism and multi-GPU: the global batch is cut into micro-batches of `batch_gpu`
 images; process `rank` takes micro-batches rank, rank + world, ... Every random draw of a
