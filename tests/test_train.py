@@ -239,8 +239,8 @@ def test_resume_of_a_run_written_before_a_config_field_existed(tmp_path, tiny_cl
 
 @pytest.mark.slow
 def test_short_tiny_run_learns_the_background_colour(tmp_path):
-    """The learning test: a tiny CLIP of 300 steps, then 250 GAN steps of batch 8 (2,000 images;
-    about 2.5 minutes on 2 cores). The pixel judge of data.py reads the background colour of
+    """The learning test: the two tiny CLIPs of 300 steps (the ViT, and the ResNet-tower one of the
+    vision-aided D), then 250 GAN steps of batch 8 (2,000 images; about 3 minutes on 2 cores). The pixel judge of data.py reads the background colour of
     G_ema's images back: after one step it is near chance (1 in 7), after 250 it must be right
     far more often. (The shape, its colour, size and position take longer: see the README.)"""
     clip_out = tmp_path / "clip"
@@ -263,6 +263,10 @@ def test_tiny_preset_uses_its_own_r1_gamma():
     assert train.parse_flags(["--preset", "small"])[3].r1_gamma == pytest.approx(0.2048)
     assert train.parse_flags(["--full"])[3].r1_gamma == pytest.approx(0.2048)
     assert train.parse_flags(["--loss.r1_gamma", "0.5"])[3].r1_gamma == 0.5
+    # and weighs the vision-aided terms 2 (its ResNet-tower vision CLIP teaches the shape); the paper-sized
+    # presets keep 0.5
+    assert train.parse_flags([])[3].vision_weight == 2.0
+    assert train.parse_flags(["--full"])[3].vision_weight == 0.5
 
 
 def test_hard_negatives_change_one_word_of_their_own_caption():
