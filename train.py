@@ -271,6 +271,8 @@ def parse_flags(argv):
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = configured(generator.G_PRESETS[preset], values["g."], "generator", "g")
     check_clip_tower(cfg, g_cfg.resolution)
+    if cfg.vision_clip == "auto" and g_cfg.resolution % 32:  # no ResNet-tower sibling below 32 px steps
+        cfg.vision_clip = "same"
     d_cfg = configured(discriminator.D_PRESETS[preset], values["d."], "discriminator", "d")
     loss_cfg = configured(loss_preset("base", preset), values["loss."], "loss", "loss")
     return cfg, g_cfg, d_cfg, loss_cfg

@@ -350,6 +350,8 @@ def test_vision_clip_auto_resolves_to_the_resnet_sibling(tmp_path):
     assert spec("--clip", "ViT-B-32", "--clip-pretrained", "none") is None
     assert spec("--vision-clip", "tiny:elsewhere.pt") == "tiny:elsewhere.pt"
     assert spec("--full") == "ViT-B-32/openai"                   # the paper's: ViT-B/32 beside ViT-L/14
+    assert spec("--g.resolution", "16", "--g.channels", "64,64,32", "--g.blocks-per-scale", "1,1,1",
+                "--g.n-kernels", "1,2,2") is None                # a ResNet tower needs a multiple of 32 px
     (tmp_path / "c").mkdir()
     assert spec("--clip", f"tiny:{tmp_path / 'c' / 'clip.pt'}") is None  # no sibling: the text CLIP
     (tmp_path / "c" / "vision_clip.pt").write_bytes(b"")
