@@ -92,7 +92,7 @@ class TrainConfig:
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
     vision_clip: str = "auto"     # CLIP of the vision-aided D: auto | same (--clip's) | tiny:PATH | NAME/TAG (vision_clip_spec)
-    clip_steps: int = 1000        # training steps of the tiny CLIP (stage clip)
+    clip_steps: int = 1000        # training steps of each tiny CLIP (clip.pt, and vision_clip.pt with --vision-clip auto)
     clip_tower: str = "vit"       # the tiny CLIP's image tower: vit | resnet (sharper on shape, worse for G)
     clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
     workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
@@ -548,10 +548,10 @@ def train_clip_stage(cfg, resolution, rt, dataset, vision=True, only_missing=Fal
     wait): <out>/clip.pt with the --clip-tower image tower and, when `vision` and --vision-clip auto
     asks for it (vision_clip_spec), its ResNet-tower sibling <out>/vision_clip.pt.
     only_missing: skip a file that is already there (the cache of `--clip tiny`). -> clip.pt's path."""
-    path = os.path.join(cfg.out, "clip.pt")
+    path, sibling = os.path.join(cfg.out, "clip.pt"), os.path.join(cfg.out, VISION_CLIP)
     jobs = [(path, cfg.clip_tower)]
-    if vision and cfg.vision_clip == "auto" and cfg.clip_tower == "vit":
-        jobs.append((os.path.join(cfg.out, VISION_CLIP), "resnet"))
+    if vision and vision_clip_spec(cfg) == "tiny:" + sibling:  # one rule for when the sibling exists
+        jobs.append((sibling, "resnet"))
     jobs = [(p, tower) for p, tower in jobs if not (only_missing and os.path.isfile(p))]
     if rt.main:
         negatives = data.shapes_hard_negatives if cfg.data == "shapes" else None  # one-word changes
