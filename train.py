@@ -1342,8 +1342,10 @@ def main(argv=None):
         raise SystemExit(2)
     os.makedirs(cfg.out, exist_ok=True)
     if rt.main:
-        full_config = {"train": dataclasses.asdict(cfg), "U" if up else "G": dataclasses.asdict(g_cfg),
-                       "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}
+        full_config = {"train": dataclasses.asdict(cfg)}
+        if cfg.stage != "clip":  # the CLIP stage builds no G, D or GAN losses
+            full_config.update({"U" if up else "G": dataclasses.asdict(g_cfg), "D": dataclasses.asdict(d_cfg),
+                                "loss": dataclasses.asdict(loss_cfg)})
         print("config: " + json.dumps(full_config))
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(full_config, f, indent=2)

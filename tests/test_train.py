@@ -361,6 +361,8 @@ def test_vision_clip_auto_resolves_to_the_resnet_sibling(tmp_path):
 def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_path, tiny_clip, capsys):
     sibling = os.path.join(os.path.dirname(tiny_clip[len("tiny:"):]), "vision_clip.pt")
     assert os.path.isfile(sibling)                              # --stage clip wrote both files
+    written = json.load(open(os.path.join(os.path.dirname(sibling), "config.json")))
+    assert set(written) == {"train"}                            # no G/D/loss settings for the CLIP stage
     rn = train.clip_lib.load_clip("tiny:" + sibling)
     assert rn.feature_channels != train.clip_lib.load_clip(tiny_clip).feature_channels  # a ResNet tower
     out = run(tmp_path, "--max-steps", "2", name="auto", clip=tiny_clip)
