@@ -1,8 +1,8 @@
 """
 train.py - one flat, readable training loop for every stage of GigaGAN.
 
-    python train.py                                  # tiny CLIPs, then a tiny text-to-image GAN on `shapes` (CPU, minutes)
-    python train.py --stage clip --out runs/clip     # only the tiny CLIPs -> runs/clip/clip.pt, vision_clip.pt
+    python train.py                                  # a tiny CLIP, then a tiny text-to-image GAN on `shapes` (CPU, minutes)
+    python train.py --stage clip --out runs/clip     # only the tiny CLIP -> runs/clip/clip.pt
     python train.py --preset small --device cuda     # 64 px on one GPU
     torchrun --nproc_per_node=8 train.py --full --data 'shards/{00000..09999}.tar'
     python train.py --full --dry-run                 # parameter counts and memory estimate, no training
@@ -27,8 +27,10 @@ Its first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstructi
 U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator.
 
 The frozen CLIPs: --clip gives the text features and the CLIP loss; --vision-clip the backbone of the
-vision-aided D (auto: with a tiny ViT CLIP, a tiny ResNet-tower sibling `vision_clip.pt`, which reads
-shape; see vision_clip_spec; `same`: the --clip model). Both are trained first when --clip is tiny.
+vision-aided D (auto: the --clip model, except that a tiny CLIP with a ViT image tower, --clip-tower
+vit, gets a tiny ResNet-tower sibling `vision_clip.pt`, which reads shape; see vision_clip_spec;
+`same`: always the --clip model). With --clip tiny they are trained first (the tiny default: one
+CLIP with a ResNet image tower, which serves both roles).
 
 Determinism and multi-GPU: the global batch is cut into micro-batches of `batch_gpu`
 images; process `rank` takes micro-batches rank, rank + world, ... Every random draw of a
@@ -93,7 +95,7 @@ class TrainConfig:
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
     vision_clip: str = "auto"     # CLIP of the vision-aided D: auto | same (--clip's) | tiny:PATH | NAME/TAG (vision_clip_spec)
     clip_steps: int = 1000        # training steps of each tiny CLIP (clip.pt, and vision_clip.pt with --vision-clip auto)
-    clip_tower: str = "vit"       # the tiny CLIP's image tower: vit | resnet (sharper on shape, worse for G)
+    clip_tower: str = "auto"      # the tiny CLIP's image tower: auto (resnet for the base stage at a multiple of 32 px, else vit) | vit | resnet
     clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
     workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
     log_every: int = 25           # steps between log lines
@@ -115,7 +117,8 @@ TRAIN_PRESETS = {
     # tiny: twice the paper's learning rate for G and D (project's choice). Measured, one
     # 1,000-step run each of `python train.py` (same tiny CLIP): mean alignment 0.71 vs 0.56,
     # colour 0.80 vs 0.63, position 0.80 vs 0.41, CLIP score 0.85 vs 0.77.
-    "tiny": dict(lr_g=0.005, lr_d=0.005),
+    # 2,000 steps: what fits 15 minutes on a 2-core CPU with the tiny CLIP (README, Measured).
+    "tiny": dict(lr_g=0.005, lr_d=0.005, max_steps=2000),
     "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip_batch_size=256,
                   clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
     "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=500.0, dtype="bfloat16",
@@ -234,8 +237,8 @@ def parse_flags(argv):
         raise FlagError(f"unknown --stage {cfg.stage!r}: choose clip | base | upsampler")
     if cfg.lpips not in LPIPS_NETS:
         raise FlagError(f"unknown --lpips {cfg.lpips!r}: choose vgg (paper) | alex | random (no download)")
-    if cfg.clip_tower not in ("vit", "resnet"):
-        raise FlagError(f"unknown --clip-tower {cfg.clip_tower!r}: choose vit (default) | resnet")
+    if cfg.clip_tower not in ("auto", "vit", "resnet"):
+        raise FlagError(f"unknown --clip-tower {cfg.clip_tower!r}: choose auto (default) | vit | resnet")
     if cfg.vision_clip not in ("auto", "same") and not cfg.vision_clip.startswith("tiny:") and "/" not in cfg.vision_clip:
         raise FlagError(f"bad --vision-clip {cfg.vision_clip!r}: choose auto | same | tiny:PATH | NAME/TAG "
                         "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
@@ -266,10 +269,13 @@ def parse_flags(argv):
         if d_cfg.resolution != g_cfg.out_resolution:
             raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
                             f"--u.out-resolution {g_cfg.out_resolution}")
+        cfg.clip_tower = "vit" if cfg.clip_tower == "auto" else cfg.clip_tower  # its CLIP only reads text
         check_clip_tower(cfg, g_cfg.in_resolution)
         loss_cfg = configured(loss_preset("upsampler", preset), values["loss."], "loss", "loss")
         return cfg, g_cfg, d_cfg, loss_cfg
     g_cfg = configured(generator.G_PRESETS[preset], values["g."], "generator", "g")
+    if cfg.clip_tower == "auto":  # the ResNet tower needs sides divisible by 32 (five stride-2 steps)
+        cfg.clip_tower = "vit" if g_cfg.resolution % 32 else "resnet"
     check_clip_tower(cfg, g_cfg.resolution)
     if cfg.vision_clip == "auto" and g_cfg.resolution % 32:  # no ResNet-tower sibling below 32 px steps
         cfg.vision_clip = "same"
@@ -513,23 +519,27 @@ VISION_CLIP = "vision_clip.pt"  # the ResNet-tower sibling of a tiny clip.pt, fo
 def vision_clip_spec(cfg):
     """--vision-clip -> the load_clip spec of the vision-aided D's CLIP, or None: the text CLIP itself.
 
-    `auto` (the default): a tiny ViT CLIP gets a sibling with the ResNet image tower, `vision_clip.pt`
-    beside its `clip.pt`, which this run trains itself with `--clip tiny` (as --stage clip does) and
-    uses when present with `--clip tiny:PATH`; any other --clip serves both roles (`same`).
+    `auto` (the default): a tiny CLIP with the ViT image tower (`--clip tiny --clip-tower vit`) gets
+    a sibling with the ResNet image tower, `vision_clip.pt` beside its `clip.pt`, which this run
+    trains itself (as --stage clip does); `--clip tiny:PATH` uses that sibling when it is there;
+    any other --clip, and the tiny default's ResNet-tower CLIP, serve both roles (`same`).
     Why (project's choice; the paper, too, gives the vision-aided D its own CLIP, ViT-B/32 beside
     the ViT-L/14 of the text): the tiny ViT reads shape poorly (zero-shot 0.83, and it takes G's
-    upright ellipses for triangles), the tiny ResNet reads it (0.99), and G learns shape fastest
-    with the ViT for the text and the CLIP loss and the ResNet's features in the vision-aided D
-    (README, Status: shape 0.58-0.64 at step 2,000 against 0.37 with the ViT alone)."""
+    upright ellipses for triangles), the tiny ResNet reads it (0.99), and its features in the
+    vision-aided D teach G shape (README, Status: shape 0.58-0.72 at step 2,000 against 0.37 with
+    the ViT alone)."""
     if cfg.vision_clip == "same":
         return None
     if cfg.vision_clip != "auto":
         return cfg.vision_clip
     spec = clip_spec(cfg)
-    if not spec.startswith("tiny:") or cfg.clip_tower == "resnet":  # a ResNet text CLIP needs no sibling
+    if not spec.startswith("tiny:"):
         return None
     path = os.path.join(os.path.dirname(spec[len("tiny:"):]), VISION_CLIP)
-    return "tiny:" + path if cfg.clip == "tiny" or os.path.isfile(path) else None
+    if cfg.clip == "tiny":  # this run trains its CLIP: a ResNet-tower one needs no sibling
+        return None if cfg.clip_tower == "resnet" else "tiny:" + path
+    same_file = os.path.abspath(path) == os.path.abspath(spec[len("tiny:"):])  # --clip tiny:DIR/vision_clip.pt
+    return "tiny:" + path if os.path.isfile(path) and not same_file else None
 
 
 def stored_clip_spec(spec, out):
@@ -552,6 +562,11 @@ def train_clip_stage(cfg, resolution, rt, dataset, vision=True, only_missing=Fal
     jobs = [(path, cfg.clip_tower)]
     if vision and vision_clip_spec(cfg) == "tiny:" + sibling:  # one rule for when the sibling exists
         jobs.append((sibling, "resnet"))
+    if only_missing and os.path.isfile(path):  # the cache must hold the tower this run asks for
+        cached = torch.load(path, map_location="cpu", weights_only=True).get("config", {}).get("vision", "vit")
+        if cached != cfg.clip_tower:
+            raise FlagError(f"{path} is a tiny CLIP with the {cached} image tower, this run asks for "
+                            f"{cfg.clip_tower}: pass --clip-tower {cached} to go on with it, or another --out")
     jobs = [(p, tower) for p, tower in jobs if not (only_missing and os.path.isfile(p))]
     if rt.main:
         negatives = data.shapes_hard_negatives if cfg.data == "shapes" else None  # one-word changes

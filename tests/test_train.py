@@ -20,9 +20,11 @@ FAST = ["--batch-size", "4", "--log-every", "1", "--snapshot-every", "1000", "--
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
-    """One tiny CLIP for the whole session (a few steps: these tests check plumbing, not accuracy)."""
+    """One tiny ViT CLIP (and its ResNet-tower sibling) for the whole session (a few steps: these
+    tests check plumbing, not accuracy); the tiny default's single ResNet CLIP has its own test."""
     out = tmp_path_factory.mktemp("clip")
-    train.main(["--stage", "clip", "--out", str(out), "--clip-steps", "4", "--clip-batch-size", "16"])
+    train.main(["--stage", "clip", "--out", str(out), "--clip-tower", "vit", "--clip-steps", "4",
+                "--clip-batch-size", "16"])
     path = out / "clip.pt"
     assert path.is_file()
     return f"tiny:{path}"
@@ -339,12 +341,14 @@ def test_base_stage_with_a_resnet_tiny_clip_for_the_vision_aided_d(tmp_path, tin
 
 
 def test_vision_clip_auto_resolves_to_the_resnet_sibling(tmp_path):
-    """--vision-clip auto: `--clip tiny` trains <out>/vision_clip.pt; `--clip tiny:PATH` uses the
-    file beside PATH when it is there; a ResNet text CLIP, a pretrained one or `same` serve both."""
+    """--vision-clip auto: `--clip tiny --clip-tower vit` trains <out>/vision_clip.pt; `--clip tiny:PATH`
+    uses the file beside PATH when it is there; the default ResNet text CLIP, a pretrained one or
+    `same` serve both."""
     def spec(*argv):
         return train.vision_clip_spec(train.parse_flags(["--out", str(tmp_path / "r"), *argv])[0])
 
-    assert spec() == f"tiny:{tmp_path / 'r' / 'vision_clip.pt'}"
+    assert spec("--clip-tower", "vit") == f"tiny:{tmp_path / 'r' / 'vision_clip.pt'}"
+    assert spec() is None                                        # the default tower at 32 px: resnet
     assert spec("--clip-tower", "resnet") is None
     assert spec("--vision-clip", "same") is None
     assert spec("--clip", "ViT-B-32", "--clip-pretrained", "none") is None
@@ -356,6 +360,43 @@ def test_vision_clip_auto_resolves_to_the_resnet_sibling(tmp_path):
     assert spec("--clip", f"tiny:{tmp_path / 'c' / 'clip.pt'}") is None  # no sibling: the text CLIP
     (tmp_path / "c" / "vision_clip.pt").write_bytes(b"")
     assert spec("--clip", f"tiny:{tmp_path / 'c' / 'clip.pt'}") == f"tiny:{tmp_path / 'c' / 'vision_clip.pt'}"
+    assert spec("--clip", f"tiny:{tmp_path / 'c' / 'vision_clip.pt'}") is None  # the sibling itself: one CLIP
+
+
+def test_clip_tower_auto_is_resnet_for_the_base_stage_at_multiples_of_32_px():
+    def tower(*argv):
+        return train.parse_flags(list(argv))[0].clip_tower
+
+    assert tower() == "resnet" and tower("--stage", "clip") == "resnet"
+    assert tower("--g.resolution", "16", "--g.channels", "64,64,32", "--g.blocks-per-scale", "1,1,1",
+                 "--g.n-kernels", "1,2,2") == "vit"             # ResNet stages need sides divisible by 32
+    assert tower("--stage", "upsampler") == "vit"                # its CLIP only conditions on text
+    assert tower("--clip-tower", "vit") == "vit"
+
+
+def test_default_tiny_clip_is_one_resnet_clip_for_every_role(tmp_path, capsys):
+    """`--stage clip` as `python train.py` runs it: one ResNet-tower clip.pt and no sibling; the base
+    stage then reads text, the CLIP loss and the vision-aided D's features from that one model."""
+    clip_out = tmp_path / "clip"
+    train.main(["--stage", "clip", "--out", str(clip_out), "--clip-steps", "2", "--clip-batch-size", "16"])
+    assert (clip_out / "clip.pt").is_file() and not (clip_out / "vision_clip.pt").exists()
+    spec = f"tiny:{clip_out / 'clip.pt'}"
+    rn = train.clip_lib.load_clip(spec)
+    out = run(tmp_path, "--max-steps", "2", name="one", clip=spec)
+    printed = capsys.readouterr().out
+    assert f", CLIP {spec} (" in printed and " on CLIP " not in printed  # no second CLIP named
+    ckpt = state(out)
+    assert ckpt["vision_clip"] == ckpt["clip"] and ckpt["config"]["loss"]["clip_weight"] == 0.1
+    head = next(v for k, v in ckpt["VD"].items() if k.endswith("stem.0.weight"))
+    assert head.shape[1] == rn.feature_channels[0]              # VD reads the ResNet's feature maps
+    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
+    assert all(r["D/vision"] > 0 and r["G/clip"] > 0 for r in rows)
+    # `--clip tiny` caches <out>/clip.pt; a cached CLIP of another tower is refused in one line
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(clip_out), *FAST, "--max-steps", "1", "--clip-tower", "vit"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "resnet image tower" in err and "--clip-tower resnet" in err and len(err.splitlines()) == 1, err
 
 
 def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_path, tiny_clip, capsys):
