@@ -56,10 +56,11 @@ class TinyCLIPConfig:
     # The image tower: "vit" (default) or "resnet" (open_clip's ModifiedResNet, CLIP's RN50 design,
     # made small; `--clip-tower resnet`). Measured on shapes, 32 px, 2 CPU cores, in about 3 min:
     # the ViT tells shape (circle / square / triangle) apart in 0.82-0.88 of fresh images whatever
-    # its stem or learning rate, the ResNet in 0.98-0.99. But G learns worse through the ResNet:
-    # its gradients at the data's own 32 px teach G pixel speckle (FD 0.038 vs 0.019-0.024, no
-    # better alignment), so the text and the CLIP loss stay with the ViT. Where the ResNet helps
-    # is as the vision-aided D's backbone beside it (train.py's --vision-clip auto, the default).
+    # its stem or learning rate, the ResNet in 0.98-0.99. Through a full-weight CLIP loss G learns
+    # worse from the ResNet: its gradients at the data's own 32 px teach G pixel speckle (FD 0.038
+    # vs 0.019-0.024, no better alignment). Where the ResNet helps is as the vision-aided D's
+    # backbone; train.py's tiny default (--clip-tower auto) uses one ResNet CLIP for every role,
+    # with the CLIP loss at weight 0.1, and with --clip-tower vit a ResNet sibling for the D.
     vision: str = "vit"
     resnet_width: int = 8  # stem width; stage i outputs 4 * width * 2^i channels: 32, 64, 128, 256
     resnet_layers: tuple = (1, 1, 1, 1)  # bottleneck blocks per stage (strides 4, 8, 16, 32 px)

@@ -241,10 +241,11 @@ def test_resume_of_a_run_written_before_a_config_field_existed(tmp_path, tiny_cl
 
 @pytest.mark.slow
 def test_short_tiny_run_learns_the_background_colour(tmp_path):
-    """The learning test: the two tiny CLIPs of 300 steps (the ViT, and the ResNet-tower one of the
-    vision-aided D), then 250 GAN steps of batch 8 (2,000 images; about 3 minutes on 2 cores). The
-    pixel judge of data.py reads the background colour of G_ema's images back: after one step it is near chance (1 in 7), after 250 it must be right
-    far more often. (The shape, its colour, size and position take longer: see the README.)"""
+    """The learning test: the default tiny CLIP (ResNet tower) of 300 steps, then 250 GAN steps of
+    batch 8 (2,000 images; about 2 minutes on 2 cores). The pixel judge of data.py reads the
+    background colour of G_ema's images back: after one step it is near chance (1 in 7), after 250
+    it must be right far more often. (The shape, its colour, size and position take longer: see
+    the README.)"""
     clip_out = tmp_path / "clip"
     train.main(["--stage", "clip", "--out", str(clip_out), "--clip-steps", "300", "--clip-batch-size", "64"])
     clip = f"tiny:{clip_out / 'clip.pt'}"
