@@ -30,7 +30,8 @@ The frozen CLIPs: --clip gives the text features and the CLIP loss; --vision-cli
 vision-aided D (auto: the --clip model, except that a tiny CLIP with a ViT image tower, --clip-tower
 vit, gets a tiny ResNet-tower sibling `vision_clip.pt`, which reads shape; see vision_clip_spec;
 `same`: always the --clip model). With --clip tiny they are trained first (the tiny default: one
-CLIP with a ResNet image tower, which serves both roles).
+CLIP with a ResNet image tower, which serves both roles; --clip-tower auto | vit | resnet, where auto
+is resnet for the base stage at a multiple of 32 px and vit otherwise; --help shows it resolved).
 
 Determinism and multi-GPU: the global batch is cut into micro-batches of `batch_gpu`
 images; process `rank` takes micro-batches rank, rank + world, ... Every random draw of a
