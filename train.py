@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 0                 # seeds every random draw (per step and micro-batch)
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
-    compile: bool = False         # torch.compile G and D (GPU speed-up; also runs on CPU)
+    compile: bool = False         # torch.compile G and D for the D and G steps (GPU speed-up; runs, slower, on CPU)
     resume: bool = False          # continue from <out>/checkpoint.pt
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
@@ -818,6 +818,8 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     opt_G = torch.optim.AdamW(attention.attention_param_groups(G), lr=cfg.lr_g, betas=betas)
     opt_D = torch.optim.AdamW([g for m in d_modules for g in attention.attention_param_groups(m)],
                               lr=cfg.lr_d, betas=betas)
+    # Compiled forwards for the D and G steps; R1 keeps the eager D: its penalty is a gradient of
+    # a gradient, which torch.compile's backward does not support.
     G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -912,7 +914,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
                     for micro, reals, captions in work:
                         text = clip.text_features(captions)
                         with rt.autocast():
-                            loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels), text, loss_cfg)
+                            loss, logs = losses.lazy_r1_loss(D, image_pyramid(reals, levels), text, loss_cfg)
                         check_finite(loss, "R1", step)
                         (loss * scale).backward()
                         add_stats(logs)
@@ -1033,7 +1035,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
     opt_G = torch.optim.AdamW(attention.attention_param_groups(U), lr=cfg.lr_g, betas=betas)
     opt_D = torch.optim.AdamW(attention.attention_param_groups(D), lr=cfg.lr_d, betas=betas)
     opt_W = torch.optim.AdamW(attention.attention_param_groups(U), lr=cfg.warmup_lr, betas=(0.9, 0.99))  # warm-up
-    U_fwd, D_fwd = (torch.compile(U), torch.compile(D)) if cfg.compile else (U, D)
+    U_fwd, D_fwd = (torch.compile(U), torch.compile(D)) if cfg.compile else (U, D)  # R1: eager D, as in the base stage
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     config = {"train": dataclasses.asdict(cfg), "U": dataclasses.asdict(u_cfg), "D": dataclasses.asdict(d_cfg),
@@ -1136,7 +1138,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
                         opt_D.zero_grad(set_to_none=True)
                         for micro, reals, lowres, captions in work:
                             with rt.autocast():
-                                loss, logs = losses.lazy_r1_loss(D_fwd, image_pyramid(reals, levels),
+                                loss, logs = losses.lazy_r1_loss(D, image_pyramid(reals, levels),
                                                                  clip.text_features(captions), loss_cfg)
                             check_finite(loss, "R1", step)
                             (loss * scale).backward()

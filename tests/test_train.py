@@ -126,6 +126,34 @@ def test_gradient_accumulation_and_bf16_autocast_run(tmp_path, tiny_clip):
     assert all(torch.isfinite(v).all() for v in ckpt["G"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("stage", ["base", "upsampler"])
+def test_compile_keeps_r1_on_the_eager_discriminator(tmp_path, tiny_clip, monkeypatch, stage):
+    """--compile: R1 (step 0 is an R1 step) differentiates D's gradient, which a compiled
+    module's backward does not support, so it must get the eager D; the D and G steps the
+    compiled one. torch.compile itself takes minutes on a CPU: a stand-in marks what it wraps."""
+    compiled, r1_discriminators = [], []
+
+    def fake_compile(module):
+        def forward(*args, **kwargs):
+            return module(*args, **kwargs)
+        compiled.append(forward)
+        return forward
+
+    def spy_r1(D, *args, **kwargs):
+        r1_discriminators.append(D)
+        return real_r1(D, *args, **kwargs)
+
+    real_r1 = train.losses.lazy_r1_loss
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(train.losses, "lazy_r1_loss", spy_r1)
+    extra = ["--stage", "upsampler", "--warmup-steps", "0", "--lpips", "random", "--batch-size", "2"] if stage == "upsampler" else []
+    out = run(tmp_path, "--max-steps", "1", "--compile", "true", *extra, name=stage, clip=tiny_clip)
+    assert len(compiled) == 2                                   # G (or U) and D
+    assert r1_discriminators and all(isinstance(D, torch.nn.Module) for D in r1_discriminators)
+    assert not any(D in compiled for D in r1_discriminators)
+    assert state(out)["step"] == 1
+
+
 def test_two_process_gloo_matches_one_process(tmp_path, tiny_clip):
     """torchrun with 2 CPU processes (gloo): the weights stay identical across ranks, and equal
     those of one process accumulating the same two micro-batches."""
