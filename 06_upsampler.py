@@ -213,8 +213,9 @@ U_PRESETS = {
 
 # The MS-I/O discriminator (04) that judges each preset's pyramid: resolution = R. Widths are
 # this project's choice (the paper gives no upsampler D size): tiny C(r) = min(2048 / r, 64)
-# = 16, 32, 64, 64, ... at 128, 64, 32, 16 px (0.60M parameters with text_dim 128); full /
-# full1024 are 04's full D read at 512 / 1024 px, C(r) = min(32768 / r, 1024) (390.8M / 391.1M).
+# = 16, 32, 64, 64, ... at 128, 64, 32, 16 px (0.81M parameters with text_dim 64 or 128); full /
+# full1024 are 04's full D read at 512 / 1024 px, C(r) = min(32768 / r, 1024) (406.9M / 424.0M
+# with ViT-L/14's text_dim 768).
 U_D_PRESETS = {
     "tiny": DiscriminatorConfig(resolution=128, channel_base=2048, channel_max=64),
     "full": dataclasses.replace(D_PRESETS["full"], resolution=512),

@@ -509,14 +509,14 @@ def check_args(args, mode, prompts):
     if args.ckpt is None and args.lowres is None:
         raise UsageError("--ckpt is required: a run directory of train.py, e.g. --ckpt runs/tiny"
                          + (" (--upsampler upsamples its images; or give --lowres IMAGE)" if args.upsampler else ""))
-    need = {"samples": "at least one", "style_mix": "exactly one", "interpolate": "at least two",
-            "prompt_mix": "exactly two", "eval": "no"}[mode]
+    need = {"samples": "at least one prompt", "style_mix": "exactly one prompt", "interpolate": "at least two prompts",
+            "prompt_mix": "exactly two prompts", "eval": "no prompt"}[mode]
     ok = {"samples": len(prompts) >= 1, "style_mix": len(prompts) == 1, "interpolate": len(prompts) >= 2,
           "prompt_mix": len(prompts) == 2, "eval": not prompts}[mode]
     if not ok:
         what = "--eval uses the data set's captions" if mode == "eval" else "give them with --prompt or --prompts FILE"
-        raise UsageError(f"{'--' + mode.replace('_', '-') if mode != 'samples' else 'sampling'} needs {need} "
-                         f"prompt(s), got {len(prompts)}: {what}")
+        raise UsageError(f"{'--' + mode.replace('_', '-') if mode != 'samples' else 'sampling'} needs {need}"
+                         f", got {len(prompts)}: {what}")
     if args.n is not None and args.n < (2 if mode == "eval" else 1):
         raise UsageError(f"--n {args.n}: must be >= {2 if mode == 'eval' else 1}"
                          + (" (a Frechet distance needs two images)" if mode == "eval" else ""))
@@ -598,12 +598,12 @@ def run_lowres(args, prompts, device):
     t0 = time.time()
     images = upsample(U, clip, lowres.expand(n, -1, -1, -1), [prompt] * n, [seed + k for k in range(n)],
                       args.batch, args.noise_aug).cpu()                              # (n, 3, R, R)
-    print(f"{n} images in {time.time() - t0:.2f} s")
+    print(f"{n} image{'s' * (n != 1)} in {time.time() - t0:.2f} s")
     rows = [{"caption": prompt, "seed": seed + k, "lowres": args.lowres} for k in range(n)]
     write_outputs(out, images, rows)
     data.save_image_grid(lowres, os.path.join(out, "lowres.png"), ncol=1)
     data.save_image_grid(comparison_rows(lowres, images), os.path.join(out, "comparison.png"), ncol=3)
-    print(f"wrote {n} PNGs, captions.jsonl, lowres.png, comparison.png (nearest | bicubic | GigaGAN) to {out}")
+    print(f"wrote {n} PNG{'s' * (n != 1)}, captions.jsonl, lowres.png, comparison.png (nearest | bicubic | GigaGAN) to {out}")
     return out
 
 
@@ -663,11 +663,11 @@ def _main(argv):
         print(f"upsampled x{U.cfg.factor} to {U.cfg.out_resolution} px by {resolve_checkpoint(args.upsampler)}")
     images = images.cpu()  # waits for the GPU: the time below is the whole generation
     seconds = time.time() - t0
-    print(f"{len(images)} images in {seconds:.2f} s ({1000 * seconds / len(images):.1f} ms/image, "
+    print(f"{len(images)} image{'s' * (len(images) != 1)} in {seconds:.2f} s ({1000 * seconds / len(images):.1f} ms/image, "
           f"batch {args.batch})")
 
     write_outputs(out, images, rows, grid, ncol)
-    written = [f"{len(images)} PNGs", "captions.jsonl"] + (["grid.png"] if grid is not None else [])
+    written = [f"{len(images)} PNG{'s' * (len(images) != 1)}", "captions.jsonl"] + (["grid.png"] if grid is not None else [])
     if metrics is not None:
         print("eval  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         with open(os.path.join(out, "eval.json"), "w") as f:

@@ -45,8 +45,10 @@ import functools
 import importlib
 import itertools
 import json
+import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -493,7 +495,11 @@ def save_checkpoint(path, state):
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train first, or point --ckpt/--out at a run directory")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:  # truncated, not a checkpoint
+        raise FlagError(f"could not read {path} as a checkpoint ({type(err).__name__}): restore it from a copy, "
+                        "or train in another --out") from None
 
 
 # -----------------------------------------------------------------------------
@@ -590,10 +596,20 @@ def log_row(cfg, row):
         f.write(json.dumps(row) + "\n")
 
 
-def log_train_row(cfg, step, nimg, img_s, stats):
+def mean_stats(stats, rt):
+    """{term: its values since the last log line} -> {term: mean}, averaged over every process
+    too (all of them call this: an all-reduce), so a log line describes the global batch."""
+    keys = sorted(stats)  # the same terms on every rank: they run the same code
+    means = torch.tensor([sum(stats[k]) / len(stats[k]) for k in keys], dtype=torch.float64, device=rt.device)
+    if rt.world > 1:
+        dist.all_reduce(means)
+        means /= rt.world
+    return dict(zip(keys, means.tolist()))
+
+
+def log_train_row(cfg, step, nimg, img_s, means):
     """One training log line: step, throughput and the mean of every loss term since the last one."""
-    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": img_s,
-           **{k: sum(v) / len(v) for k, v in stats.items()}}
+    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": img_s, **means}
     log_row(cfg, row)
     print(f"step {step:6d}  " + "  ".join(
         f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")), flush=True)
@@ -775,25 +791,64 @@ def frozen_clip(cfg, rt, resolution, dataset, vision=False):
     return spec, clip_lib.load_clip(spec, device=rt.device)        # frozen, never saved in checkpoints
 
 
-def check_resumable(ckpt, path, stage, preset, model_key, model_config, config_cls):
-    """A checkpoint continues only the same stage, preset and model configuration.
-    A field added to config_cls since the checkpoint was written counts at its default."""
+def check_resumable(ckpt, path, stage, preset, models):
+    """A checkpoint continues only the same stage, preset and model configurations.
+    models: {config key ("G", "U", "D"): (this run's config dict, its dataclass)}. A field added
+    to a dataclass since the checkpoint was written counts at its default."""
     found = ckpt["config"].get("stage", "base")
     if found != stage:
-        raise FlagError(f"{path} is a {found}-stage run, not a {stage}-stage one: resume it with "
+        raise FlagError(f"{path} is {'an' if found[0] in 'aeiou' else 'a'} {found}-stage run, not a {stage}-stage one: resume it with "
                         f"--stage {found}, or use another --out")
-    stored = ckpt["config"].get(model_key)
-    try:
-        stored = dataclasses.asdict(config_cls(**stored)) if isinstance(stored, dict) else stored
-    except (TypeError, ValueError, AssertionError):  # a field this version no longer has, or a bad value
-        raise FlagError(f"{path} holds a {model_key} configuration this version of the code cannot read: "
-                        "resume it with the code that wrote it, or use another --out") from None
-    if ckpt["config"]["train"]["preset"] != preset or stored != model_config:
-        raise FlagError(f"{path} is a {ckpt['config']['train']['preset']!r} run with another model "
-                        f"configuration: resume it with the same flags, or use another --out")
+    stored_preset = ckpt["config"]["train"]["preset"]
+    if stored_preset != preset:
+        raise FlagError(f"{path} is a {stored_preset!r} run, not a {preset!r} one: resume it with "
+                        f"--preset {stored_preset}, or use another --out")
+    for key, (config, config_cls) in models.items():
+        stored = ckpt["config"].get(key)
+        try:
+            stored = dataclasses.asdict(config_cls(**stored))
+        except (TypeError, ValueError, AssertionError):  # a field this version no longer has, or a bad value
+            raise FlagError(f"{path} holds a {key} configuration this version of the code cannot read: "
+                            "resume it with the code that wrote it, or use another --out") from None
+        changed = [f"{name} {stored[name]} -> {config[name]}" for name in config if stored[name] != config[name]]
+        if changed:
+            flag = {"G": "--g", "U": "--u", "D": "--d"}[key]
+            raise FlagError(f"{path} is a {stored_preset!r} run with another {key} configuration "
+                            f"({', '.join(changed)}): resume it with the same {flag}.* flags, or use another --out")
 
 
-def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
+def open_resume(cfg, stage, models, clip_specs, vision_aided=None):
+    """--resume: read <out>/checkpoint.pt and check, before any CLIP is trained or config.json
+    rewritten, that this run can continue it: the same stage, preset and model configurations
+    (check_resumable), the same CLIPs (their files still there: a tiny CLIP trained anew would
+    give other features than the ones G and D learned on), and the vision-aided D on or off as
+    before. clip_specs: {checkpoint key: load_clip spec}. -> the checkpoint, or None without --resume."""
+    if not cfg.resume:
+        return None
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise FlagError(f"no checkpoint at {path} to resume: drop --resume to start a new run there, "
+                        "or point --out at the run directory")
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path, stage, cfg.preset, models)
+    for key, spec in clip_specs.items():
+        if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
+            raise FlagError(f"{spec[5:]} is missing: {path} was trained on the features of that tiny CLIP, "
+                            "and one trained anew would not give them; put the file back to resume")
+        stored = ckpt.get(key)
+        if stored is not None and stored != stored_clip_spec(spec, cfg.out):
+            flags = "--vision-clip and --clip-tower" if key == "vision_clip" else "--clip"
+            raise FlagError(f"{path} was trained with {key.replace('_', ' ')} {stored}, this run would use "
+                            f"{stored_clip_spec(spec, cfg.out)}: resume with the {flags} of that run")
+    if vision_aided is not None and bool(ckpt.get("VD")) != vision_aided:
+        was = "with" if ckpt.get("VD") else "without"
+        raise FlagError(f"{path} was trained {was} the vision-aided D: resume with "
+                        f"--loss.vision-weight {'> 0' if ckpt.get('VD') else '0'}, as that run")
+    return ckpt
+
+
+def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
+    """The base text-to-image GAN; ckpt: the checkpoint to continue (open_resume), or None."""
     device = rt.device
     spec, clip = frozen_clip(cfg, rt, g_cfg.resolution, dataset, vision=loss_cfg.vision_weight > 0)
     vspec = vision_clip_spec(cfg) if loss_cfg.vision_weight > 0 else None  # None: `clip` serves the vision-aided D
@@ -826,13 +881,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
     config = {"train": dataclasses.asdict(cfg), "G": dataclasses.asdict(g_cfg),
               "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}
     step, nimg = 0, 0
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt, ckpt_path, "base", cfg.preset, "G", config["G"], generator.GeneratorConfig)
-        stored = ckpt.get("vision_clip")  # VD's weights fit that CLIP's feature maps only
-        if stored is not None and VD is not None and stored != stored_clip_spec(vspec or spec, cfg.out):
-            raise FlagError(f"{ckpt_path} was trained with the vision-aided D on CLIP {stored}, this run would "
-                            f"use {vspec or spec}: resume with --vision-clip as before (e.g. --vision-clip same)")
+    if ckpt is not None:  # checked by open_resume: same configurations, CLIPs and vision-aided D
         G.load_state_dict(ckpt["G"]); G_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
         if VD is not None:
             VD.load_state_dict(ckpt["VD"])
@@ -953,8 +1002,10 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset):
 
                 # ---- logs, snapshots, evaluation, checkpoints (rank 0)
                 n_log += cfg.batch_size
-                if rt.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), stats)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    means = mean_stats(stats, rt)                       # every rank takes part
+                    if rt.main:
+                        log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), means)
                     stats, t_log, n_log = {}, time.time(), 0
                 t_aux = time.time()  # time spent below is not training: keep it out of img/s
                 if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
@@ -1011,7 +1062,7 @@ def build_lpips(cfg, rt):
     return losses.LPIPS(cfg.lpips).to(rt.device).eval()
 
 
-def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
+def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     """Train U on (make_lowres(real), real) pairs of `dataset` (real images at U's output size).
 
     The same flat loop as train_base, step for step; what differs: the generator's input is
@@ -1041,9 +1092,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
     config = {"train": dataclasses.asdict(cfg), "U": dataclasses.asdict(u_cfg), "D": dataclasses.asdict(d_cfg),
               "loss": dataclasses.asdict(loss_cfg), "stage": "upsampler"}
     step, nimg = 0, 0
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt, ckpt_path, "upsampler", cfg.preset, "U", config["U"], upsampler.UpsamplerConfig)
+    if ckpt is not None:  # checked by open_resume
         U.load_state_dict(ckpt["G"]); U_ema.load_state_dict(ckpt["G_ema"]); D.load_state_dict(ckpt["D"])
         opt_G.load_state_dict(ckpt["opt_G"]); opt_D.load_state_dict(ckpt["opt_D"])
         if "opt_W" in ckpt:                              # runs saved before the warm-up existed have none
@@ -1175,8 +1224,10 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset):
 
                 # ---- logs, snapshots, evaluation, checkpoints (rank 0)
                 n_log += cfg.batch_size
-                if rt.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), stats)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    means = mean_stats(stats, rt)                       # every rank takes part
+                    if rt.main:
+                        log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), means)
                     stats, t_log, n_log = {}, time.time(), 0
                 t_aux = time.time()
                 if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
@@ -1255,7 +1306,11 @@ def frozen_clip_bytes(cfg):
         name = spec.split("/")[0]
         if name not in clip_lib.open_clip.list_models():
             continue
-        model = clip_lib.open_clip.create_model(name, pretrained=None, device="meta")
+        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": here on purpose, only counted
+        try:
+            model = clip_lib.open_clip.create_model(name, pretrained=None, device="meta")
+        finally:
+            logging.disable(logging.NOTSET)
         n_image = sum(p.numel() for p in model.visual.parameters())
         n_text = sum(p.numel() for p in model.parameters()) - n_image
         out[name] = 4 * n_text + (2 if cfg.dtype == "bfloat16" else 4) * n_image
@@ -1288,7 +1343,7 @@ def dry_run(cfg, g_cfg, d_cfg, loss_cfg, rt):
     print(f"memory per GPU, roughly: {state / 2**30:.1f} GiB weights+grads+Adam+EMA, "
           f"{acts / 2**30:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype}), "
           f"{sum(clips.values()) / 2**30:.1f} GiB frozen CLIP ({', '.join(clips) or 'tiny'})")
-    print(f"launch: torchrun --nproc_per_node=8 --nnodes={max(1, gpus // 8)} train.py --preset {cfg.preset} "
+    print(f"launch: torchrun --nproc_per_node={min(gpus, 8)} --nnodes={-(-gpus // 8)} train.py --preset {cfg.preset} "
           f"--batch-size {cfg.batch_size} --batch-gpu {batch_gpu} --data 'shards/{{00000..09999}}.tar'")
     print(json.dumps({"G_params": n_g, "D_params": n_d, "batch_size": cfg.batch_size,
                       "batch_gpu": batch_gpu, "clip_gib": round(sum(clips.values()) / 2**30, 2),
@@ -1358,6 +1413,23 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)
+    ckpt = None
+    try:  # before any CLIP is trained or config.json rewritten: can --resume continue <out>?
+        if up:
+            ckpt = open_resume(cfg, "upsampler", {"U": (dataclasses.asdict(g_cfg), upsampler.UpsamplerConfig),
+                                                  "D": (dataclasses.asdict(d_cfg), discriminator.DiscriminatorConfig)},
+                               {"clip": clip_spec(cfg)})
+        elif cfg.stage == "base":
+            vision_aided = loss_cfg.vision_weight > 0
+            specs = {"clip": clip_spec(cfg)}
+            if vision_aided:  # the vision-aided D's heads fit that CLIP's feature maps only
+                specs["vision_clip"] = vision_clip_spec(cfg) or specs["clip"]
+            ckpt = open_resume(cfg, "base", {"G": (dataclasses.asdict(g_cfg), generator.GeneratorConfig),
+                                             "D": (dataclasses.asdict(d_cfg), discriminator.DiscriminatorConfig)},
+                               specs, vision_aided)
+    except FlagError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        raise SystemExit(2)
     os.makedirs(cfg.out, exist_ok=True)
     if rt.main:
         full_config = {"train": dataclasses.asdict(cfg)}
@@ -1371,8 +1443,8 @@ def main(argv=None):
         if cfg.stage == "clip":
             return train_clip_stage(cfg, g_cfg.resolution, rt, dataset)
         if up:
-            return train_upsampler(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset)
-        return train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset)
+            return train_upsampler(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt)
+        return train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt)
     except (FlagError, FileNotFoundError, losses.MissingWeightsError, clip_lib.CLIPLoadError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -171,6 +171,14 @@ def test_two_process_gloo_matches_one_process(tmp_path, tiny_clip):
             if name.endswith("w_avg"):  # a running mean updated per micro-batch: same batch, another order
                 continue
             torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-5, msg=f"{key}.{name}")
+    # the log lines describe the global batch: the loss terms are averaged over the processes
+    logs = [[r for r in map(json.loads, open(tmp_path / name / "log.jsonl")) if r["kind"] == "train"]
+            for name in ("ddp", "single")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2]
+    for row_ddp, row_single in zip(*logs):
+        assert row_ddp.keys() == row_single.keys()
+        for k in row_ddp.keys() - {"kind", "step", "kimg", "img_s"}:
+            assert row_ddp[k] == pytest.approx(row_single[k], rel=1e-4, abs=1e-5), k
 
 
 def test_full_dry_run_prints_parameter_counts(capsys):
@@ -181,6 +189,15 @@ def test_full_dry_run_prints_parameter_counts(capsys):
     assert abs(counts["D_params"] / 381.4e6 - 1) < 0.05
     # ViT-L/14 (text 123.7M fp32, image 304.0M bf16) + ViT-B/32 (text 63.4M fp32, image 87.8M bf16)
     assert abs(counts["clip_gib"] - 1.43) < 0.02 and counts["est_gib_per_gpu"] > counts["clip_gib"]
+
+
+def test_dry_run_launch_line_fits_the_batch(capsys):
+    """The printed torchrun line must be one train.py accepts: processes x --batch-gpu divides --batch-size."""
+    for argv, launch in [(["--preset", "small"], "--nproc_per_node=1 --nnodes=1"),
+                         (["--full"], "--nproc_per_node=8 --nnodes=4")]:
+        train.main([*argv, "--dry-run"])
+        out, err = capsys.readouterr()
+        assert launch in out and "WARNING" not in out + err, out + err
 
 
 def test_help_lists_every_flag(capsys):
@@ -245,7 +262,46 @@ def test_resume_of_another_preset_is_refused(tmp_path, tiny_clip, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "--max-steps", "2", "--resume", "--g.channels", "[32, 32, 32, 16]", name="a", clip=tiny_clip)
     assert exit_info.value.code == 2
-    assert "resume it with the same flags" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "another G configuration (channels (64, 64, 64, 32) -> (32, 32, 32, 16))" in err
+    assert "resume it with the same --g.* flags" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_checks_everything_before_training_a_clip_or_writing_config(tmp_path, capsys):
+    """--resume is refused in one line, before any CLIP is trained and before config.json is
+    rewritten, when the run cannot be continued as it was trained."""
+    import shutil
+    tiny = ["--clip-steps", "4", "--clip-batch-size", "16"]
+    base = run(tmp_path, "--max-steps", "1", *tiny, name="base")   # the default: its own tiny CLIP in base/
+    config = (base / "config.json").read_text()
+
+    def refused(name, *extra, prepare=None):
+        out = tmp_path / name
+        if not out.exists():
+            shutil.copytree(base, out)
+        if prepare:
+            prepare(out)
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, "--max-steps", "2", "--resume", *tiny, *extra, name=name)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("train.py: "), err
+        assert "[clip] training" not in capsys.readouterr().out
+        return err, out
+
+    err, out = refused("d", "--d.channel-max", "32")             # D's weights would not fit
+    assert "another D configuration (channel_max 64 -> 32): resume it with the same --d.* flags" in err
+    assert (out / "config.json").read_text() == config           # the run's settings are kept
+    err, _ = refused("vd", "--loss.vision-weight", "0")
+    assert "was trained with the vision-aided D" in err
+    err, out = refused("noclip", prepare=lambda out: (out / "clip.pt").unlink())
+    assert "clip.pt is missing" in err and not (out / "clip.pt").exists()
+    err, _ = refused("corrupt", prepare=lambda out: (out / "checkpoint.pt").write_bytes(
+        (base / "checkpoint.pt").read_bytes()[:5000]))
+    assert "could not read" in err and "as a checkpoint" in err
+    (tmp_path / "empty").mkdir()
+    err, out = refused("empty")
+    assert "no checkpoint at" in err and "drop --resume" in err and not (out / "clip.pt").exists()
 
 
 def test_resume_of_a_run_written_before_a_config_field_existed(tmp_path, tiny_clip, capsys):
@@ -256,7 +312,8 @@ def test_resume_of_a_run_written_before_a_config_field_existed(tmp_path, tiny_cl
     torch.save(ckpt, out / "checkpoint.pt")
     with pytest.raises(SystemExit):                          # the new tiny default (no noise) is another model
         run(tmp_path, "--max-steps", "2", "--resume", name="old", clip=tiny_clip)
-    assert "resume it with the same flags" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "another G configuration (noise True -> False)" in err and len(err.strip().splitlines()) == 1
     run(tmp_path, "--max-steps", "2", "--resume", "--g.noise", "true", name="old", clip=tiny_clip)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -446,4 +503,4 @@ def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_pat
         run(tmp_path, "--max-steps", "3", "--resume", "--vision-clip", "same", name="auto", clip=tiny_clip)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "resume with --vision-clip as before" in err and len(err.splitlines()) == 1, err
+    assert "resume with the --vision-clip and --clip-tower of that run" in err and len(err.splitlines()) == 1, err

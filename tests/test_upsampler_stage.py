@@ -140,9 +140,9 @@ def test_resuming_another_stage_or_config_is_one_line(runs, tmp_path, capsys):
     clip, base, up = runs
     assert "is a base-stage run" in bad(["--stage", "upsampler", "--out", str(base), "--clip", clip, *FAST,
                                          "--max-steps", "3", "--resume"], capsys)
-    assert "is a upsampler-stage run" in bad(["--out", str(up), "--clip", clip, "--max-steps", "3",
+    assert "is an upsampler-stage run" in bad(["--out", str(up), "--clip", clip, "--max-steps", "3",
                                               "--batch-size", "2", "--resume"], capsys)
-    assert "same flags" in bad(["--stage", "upsampler", "--out", str(up), "--clip", clip, *FAST, "--max-steps", "3",
+    assert "(rgb_init 0.001 -> 0.5): resume it with the same --u.* flags" in bad(["--stage", "upsampler", "--out", str(up), "--clip", clip, *FAST, "--max-steps", "3",
                                 "--resume", "--u.rgb-init", "0.5"], capsys)
 
 
