@@ -29,6 +29,7 @@ Shapes: B batch, L text tokens (at most the context length 77), D text width, E 
 C_i channels and g_i side of the i-th image feature map (a ViT's patch grid or a ResNet stage's
 map), S the tower's image size.
 """
+import hashlib
 import math
 import os
 import socket
@@ -519,6 +520,16 @@ def load_clip(spec: str, device="cpu", cache_size: int = 100_000) -> FrozenCLIP:
     model = open_clip.create_model(name, pretrained=path, force_quick_gelu=cfg.get("quick_gelu", False))
     return FrozenCLIP(model, spec, mean=cfg.get("mean", OPENAI_DATASET_MEAN), std=cfg.get("std", OPENAI_DATASET_STD),
                       cache_size=cache_size).to(device)
+
+
+def tiny_clip_fingerprint(spec: str):
+    """The first 16 hex digits of a tiny CLIP file's sha256, or None for an open_clip model (its
+    name and tag say which weights it is). train.py stores it in checkpoints, so that resuming and
+    sampling can tell a tiny CLIP trained anew under the same path from the one G learned on."""
+    if not spec.startswith("tiny:"):
+        return None
+    with open(spec[len("tiny:"):], "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------

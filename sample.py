@@ -94,6 +94,18 @@ def resolve_clip_spec(spec, run_dir):
     return spec
 
 
+def run_clip(ckpt, path, device):
+    """The frozen CLIP a run was trained with (its spec in the checkpoint, a tiny CLIP's path relative
+    to the run directory), refused in one line if a tiny CLIP's file changed since (trained anew):
+    G_ema's images would not follow the prompts."""
+    spec = resolve_clip_spec(ckpt["clip"], os.path.dirname(path))
+    expected = (ckpt.get("clip_sha") or {}).get("clip")  # runs saved before fingerprints have none
+    if expected and os.path.isfile(spec[5:]) and clip_lib.tiny_clip_fingerprint(spec) != expected:
+        raise ValueError(f"{spec[5:]} is not the tiny CLIP {path} was trained with (the file changed since, "
+                         "e.g. trained anew): put the run's own clip.pt back")
+    return clip_lib.load_clip(spec, device=device)
+
+
 def load_generator(path, device="cpu"):
     """-> (G_ema in eval mode, the frozen CLIP it was trained with, the checkpoint dict).
     Raises FileNotFoundError / ValueError / RuntimeError with a one-line message."""
@@ -108,7 +120,7 @@ def load_generator(path, device="cpu"):
         raise ValueError(f"{path} is an {ckpt['config'].get('stage')}-stage run: pass it with --upsampler, "
                          "and a base-stage run with --ckpt")
     g_cfg = generator.GeneratorConfig(**ckpt["config"]["G"])
-    clip = clip_lib.load_clip(resolve_clip_spec(ckpt["clip"], os.path.dirname(path)), device=device)
+    clip = run_clip(ckpt, path, device)
     G = generator.Generator(g_cfg, text_dim=clip.text_width)
     try:
         G.load_state_dict(ckpt["G_ema"])
@@ -128,7 +140,7 @@ def load_upsampler(path, device="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("config", {}).get("stage") != "upsampler":
         raise ValueError(f"{path} is not an upsampler run: pass a run of train.py --stage upsampler to --upsampler")
     u_cfg = upsampler.UpsamplerConfig(**ckpt["config"]["U"])
-    clip = clip_lib.load_clip(resolve_clip_spec(ckpt["clip"], os.path.dirname(path)), device=device)
+    clip = run_clip(ckpt, path, device)
     U = upsampler.Upsampler(u_cfg, text_dim=clip.text_width)
     try:
         U.load_state_dict(ckpt["G_ema"])

@@ -840,6 +840,10 @@ def open_resume(cfg, stage, models, clip_specs, vision_aided=None):
             flags = "--vision-clip and --clip-tower" if key == "vision_clip" else "--clip"
             raise FlagError(f"{path} was trained with {key.replace('_', ' ')} {stored}, this run would use "
                             f"{stored_clip_spec(spec, cfg.out)}: resume with the {flags} of that run")
+        fingerprint = ckpt.get("clip_sha", {}).get(key)  # None in runs saved before fingerprints existed
+        if fingerprint is not None and fingerprint != clip_lib.tiny_clip_fingerprint(spec):
+            raise FlagError(f"{spec[5:]} is not the tiny CLIP {path} was trained with (its file changed since, "
+                            "e.g. trained anew): put the run's own file back to resume")
     if vision_aided is not None and bool(ckpt.get("VD")) != vision_aided:
         was = "with" if ckpt.get("VD") else "without"
         raise FlagError(f"{path} was trained {was} the vision-aided D: resume with "
@@ -878,6 +882,8 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    fingerprints = {"clip": clip_lib.tiny_clip_fingerprint(spec),         # tiny CLIP files: checked on resume
+                    "vision_clip": clip_lib.tiny_clip_fingerprint(vspec or spec)}
     config = {"train": dataclasses.asdict(cfg), "G": dataclasses.asdict(g_cfg),
               "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}
     step, nimg = 0, 0
@@ -896,7 +902,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
             "VD": VD.state_dict() if VD is not None else {},
             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
             "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out),
-            "vision_clip": stored_clip_spec(vspec or spec, cfg.out)})
+            "vision_clip": stored_clip_spec(vspec or spec, cfg.out), "clip_sha": fingerprints})
 
     if rt.main:
         n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
@@ -1089,6 +1095,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     U_fwd, D_fwd = (torch.compile(U), torch.compile(D)) if cfg.compile else (U, D)  # R1: eager D, as in the base stage
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    fingerprints = {"clip": clip_lib.tiny_clip_fingerprint(spec)}
     config = {"train": dataclasses.asdict(cfg), "U": dataclasses.asdict(u_cfg), "D": dataclasses.asdict(d_cfg),
               "loss": dataclasses.asdict(loss_cfg), "stage": "upsampler"}
     step, nimg = 0, 0
@@ -1106,7 +1113,8 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
         save_checkpoint(ckpt_path, {
             "G": U.state_dict(), "G_ema": U_ema.state_dict(), "D": D.state_dict(),
             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "opt_W": opt_W.state_dict(),
-            "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out)})
+            "step": step, "nimg": nimg, "config": config, "clip": stored_clip_spec(spec, cfg.out),
+            "clip_sha": fingerprints})
 
     r, R = u_cfg.in_resolution, u_cfg.out_resolution
     if rt.main:

@@ -266,3 +266,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(run_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--ckpt", str(run_dir), "--prompt", A, "--device", "cuda"])
     assert exit_info.value.code == 2 and "--device cpu" in capsys.readouterr().err
+
+
+def test_a_tiny_clip_trained_anew_under_the_run_is_refused(run_dir, tmp_path, capsys):
+    """The checkpoint keeps the tiny CLIP's fingerprint: another clip.pt at the same place (trained
+    anew) would condition G_ema on features it never saw, so sampling stops in one line."""
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    cli(moved, tmp_path / "ok", "--prompt", A)                 # a moved run still finds its own CLIP
+    clip = torch.load(moved / "clip.pt", weights_only=True)
+    clip["state_dict"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in clip["state_dict"].items()}
+    torch.save(clip, moved / "clip.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", str(moved), "--prompt", A, "--out", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the tiny CLIP" in err[0], err

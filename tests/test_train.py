@@ -296,6 +296,12 @@ def test_resume_checks_everything_before_training_a_clip_or_writing_config(tmp_p
     assert "was trained with the vision-aided D" in err
     err, out = refused("noclip", prepare=lambda out: (out / "clip.pt").unlink())
     assert "clip.pt is missing" in err and not (out / "clip.pt").exists()
+    def retrain_clip(out):  # the same path, other weights: as if --stage clip had run again there
+        clip = torch.load(out / "clip.pt", weights_only=True)
+        clip["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in clip["state_dict"].items()}
+        torch.save(clip, out / "clip.pt")
+    err, _ = refused("newclip", prepare=retrain_clip)
+    assert "is not the tiny CLIP" in err and "put the run's own file back" in err
     err, _ = refused("corrupt", prepare=lambda out: (out / "checkpoint.pt").write_bytes(
         (base / "checkpoint.pt").read_bytes()[:5000]))
     assert "could not read" in err and "as a checkpoint" in err
