@@ -142,9 +142,16 @@ def vision_tower(model: open_clip.CLIP, x: torch.Tensor, feature_layers):
             if i in feature_layers:
                 features.append(x)
         return features, v.attnpool(x)  # QKV attention of the mean token over the last grid -> (B, E)
-    x = v.conv1(x)  # (B, C, g, g): one token per patch (a strided conv = a linear map per patch)
-    B, C, g, _ = x.shape  # C = width, g = S / patch size
-    x = x.flatten(2).transpose(1, 2)  # (B, g*g, C) tokens in raster order
+    # One token per patch: open_clip's conv1 (kernel = stride = patch size p, no bias) is a linear
+    # map of each p x p patch, written here as a matmul on the cut-out patches: the same numbers,
+    # and in bfloat16 on a CPU its backward is far cheaper than the strided conv's (ViT-B/32, 8
+    # images: forward+backward of the tower 0.70 -> 0.52 s; float32 alike).
+    w = v.conv1.weight  # (C, 3, p, p)
+    C, p = w.shape[0], w.shape[-1]
+    B, g = x.shape[0], x.shape[-1] // p  # g = S / p patches a side
+    patches = x.unflatten(2, (g, p)).unflatten(4, (g, p))  # (B, 3, g, p, g, p): [b, c, row, i, col, j]
+    patches = patches.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)  # (B, g*g, 3*p*p) raster order
+    x = patches @ w.flatten(1).t().to(patches.dtype)  # (B, g*g, C) tokens
     cls = v.class_embedding.to(x.dtype).expand(B, 1, C)  # (B, 1, C) learned summary token
     x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1 + g*g, C)
     x = v.ln_pre(v.patch_dropout(x))  # patch dropout is the identity in eval mode
