@@ -797,7 +797,8 @@ def check_resumable(ckpt, path, stage, preset, models):
     to a dataclass since the checkpoint was written counts at its default."""
     found = ckpt["config"].get("stage", "base")
     if found != stage:
-        raise FlagError(f"{path} is {'an' if found[0] in 'aeiou' else 'a'} {found}-stage run, not a {stage}-stage one: resume it with "
+        article = "an" if found[0] in "aeiou" else "a"
+        raise FlagError(f"{path} is {article} {found}-stage run, not a {stage}-stage one: resume it with "
                         f"--stage {found}, or use another --out")
     stored_preset = ckpt["config"]["train"]["preset"]
     if stored_preset != preset:
