@@ -94,6 +94,11 @@ def resolve_clip_spec(spec, run_dir):
     return spec
 
 
+def counted(n, noun):
+    """'1 image', '8 images'."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def run_clip(ckpt, path, device):
     """The frozen CLIP a run was trained with (its spec in the checkpoint, a tiny CLIP's path relative
     to the run directory), refused in one line if a tiny CLIP's file changed since (trained anew):
@@ -610,12 +615,13 @@ def run_lowres(args, prompts, device):
     t0 = time.time()
     images = upsample(U, clip, lowres.expand(n, -1, -1, -1), [prompt] * n, [seed + k for k in range(n)],
                       args.batch, args.noise_aug).cpu()                              # (n, 3, R, R)
-    print(f"{n} image{'s' * (n != 1)} in {time.time() - t0:.2f} s")
+    print(f"{counted(n, 'image')} in {time.time() - t0:.2f} s")
     rows = [{"caption": prompt, "seed": seed + k, "lowres": args.lowres} for k in range(n)]
     write_outputs(out, images, rows)
     data.save_image_grid(lowres, os.path.join(out, "lowres.png"), ncol=1)
     data.save_image_grid(comparison_rows(lowres, images), os.path.join(out, "comparison.png"), ncol=3)
-    print(f"wrote {n} PNG{'s' * (n != 1)}, captions.jsonl, lowres.png, comparison.png (nearest | bicubic | GigaGAN) to {out}")
+    print(f"wrote {counted(n, 'PNG')}, captions.jsonl, lowres.png, "
+          f"comparison.png (nearest | bicubic | GigaGAN) to {out}")
     return out
 
 
@@ -675,11 +681,11 @@ def _main(argv):
         print(f"upsampled x{U.cfg.factor} to {U.cfg.out_resolution} px by {resolve_checkpoint(args.upsampler)}")
     images = images.cpu()  # waits for the GPU: the time below is the whole generation
     seconds = time.time() - t0
-    print(f"{len(images)} image{'s' * (len(images) != 1)} in {seconds:.2f} s ({1000 * seconds / len(images):.1f} ms/image, "
+    print(f"{counted(len(images), 'image')} in {seconds:.2f} s ({1000 * seconds / len(images):.1f} ms/image, "
           f"batch {args.batch})")
 
     write_outputs(out, images, rows, grid, ncol)
-    written = [f"{len(images)} PNG{'s' * (len(images) != 1)}", "captions.jsonl"] + (["grid.png"] if grid is not None else [])
+    written = [counted(len(images), "PNG"), "captions.jsonl"] + (["grid.png"] if grid is not None else [])
     if metrics is not None:
         print("eval  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         with open(os.path.join(out, "eval.json"), "w") as f:
