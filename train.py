@@ -81,6 +81,7 @@ class TrainConfig:
     data: str = "shapes"          # shapes | an image folder with captions | 'shards/{00000..00099}.tar'
     out: str = ""                 # run directory; '' -> runs/<preset>
     max_steps: int = 1500         # optimiser steps of G (and of D)
+    max_minutes: float = 0.0      # time budget of the whole run, CLIP training included: stop early, as at max_steps (0: none)
     batch_size: int = 16          # global batch: all processes, all micro-batches
     batch_gpu: int = 0            # micro-batch per forward pass; 0 -> batch_size / processes
     lr_g: float = 0.0025          # AdamW learning rate of G (paper: 0.0025)
@@ -120,8 +121,10 @@ TRAIN_PRESETS = {
     # tiny: twice the paper's learning rate for G and D (project's choice). Measured, one
     # 1,000-step run each of `python train.py` (same tiny CLIP): mean alignment 0.71 vs 0.56,
     # colour 0.80 vs 0.63, position 0.80 vs 0.41, CLIP score 0.85 vs 0.77.
-    # 2,000 steps: what fits 15 minutes on a 2-core CPU with the tiny CLIP (README, Measured).
-    "tiny": dict(lr_g=0.005, lr_d=0.005, max_steps=2000),
+    # A 15-minute budget (CLIP training included): about 2,000 steps on a 2-core CPU with the
+    # tiny CLIP (README, Measured), fewer on a slower machine; --resume goes on toward max_steps,
+    # where every attribute of the shapes prompts is right in >= 94% of images (README, Status).
+    "tiny": dict(lr_g=0.005, lr_d=0.005, max_steps=3500, max_minutes=15.0),
     "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip_batch_size=256,
                   clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
     "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=500.0, dtype="bfloat16",
@@ -139,7 +142,7 @@ TRAIN_PRESETS = {
 # the matching-aware prior), and U on pixel MSE learns only with the noise inputs off and the
 # learning rate and beta1 of a regression (README, "Status"). GAN steps: the paper's 0.0025.
 UPSAMPLER_TRAIN_PRESETS = {
-    "tiny": dict(max_steps=1500, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
+    "tiny": dict(max_steps=1500, max_minutes=0.0, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
                  eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
                  lr_g=0.0025, lr_d=0.0025),
     "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
@@ -345,6 +348,7 @@ class Runtime:
     rank: int        # this process's index (0 when not under torchrun)
     world: int       # number of processes
     autocast: typing.Any  # a context-manager factory for the forward passes
+    started: float   # time.time() when this run began, for --max-minutes
 
     @property
     def main(self):  # rank 0 logs, snapshots and saves
@@ -373,7 +377,7 @@ def setup_runtime(cfg):
         # bf16 autocast works on CPU too, so the GPU path has a CPU-testable twin.
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    return Runtime(device, rank, world, autocast)
+    return Runtime(device, rank, world, autocast, started=time.time())
 
 
 def seed_for(cfg, step, micro, phase):
@@ -759,6 +763,28 @@ class StopRequest:
         return bool(flag.item())
 
 
+TIME_RESERVE_S = 30.0  # --max-minutes: kept for the last step's snapshot, evaluation, checkpoint and plot
+
+
+def out_of_time(cfg, rt):
+    """--max-minutes: has this run (its CLIP training included) used its budget, less a reserve
+    for the last step's outputs? The same answer on every process (the latest clock decides)."""
+    if not cfg.max_minutes:
+        return False
+    late = torch.tensor([float(time.time() - rt.started > 60 * cfg.max_minutes - TIME_RESERVE_S)], device=rt.device)
+    if rt.world > 1:
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
+def budget_note(cfg, step):
+    """The end message's word on a run that --max-minutes ended before --max-steps."""
+    if step >= cfg.max_steps:
+        return ""
+    return (f" in the {cfg.max_minutes:g}-minute budget (--max-minutes), of {cfg.max_steps}; "
+            f"`--resume` trains on from here")
+
+
 def exit_interrupted(rt, checkpoint, step, ckpt_path):
     """Ctrl-C / SIGTERM, agreed by every process after a finished step: save, then exit 130."""
     if rt.main:
@@ -1006,27 +1032,30 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                 step += 1
                 nimg += cfg.batch_size
                 update_ema(G_ema, G, cfg, nimg)
+                last = step == cfg.max_steps or out_of_time(cfg, rt)  # --max-minutes ends a run early
 
                 # ---- logs, snapshots, evaluation, checkpoints (rank 0)
                 n_log += cfg.batch_size
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if step % cfg.log_every == 0 or last:
                     means = mean_stats(stats, rt)                       # every rank takes part
                     if rt.main:
                         log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), means)
                     stats, t_log, n_log = {}, time.time(), 0
                 t_aux = time.time()  # time spent below is not training: keep it out of img/s
-                if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
+                if rt.main and (step % cfg.snapshot_every == 0 or last):
                     save_snapshot(cfg, G_ema, clip, snap_prompts, snap_z, step)
-                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                     metrics = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
                                                     shapes=cfg.data == "shapes")
                     log_row(cfg, {"kind": "eval", "step": step, **metrics})
                     print("eval  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-                if rt.main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+                if rt.main and (step % cfg.ckpt_every == 0 or last):
                     checkpoint()
                 t_log += time.time() - t_aux
                 if stop.agreed(rt):
                     exit_interrupted(rt, checkpoint, step, ckpt_path)
+                if last:
+                    break
         except NonFiniteLoss as err:
             exit_nonfinite(rt, err, ckpt_path)
 
@@ -1034,7 +1063,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
         check_in_sync([G, D], rt)
     if rt.main:
         plot = plot_losses(cfg)
-        print(f"done: {step} steps. checkpoint {ckpt_path}; samples {cfg.out}/samples_*.png "
+        print(f"done: {step} steps{budget_note(cfg, step)}. checkpoint {ckpt_path}; samples {cfg.out}/samples_*.png "
               f"(prompts in samples_prompts.txt); loss curves {plot}; log {cfg.out}/log.jsonl")
     return G_ema
 
@@ -1230,29 +1259,32 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                 step += 1
                 nimg += cfg.batch_size
                 update_ema(U_ema, U, cfg, nimg)
+                last = step == cfg.max_steps or out_of_time(cfg, rt)  # --max-minutes ends a run early
 
                 # ---- logs, snapshots, evaluation, checkpoints (rank 0)
                 n_log += cfg.batch_size
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if step % cfg.log_every == 0 or last:
                     means = mean_stats(stats, rt)                       # every rank takes part
                     if rt.main:
                         log_train_row(cfg, step, nimg, n_log / (time.time() - t_log), means)
                     stats, t_log, n_log = {}, time.time(), 0
                 t_aux = time.time()
-                if rt.main and (step % cfg.snapshot_every == 0 or step == cfg.max_steps):
+                if rt.main and (step % cfg.snapshot_every == 0 or last):
                     save_upsampler_snapshot(cfg, U_ema, clip, eval_lr[:4], eval_hr[:4], eval_captions[:4], step)
-                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                     metrics = upsampler.upsampling_metrics(U_ema, eval_lr, eval_hr, *clip.text_features(eval_captions))
                     log_row(cfg, {"kind": "eval", "step": step, **metrics})
                     print(f"eval  mae {metrics['mae']:.4f} (bicubic {metrics['mae_bicubic']:.4f}, ratio "
                           f"{metrics['mae'] / max(metrics['mae_bicubic'], 1e-12):.2f})  sharpness "
                           f"{metrics['sharpness']:.4f} (bicubic {metrics['sharpness_bicubic']:.4f}, "
                           f"real {metrics['sharpness_real']:.4f})", flush=True)
-                if rt.main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+                if rt.main and (step % cfg.ckpt_every == 0 or last):
                     checkpoint()
                 t_log += time.time() - t_aux
                 if stop.agreed(rt):
                     exit_interrupted(rt, checkpoint, step, ckpt_path)
+                if last:
+                    break
         except NonFiniteLoss as err:
             exit_nonfinite(rt, err, ckpt_path)
 
@@ -1260,7 +1292,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
         check_in_sync([U, D], rt)
     if rt.main:
         plot = plot_losses(cfg)
-        print(f"done: {step} steps. checkpoint {ckpt_path}; snapshots {cfg.out}/samples_*.png (bicubic | "
+        print(f"done: {step} steps{budget_note(cfg, step)}. checkpoint {ckpt_path}; snapshots {cfg.out}/samples_*.png (bicubic | "
               f"upsampled | real); loss curves {plot}; log {cfg.out}/log.jsonl")
     return U_ema
 

@@ -119,6 +119,29 @@ def test_ctrl_c_finishes_the_step_saves_then_resumes(tmp_path, tiny_clip, monkey
     assert state(tmp_path / "int")["step"] == 4
 
 
+def test_max_minutes_ends_the_run_early_with_its_last_outputs_then_resume_goes_on(tmp_path, tiny_clip, capsys):
+    """--max-minutes (the tiny preset's 15-minute budget) ends a run at a step boundary as
+    --max-steps would: last log line, snapshot, evaluation and checkpoint at that step; a budget
+    of 0.51 minutes, less the 30 s kept for those outputs, runs out within the first steps."""
+    out = run(tmp_path, "--max-steps", "50", "--max-minutes", "0.51", "--eval-every", "1000", "--eval-images", "4",
+              name="budget", clip=tiny_clip)
+    printed = capsys.readouterr().out
+    step = state(out)["step"]
+    assert 1 <= step < 50
+    assert f"done: {step} steps in the 0.51-minute budget (--max-minutes), of 50" in printed
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [step]
+    assert rows[-1]["step"] == step and (out / f"samples_{step:06d}.png").is_file()
+    run(tmp_path, "--max-steps", str(step + 2), "--resume", "--max-minutes", "0", name="budget", clip=tiny_clip)
+    assert state(out)["step"] == step + 2
+
+
+def test_tiny_preset_budget_is_15_minutes_and_the_upsampler_has_none():
+    cfg = train.parse_flags([])[0]
+    assert (cfg.max_minutes, cfg.max_steps) == (15.0, 3500)
+    assert train.parse_flags(["--stage", "upsampler"])[0].max_minutes == 0
+
+
 def test_gradient_accumulation_and_bf16_autocast_run(tmp_path, tiny_clip):
     out = run(tmp_path, "--max-steps", "1", "--batch-gpu", "2", "--dtype", "bfloat16", name="accum", clip=tiny_clip)
     ckpt = state(out)
