@@ -255,6 +255,8 @@ def parse_flags(argv):
             raise FlagError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.batch_gpu < 0:
         raise FlagError(f"--batch-gpu must be >= 0, got {cfg.batch_gpu}")
+    if cfg.max_minutes < 0:
+        raise FlagError(f"--max-minutes must be >= 0 (0: no time budget), got {cfg.max_minutes:g}")
     if cfg.warmup_steps < 0 or cfg.warmup_lr <= 0:
         raise FlagError(f"--warmup-steps must be >= 0 and --warmup-lr positive, got {cfg.warmup_steps}, {cfg.warmup_lr}")
     if cfg.warmup_steps and cfg.stage != "upsampler":
@@ -771,10 +773,12 @@ def out_of_time(cfg, rt):
     for the last step's outputs? The same answer on every process (the latest clock decides)."""
     if not cfg.max_minutes:
         return False
-    late = torch.tensor([float(time.time() - rt.started > 60 * cfg.max_minutes - TIME_RESERVE_S)], device=rt.device)
+    late = time.time() - rt.started > 60 * cfg.max_minutes - TIME_RESERVE_S
     if rt.world > 1:
-        dist.all_reduce(late, op=dist.ReduceOp.MAX)
-    return bool(late.item())
+        flag = torch.tensor([float(late)], device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        late = bool(flag.item())
+    return late
 
 
 def budget_note(cfg, step):

@@ -260,6 +260,7 @@ def test_tuple_flags_take_commas_or_json():
     (["--stage", "upsampler", "--loss.r1-interval", "0"], "bad loss configuration (--loss.*): r1_interval 0"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--hard-negatives", "1.5"], "--hard-negatives is a share"),
+    (["--max-minutes", "-1"], "--max-minutes must be >= 0"),
     (["--loss.mode-seeking-weight", "-1"], "bad loss configuration (--loss.*): mode_seeking_weight -1"),
     (["--stage", "upsampler", "--loss.mode-seeking-weight", "1"], "a term of the base G"),
     (["--loss.mode-seeking-weight", "1", "--batch-size", "4", "--batch-gpu", "1"], "use --batch-gpu 2 or more"),
@@ -297,6 +298,7 @@ def test_resume_checks_everything_before_training_a_clip_or_writing_config(tmp_p
     tiny = ["--clip-steps", "4", "--clip-batch-size", "16"]
     base = run(tmp_path, "--max-steps", "1", *tiny, name="base")   # the default: its own tiny CLIP in base/
     config = (base / "config.json").read_text()
+    capsys.readouterr()                                           # what the base run printed
 
     def refused(name, *extra, prepare=None):
         out = tmp_path / name
@@ -307,9 +309,10 @@ def test_resume_checks_everything_before_training_a_clip_or_writing_config(tmp_p
         with pytest.raises(SystemExit) as exit_info:
             run(tmp_path, "--max-steps", "2", "--resume", *tiny, *extra, name=name)
         assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip()
+        printed = capsys.readouterr()
+        err = printed.err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("train.py: "), err
-        assert "[clip] training" not in capsys.readouterr().out
+        assert "[clip] training" not in printed.out                 # refused before any CLIP training
         return err, out
 
     err, out = refused("d", "--d.channel-max", "32")             # D's weights would not fit
@@ -319,6 +322,7 @@ def test_resume_checks_everything_before_training_a_clip_or_writing_config(tmp_p
     assert "was trained with the vision-aided D" in err
     err, out = refused("noclip", prepare=lambda out: (out / "clip.pt").unlink())
     assert "clip.pt is missing" in err and not (out / "clip.pt").exists()
+
     def retrain_clip(out):  # the same path, other weights: as if --stage clip had run again there
         clip = torch.load(out / "clip.pt", weights_only=True)
         clip["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in clip["state_dict"].items()}
