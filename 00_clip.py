@@ -54,14 +54,8 @@ from torch.nn.utils.rnn import pad_sequence
 @dataclass
 class TinyCLIPConfig:
     image_size: int = 32  # S: the vision tower's input side (= the data resolution of the tiny preset)
-    # The image tower: "vit" (default) or "resnet" (open_clip's ModifiedResNet, CLIP's RN50 design,
-    # made small; `--clip-tower resnet`). Measured on shapes, 32 px, 2 CPU cores, in about 3 min:
-    # the ViT tells shape (circle / square / triangle) apart in 0.82-0.88 of fresh images whatever
-    # its stem or learning rate, the ResNet in 0.98-0.99. Through a full-weight CLIP loss G learns
-    # worse from the ResNet: its gradients at the data's own 32 px teach G pixel speckle (FD 0.038
-    # vs 0.019-0.024, no better alignment). Where the ResNet helps is as the vision-aided D's
-    # backbone; train.py's tiny default (--clip-tower auto) uses one ResNet CLIP for every role,
-    # with the CLIP loss at weight 0.1, and with --clip-tower vit a ResNet sibling for the D.
+    # The image tower: "vit" or "resnet" (open_clip's ModifiedResNet, CLIP's RN50 design, made small);
+    # train.py's tiny default picks resnet (NOTES.md, "Tiny CLIP image tower" and "One CLIP for every role").
     vision: str = "vit"
     resnet_width: int = 8  # stem width; stage i outputs 4 * width * 2^i channels: 32, 64, 128, 256
     resnet_layers: tuple = (1, 1, 1, 1)  # bottleneck blocks per stage (strides 4, 8, 16, 32 px)
@@ -144,8 +138,7 @@ def vision_tower(model: open_clip.CLIP, x: torch.Tensor, feature_layers):
         return features, v.attnpool(x)  # QKV attention of the mean token over the last grid -> (B, E)
     # One token per patch: open_clip's conv1 (kernel = stride = patch size p, no bias) is a linear
     # map of each p x p patch, written here as a matmul on the cut-out patches: the same numbers,
-    # and in bfloat16 on a CPU its backward is far cheaper than the strided conv's (ViT-B/32, 8
-    # images: forward+backward of the tower 0.70 -> 0.52 s; float32 alike).
+    # and in bfloat16 on a CPU its backward is cheaper (NOTES.md, "ViT patch embedding as a matmul").
     w = v.conv1.weight  # (C, 3, p, p)
     C, p = w.shape[0], w.shape[-1]
     B, g = x.shape[0], x.shape[-1] // p  # g = S / p patches a side
@@ -170,8 +163,7 @@ def clip_block(block, x, causal=False):
 
     The same numbers as `block(x)` (tested), but with F.linear and F.scaled_dot_product_attention
     instead of nn.MultiheadAttention, whose backward in bfloat16 on a CPU goes through slow
-    batched-matmul copies (ViT-B/32 image tower, 8 images: 2.3 s per forward+backward against
-    0.4 s here; its text tower is 15% faster in float32 too). causal=True: the text tower's mask
+    batched-matmul copies (NOTES.md, "Written-out CLIP block"). causal=True: the text tower's mask
     (no token attends to a later one). x: (B, N, C) tokens -> (B, N, C).
     """
     attn = block.attn  # nn.MultiheadAttention (batch first), its weights frozen into buffers
@@ -302,8 +294,8 @@ class FrozenCLIP(nn.Module):
         self.image_size = v.image_size if resnet else v.image_size[0]  # S (square towers only)
         n_blocks = 4 if resnet else len(v.transformer.resblocks)  # ResNet: its 4 stages
         if feature_layers is None and resnet:  # every stage: strides 4, 8, 16, 32 (project's choice)
-            # the stride-8 map is where a 10-20 px shape's outline lives at 32 px; with stages 0, 2, 3
-            # only, the vision-aided D taught G the shape more slowly (README, Status: 0.54 vs 0.61)
+            # the stride-8 map is where a 10-20 px shape's outline lives at 32 px
+            # (NOTES.md, "Vision-aided D: which ResNet stages")
             feature_layers = list(range(n_blocks))
         elif feature_layers is None:  # ViT: 3 evenly spaced, e.g. 12 blocks -> after 3, 7, 11 (0-based); 3 -> 0, 1, 2
             feature_layers = sorted({max(0, round(n_blocks * k / 3) - 1) for k in (1, 2, 3)})
@@ -401,10 +393,10 @@ class FrozenCLIP(nn.Module):
     def image_tower_to(self, dtype):
         """Keep the frozen image tower's weights in `dtype` (train.py: bfloat16 under --dtype bfloat16).
 
-        Cast once here rather than by autocast in every call. On a CPU with bfloat16 matrix units
-        (AVX-512 BF16) the ViT-B/32 tower's forward + backward to 8 images takes 0.36 s so, 1.0 s in
-        float32. Images are cast on entry and the outputs come back in the images' dtype. The text
-        tower stays float32 (its features are computed once per caption and cached).
+        Cast once here rather than by autocast in every call: faster on a CPU with bfloat16 matrix
+        units (NOTES.md, "bf16 image tower"). Images are cast on entry and the outputs come back
+        in the images' dtype. The text tower stays float32 (its features are computed once per
+        caption and cached).
         """
         self.model.visual.to(dtype)
         self.image_dtype = dtype

@@ -407,7 +407,7 @@ class AdaptiveConv2d(nn.Module):
         out_channels,        # C_out
         kernel_size,         # K, odd; padding K // 2 keeps H, W
         w_dim,               # S, width of the style vector w
-        n_kernels=1,         # N, kernels in the bank (1 = StyleGAN2); per-resolution N is [U]
+        n_kernels=1,         # N, kernels in the bank (1 = StyleGAN2); per-resolution N is ours (paper: open)
         demodulate=True,     # normalise each output channel's kernel (off for ToRGB)
         up=1,                # 1, or 2 to double H and W before the conv
         activation="lrelu",  # "lrelu" (with gain sqrt(2)) or None

@@ -95,18 +95,13 @@ class GeneratorConfig:
         return [4 * 2**s for s in range(len(self.channels))]
 
 
-# Presets: one code path, sizes only (DESIGN.md). Every number not in the paper is ours.
+# Presets: one code path, sizes only. Every number not in the paper is ours.
 G_PRESETS = {
     # 32 px, ~0.75M parameters with text_dim 128 (the dataclass defaults): trains on the shapes toy set on a
     # 2-core CPU in minutes. Channels and depth are cut to what one fwd+bwd at batch 16
     # affords in well under 0.15 s; attention only at 8 and 16 px (at 32 px it would cost most).
-    # M at the full learning rate (StyleGAN2's 0.01 multiplier is for an unconditional M; here
-    # M carries t_global into w): at 1,000 steps of `python train.py`, colour alignment 0.63 vs
-    # 0.38 and CLIP score 0.77 vs 0.72 (one run each).
-    # No per-pixel noise inputs: on flat synthetic images G used them as a shortcut, speckling
-    # every pixel to match the high-frequency energy of real shape edges (mean squared
-    # Laplacian 0.066 with its noise, 0.002 with it zeroed; real 0.08). Without them the
-    # samples are clean at the same alignment (mean 0.72 vs 0.70-0.73 at 1,000 steps).
+    # M at the full learning rate: here M carries t_global into w (NOTES.md, "Mapping network learning rate").
+    # No per-pixel noise inputs: G used them to speckle its edges (NOTES.md, "Per-pixel noise inputs").
     "tiny": GeneratorConfig(mapping_lr_mul=1.0, noise=False),
     # 64 px for one 8-24 GB GPU (project's choice of sizes), every component switched on.
     "small": GeneratorConfig(

@@ -157,10 +157,9 @@ class DownBlock(nn.Module):
         out  = (main + skip) / sqrt(2)          keeps unit variance
     The stride-2 step is "blur, keep every second pixel" (01's downsample2x) followed by a
     stride-1 conv at the lower resolution: anti-aliased like StyleGAN2's blur + stride-2 conv.
-    mode="max" (an option of this project, off in every preset): a 2x2 max-pool instead. Measured
-    on the shapes data, D's image branch learns to tell circle / square / triangle apart much
-    faster with it (a 3-class probe, 1,000 steps of 16: 1.00 against the blur's 0.63): blurring
-    before every halving averages away the corners that make the difference at 32 px.
+    mode="max" (an option of this project, off in every preset): a 2x2 max-pool instead. Blurring
+    before every halving averages away the corners that tell shapes apart at 32 px
+    (NOTES.md, "D downsampling: blur or max-pool").
     """
 
     def __init__(
@@ -292,9 +291,8 @@ class Predictor(nn.Module):
         self.psi = nn.ModuleList(hidden + [last])             # psi_j of Eq. 7
         self.unconditional = EqualConv2d(channels, 1, 1)      # conv1x1 of Eq. 7
         # projection=True (project's choice, not in the paper): a projection-discriminator term
-        # (Miyato & Koyama 2018) on the FLATTENED map, <A(flatten h), c> / sqrt(cond_dim). Measured
-        # on D alone (real images, own caption vs a one-word shape change, 1,000 steps): with
-        # max-pool downsampling it tells shape apart in 0.94 of cases, psi's mean alone in 0.53.
+        # (Miyato & Koyama 2018) on the FLATTENED map, <A(flatten h), c> / sqrt(cond_dim)
+        # (NOTES.md, "Projection readout").
         assert not projection or size, "projection needs the map size"
         self.project = EqualLinear(channels * size * size, cond_dim) if projection else None
 

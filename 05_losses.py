@@ -84,7 +84,7 @@ class LossConfig:
     r1_gamma: float = 0.2048        # paper value: low end of its 0.2048-2.048 range (tiny: 1.0, see LOSS_PRESETS)
     r1_interval: int = 16           # paper value: lazy R1 every 16 D steps (StyleGAN2's interval)
     lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
-    pixel_weight: float = 0.0       # project choice [U]: weight of a pixel MSE to lpips_target (paper: none)
+    pixel_weight: float = 0.0       # project choice, not in the paper: weight of a pixel MSE to lpips_target
     mode_seeking_weight: float = 0.0  # project choice, not in the paper: MSGAN's diversity term (base G only)
 
     def __post_init__(self):
@@ -98,27 +98,18 @@ class LossConfig:
 # Named loss settings: the base model and the upsampler, and "<stage>_tiny" where the tiny preset
 # differs (train.py's loss_preset picks "<stage>_<preset>" when it exists, else "<stage>"). The upsampler keeps the GAN terms
 # (adversarial, matching-aware, R1) and adds LPIPS (weight 10); no vision-aided loss (paper),
-# and no CLIP loss (project choice [U]: the paper lists none for it, and its low-res input
+# and no CLIP loss (this project's choice: the paper lists none for it, and its low-res input
 # already fixes what the image shows).
 LOSS_PRESETS = {
     "base": LossConfig(),
-    # the tiny 32 px base model on a CPU (project's choice, inside the paper's 0.2048-2.048):
-    # a stronger R1. Measured, 1,000 steps of `python train.py` with the same tiny CLIP, G_ema
-    # alignment mean / CLIP-feature FD: gamma 0.2048 0.745 / 0.067; gamma 1.0 0.820 / 0.032
-    # (seed 0) and 0.767 / 0.030 (seed 1); gamma 2.048 0.647 / 0.057 (shape at chance in all).
-    # A vision-aided weight of 2: with a ResNet-tower tiny CLIP behind the vision-aided D it is
-    # the term that teaches G the shape; measured, one run each, shape at step 1,500: weight 0.5
-    # 0.38, 2 0.61, 4 0.54 (mean of the five attributes 0.85 / 0.91 / 0.89).
-    # And a CLIP-loss weight of 0.1: with train.py's tiny default, one ResNet-tower CLIP for the
-    # text, the CLIP loss and the vision-aided D, a full weight lets G fool the CLIP with colour
-    # fringes (mean 0.60 at step 1,000); at 0.1, shape 0.56 / 0.72 / 0.84 at steps 1,500 / 2,000
-    # / 2,500, against 0.45 / 0.57 / 0.68 of a ViT CLIP at weight 1 beside the ResNet (README).
+    # the tiny 32 px base model on a CPU (project's choice): R1 gamma 1.0, inside the paper's
+    # 0.2048-2.048 (NOTES.md, "R1 gamma"); vision-aided weight 2 (NOTES.md, "Vision-aided weight");
+    # CLIP-loss weight 0.1 (NOTES.md, "CLIP loss weight" and "ResNet CLIP at full CLIP-loss weight").
     "base_tiny": LossConfig(r1_gamma=1.0, vision_weight=2.0, clip_weight=0.1),
     "upsampler": LossConfig(vision_weight=0.0, clip_weight=0.0),
-    # the tiny 32 -> 128 upsampler on a CPU (project's choice [U]): its LPIPS has a random
-    # backbone, which barely pins colours, so a pixel MSE holds the image to the real one.
-    # Measured, 40 GAN steps after train.py's warm-up: MAE 0.70x bicubic's kept with it,
-    # 1.18x without it even at a tenth of the learning rate.
+    # the tiny 32 -> 128 upsampler on a CPU (project's choice): its LPIPS has a random
+    # backbone, which barely pins colours, so a pixel MSE holds the image to the real one
+    # (NOTES.md, "Pixel term in the GAN steps").
     "upsampler_tiny": LossConfig(vision_weight=0.0, clip_weight=0.0, pixel_weight=1000.0),
 }
 

@@ -35,12 +35,8 @@ Why these pieces.
   right from step 0 (the ToRGB layers start at 1/1000 of their usual size, rgb_init: the
   untrained output is within ~15% of bicubic's error), so GAN training starts from a
   sensible image instead of first having to learn the identity map through a U-Net.
-  Measured limit (CPU, shapes 32 -> 128): beating bicubic's pixel error takes this tiny
-  U-Net many steps. With L1 alone on two images it is at 0.98x bicubic after 190 steps; on
-  the whole set neither L1 nor MSE gets below 1.0x in 600 steps, while a plain 4-conv CNN
-  at the input resolution with a pixel shuffle reaches 0.65x in 1,000 MSE steps (34 s).
-  L1 alone does not move the plain CNN either: on these mostly flat images the error is
-  in a few edge pixels, and L1 gives every flat pixel the same-size gradient.
+  Beating bicubic's pixel error takes this tiny U-Net many steps on a CPU, which is why
+  train.py warms it up on pixel MSE (NOTES.md, "U on pixel loss alone" and "Upsampler warm-up").
 
 Low-res training pairs: make_lowres(real, r) is bicubic, anti-aliased (PIL's filter, the
 cubic kernel stretched by the factor), clamped to [-1, 1]. data.py shrinks real images
@@ -121,7 +117,7 @@ class UpsamplerConfig:
     self_attention: bool = True               # L2 self-attention after each decoder conv at attn_resolutions
     cross_attention: bool = True              # cross-attention to t_local after it
     kernel_size: int = 3                      # K of the stem and decoder convs
-    noise_aug_sigma: float = 0.2              # max std of the training noise on x_lr in [-1, 1] [U]
+    noise_aug_sigma: float = 0.2              # max std of the training noise on x_lr in [-1, 1] (ours)
     rgb_init: float = 0.001                   # ToRGB weights start at this x StyleGAN2's: small residual (ours)
 
     def __post_init__(self):
@@ -169,22 +165,20 @@ class UpsamplerConfig:
         return int(math.log2(self.out_resolution)) - 1
 
 
-# Presets: one code path, sizes only (DESIGN.md). Every number not in the paper is ours.
+# Presets: one code path, sizes only. Every number not in the paper is ours.
 U_PRESETS = {
     # 32 -> 128 on the shapes toy set, a 2-core CPU. Bottleneck 8 px (2 halvings, 4 doublings:
     # asymmetric like the paper's 3 / 6), narrow at high resolution where pixels are many,
     # attention at 16 px only (256 tokens; at 32 px it would cost most of the step).
     # About 0.54M parameters with text_dim 128; forward + backward at batch 8 ~0.25 s on one core.
-    # M at the full learning rate, as the tiny base G: at StyleGAN2's 0.01 it cannot learn in
-    # a few hundred steps how little z should move a reconstruction (train.py's warm-up).
-    # Input noise up to 0.05, not 0.2: measured, 40 GAN steps after the warm-up at 0.2 took
-    # the MAE from 0.70x to 0.86x bicubic's (the clean eval inputs are not what it trained on).
+    # M at the full learning rate, as the tiny base G (NOTES.md, "What lets U learn on MSE").
+    # Input noise up to 0.05, not 0.2 (NOTES.md, "Input noise strength").
     "tiny": UpsamplerConfig(mapping_lr_mul=1.0, noise_aug_sigma=0.05),
     # The paper's 64 -> 512 upsampler (359.1M). From the paper: the asymmetric U-Net with 3
     # downsampling residual scales (64 -> 32 -> 16 -> 8) and 6 upsampling scales with
     # attention (8 -> 16 -> ... -> 512), skips at equal resolution, text through M and
     # cross-attention, z of 128, 4 mapping layers (as the base G), CLIP ViT-L/14 tokens
-    # (text_dim 768). Everything else is this project's choice [U]: w 1024 (as our base G),
+    # (text_dim 768). Everything else is this project's choice: w 1024 (as our base G),
     # a 2-block 768-wide T, widths 1024 up to 32 px then halving per octave (64 at 512 px, as
     # StyleGAN2 at 512 px), 2 residual blocks per encoder scale, 3 conv blocks per decoder
     # scale up to 64 px and 2 above, banks growing with resolution like the base G's, and
@@ -198,7 +192,7 @@ U_PRESETS = {
         down_blocks=(2, 2, 2), up_blocks=(3, 3, 3, 3, 2, 2), n_kernels=(1, 2, 4, 8, 8, 8),
         attn_resolutions=(16, 32, 64), attn_heads=16,
     ),
-    # 128 -> 1024 (project's choice [U]; the paper shows 1K-4K results but gives no such
+    # 128 -> 1024 (project's choice; the paper shows 1K-4K results but gives no such
     # model): full's structure one octave higher (128 -> 16 -> 1024), the same widths per
     # network scale, so 64 channels at 1024 px; attention at 32 and 64 px only (a 128 px
     # map has 16384 tokens). 351.5M parameters with text_dim 768.
@@ -262,7 +256,7 @@ def augment_lowres(x, max_sigma, generator=None, return_sigma=False):
     """Gaussian noise augmentation (paper Sec. 3.5) with a random strength per image.
 
     sigma_b ~ U(0, max_sigma), drawn per image, so the network sees every strength from
-    clean to max_sigma (a uniform law is this project's choice [U]; the network is not
+    clean to max_sigma (a uniform law is this project's choice; the network is not
     told sigma_b). x (B, C, H, W) in [-1, 1]; the result is not clamped (the noise is the
     point). Returns x + sigma_b * n, or (that, sigma (B,)) with return_sigma.
     """
