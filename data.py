@@ -19,6 +19,34 @@ in a deterministic, distributed-aware DataLoader; `infinite_batches` feeds the t
 Run `python data.py` for a demo: captions, the judge on fresh images, the loader's images/s
 and a grid PNG in a temp folder.
 
+The `shapes` spec (what `ShapesDataset` draws; the constants below hold the numbers)
+- One solid shape on a solid background, rendered anti-aliased at any resolution R >= 8,
+  deterministic from (seed, index), unlimited (`length` is only a nominal epoch).
+- Canvas coordinates run over [0, 1] in x (left to right) and y (top to bottom).
+- shape: `circle`, `square` or `triangle`, each `extent` wide and `extent` tall.
+  The triangle is upright and isosceles: apex at top centre, base along the bottom.
+- colour of the shape and of the background: two different names from this palette (RGB):
+  red (220, 40, 40), green (40, 180, 60), blue (40, 80, 220), yellow (240, 210, 40),
+  purple (150, 60, 200), orange (245, 140, 30), white (245, 245, 245), black (20, 20, 20).
+- size: `small` has extent 0.3 of the canvas side, `large` 0.6.
+- position: the centre's x is 0.3 (`left`), 0.5 (`center`) or 0.7 (`right`); its y is 0.5.
+- jitter (on by default; all uniform, drawn per sample): extent x (1 +- 0.10), centre x +- 0.04,
+  centre y +- 0.10, and +- 8 per RGB channel (integers, shape and background independently,
+  clipped to 0..255). Vertically a shape always fits (|y - 0.5| + extent / 2 <= 0.43);
+  a large shape on the left or right may be cut by the canvas side.
+- draw order: shape colour uniform over the 8, background uniform over the other 7, then
+  shape, size, position and caption template uniform; one numpy Generator per (seed, index).
+- rendering: 4 x 4 sub-samples per pixel, averaged (a box filter), so an edge pixel mixes
+  the two colours by the share of its area inside the shape; then [0, 255] -> [-1, 1].
+- caption: one of five templates, each naming all five attributes; the shape's colour word
+  comes before the shape word and the background's colour word after it, for example
+    "a large red circle on the left of a blue background"
+    "small yellow triangle, right side, purple backdrop"
+    "an orange square, small, in the center on white"
+    "picture of a large green circle placed to the left against a black background"
+    "purple triangle (large, right) over a plain white background"
+  ("an" before a vowel, see `with_articles`). `parse_shapes_caption` reads the five back.
+
 Shape legend: B batch, R resolution (images are square), H W height width.
 """
 import csv
@@ -46,7 +74,7 @@ DATA_SPEC_HELP = ("expected 'shapes', an existing folder of images with captions
                   "or a tar shard pattern such as 'shards/{00000..00099}.tar'")
 
 # -----------------------------------------------------------------------------
-# The shapes toy set: vocabulary (exact spec in ../shared/DESIGN.md)
+# The shapes toy set: vocabulary (the spec is in the module docstring)
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # name -> RGB; the palette is far apart (closest pair yellow/orange, ~74 apart)
@@ -102,12 +130,17 @@ def _check_attrs(attrs):
         raise ValueError(f"shape colour and background are both {attrs['color']!r}; they must differ")
 
 
+def with_articles(text):
+    """'a' -> 'an' before a word that starts with a vowel ("an orange background")."""
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+
+
 def shapes_caption(attrs, template=None):
     """Caption for an attribute dict; template: None (= 0) or an index into CAPTION_TEMPLATES."""
     _check_attrs(attrs)
     text, pos_words = CAPTION_TEMPLATES[0 if template is None else template]
-    return text.format(size=attrs["size"], color=attrs["color"], shape=attrs["shape"],
-                       background=attrs["background"], pos=pos_words[attrs["position"]])
+    return with_articles(text.format(size=attrs["size"], color=attrs["color"], shape=attrs["shape"],
+                                     background=attrs["background"], pos=pos_words[attrs["position"]]))
 
 
 def parse_shapes_caption(caption):

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -162,6 +163,17 @@ def test_caption_grammar_and_parse_round_trip_for_every_template():
                                     size="small", position="right"), 1) == \
         "small yellow triangle, right side, purple backdrop"
     assert len(examples) == len(data.CAPTION_TEMPLATES)
+
+
+def test_captions_say_an_before_a_vowel():
+    orange = dict(shape="square", color="orange", background="white", size="small", position="center")
+    assert data.shapes_caption(orange, 2) == "an orange square, small, in the center on white"
+    assert data.shapes_caption(dict(orange, color="red", background="orange"), 0) == \
+        "a small red square in the middle of an orange background"
+    for t in range(len(data.CAPTION_TEMPLATES)):
+        for attrs in _all_attrs():
+            caption = data.shapes_caption(attrs, t)
+            assert not re.search(r"\ba [aeiou]", caption) and not re.search(r"\ban [^aeiou]", caption), caption
 
 
 def test_parse_partial_prompt_and_bad_attrs():
