@@ -524,7 +524,8 @@ def run_eval(G, clip, args, ckpt):
         raise UsageError(f"{err} (pass the real images with --data)") from err
     fid = None
     if args.fid:
-        try:
+        try:  # the weights first: offline, one line in about a second
+            metrics.inception_weights("--no-fid")
             fid = metrics.prepare_fid(dataset, spec, os.path.dirname(resolve_checkpoint(args.ckpt)), args.n,
                                       args.seed, next(G.parameters()).device, flag="--no-fid")
         except metrics.FIDUnavailable as err:
@@ -609,14 +610,8 @@ def _main(argv):
         args.n = {"style_mix": 4, "eval": ckpt["config"]["train"].get("eval_images", 128)}.get(mode, 1)
     if args.seed is None:
         args.seed = EVAL_SEED if mode == "eval" else 0
-    if mode == "eval":
-        if args.fid is None:  # Inception features say little about flat shapes: alignment measures those
-            args.fid = eval_data_spec(args, ckpt) != "shapes"
-        if args.fid:          # before anything slow: offline, one line in about a second
-            try:
-                metrics.inception_weights("--no-fid")
-            except metrics.FIDUnavailable as err:
-                raise UsageError(str(err)) from err
+    if mode == "eval" and args.fid is None:  # Inception features say little about flat shapes: alignment
+        args.fid = eval_data_spec(args, ckpt) != "shapes"  # measures those
     print(f"{mode}: {ckpt['config']['train']['preset']} G_ema of {resolve_checkpoint(args.ckpt)} "
           f"(step {ckpt.get('step')}), {G.cfg.resolution} px, psi {args.truncation}, on {device}")
 
