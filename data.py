@@ -648,7 +648,8 @@ class CocoCaptions(Dataset):
                                        ("no caption", unlisted, f"in {root} but not listed in {path}")):
                 if names:
                     self.skipped[kind] += len(names)
-                    log.warning("skipping %d images %s (first: %s)", len(names), where, names[0])
+                    log.warning("skipping %d image%s %s (first: %s)", len(names), "s" * (len(names) != 1), where,
+                                names[0])
             skip = set(missing) | set(no_caption)
             self.items += sorted((os.path.join(root, name), tuple(captions[i]))
                                  for i, name in files.items() if name not in skip)

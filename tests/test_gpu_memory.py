@@ -43,3 +43,32 @@ def test_nothing_fits_is_one_line():
     assert "\n" not in str(err.value) and "--gpu-memory 2" in str(err.value)
     with pytest.raises(ValueError, match="give the GPU's memory"):
         gpu_memory.fit_batch_gpu(0, GIB, GIB, 0, 64)
+
+
+def test_saved_bytes_of_a_small_net_by_hand():
+    """Linear saves its input (for the weight's gradient), ReLU its output, which the second Linear
+    saves again (one storage, counted once); weights are state, not activations."""
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    got = gpu_memory.saved_activation_bytes(lambda: net(x), net.parameters())
+    assert got == 5 * (8 + 16) * 4
+
+
+def test_saved_bytes_on_the_meta_device_equal_those_on_the_cpu():
+    """The dry run measures G and D on the meta device: the same count as a real forward pass."""
+    import importlib
+    import torch
+    import train
+    generator, discriminator = importlib.import_module("03_generator"), importlib.import_module("04_discriminator")
+    _, g_cfg, d_cfg, _ = train.parse_flags(["--preset", "tiny"])
+    counts = []
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            G, D = generator.Generator(g_cfg, text_dim=32), discriminator.Discriminator(d_cfg, text_dim=32)
+            tokens, mask = torch.randn(2, 7, 32), torch.ones(2, 7, dtype=torch.bool)
+            eot, z = torch.full((2,), 6, dtype=torch.long), torch.randn(2, g_cfg.z_dim)
+            params = [*G.parameters(), *D.parameters()]
+            counts.append(gpu_memory.saved_activation_bytes(lambda: D(G(z, tokens, mask, eot), tokens, mask, eot),
+                                                            params))
+    assert counts[0] == counts[1] > 0
