@@ -9,7 +9,8 @@ gives three sources with one interface, `ds[i] -> (image (3, R, R) in [-1, 1], c
    captions name five attributes and `judge_shapes_image` reads them back from pixels by
    plain geometry, which is how we score whether generated images follow their prompts.
 2. `ImageCaptionFolder`: a folder of images with captions (.txt beside each image, or a
-   captions.jsonl / captions.csv), centre-cropped and resized.
+   captions.jsonl / captions.csv), centre-cropped and resized; `CocoCaptions`: an image folder
+   with COCO-format captions_*.json (COCO 2017 as downloaded), a random caption per epoch.
 3. `webdataset_shards`: tar shards in img2dataset layout ({key}.jpg + {key}.txt), streamed
    with shuffling and per-rank / per-worker splitting, for `--full` on many GPUs.
 
@@ -578,6 +579,145 @@ class ImageCaptionFolder(Dataset):
 
 
 # -----------------------------------------------------------------------------
+# COCO captions as they come: an image folder and a captions_*.json
+#
+# The COCO 2017 captions download is train2017/ (118k JPEGs), val2017/ and annotations/
+# captions_train2017.json = {"images": [{"id", "file_name", ...}], "annotations": [{"image_id",
+# "caption", ...}]}, about five captions per image. `--data coco/train2017` reads it as it is,
+# with no conversion. Each epoch an image is shown with one of its captions, drawn from
+# (seed, epoch, index), so the pairs are the same on every run, worker and process.
+
+COCO_FORMAT = ('COCO captions: {"images": [{"id": ..., "file_name": ...}], '
+               '"annotations": [{"image_id": ..., "caption": ...}]}')
+
+
+def coco_caption_files(folder):
+    """The COCO caption files that go with an image folder -> [(captions json, image root)], or []
+    when it has none: captions_*.json in the folder itself (images beside them), else
+    ../annotations/captions_<folder name>.json (COCO's layout, --data coco/train2017), else
+    annotations/captions_<split>.json with images in <split>/ (--data coco, one split only)."""
+    folder = os.path.normpath(folder)
+    inside = sorted(f for f in os.listdir(folder) if f.startswith("captions_") and f.endswith(".json"))
+    if inside:
+        return [(os.path.join(folder, f), folder) for f in inside]
+    sibling = os.path.join(os.path.dirname(folder), "annotations", f"captions_{os.path.basename(folder)}.json")
+    if os.path.isfile(sibling):
+        return [(sibling, folder)]
+    annotations = os.path.join(folder, "annotations")
+    splits = sorted(f[len("captions_"):-len(".json")] for f in os.listdir(annotations)
+                    if f.startswith("captions_") and f.endswith(".json")) if os.path.isdir(annotations) else []
+    if len(splits) > 1:
+        raise ValueError(f"'{folder}' holds the captions of {len(splits)} splits ({', '.join(splits)}): "
+                         f"pass the image folder of one, e.g. --data {os.path.join(folder, splits[0])}")
+    return [(os.path.join(annotations, f"captions_{s}.json"), os.path.join(folder, s)) for s in splits]
+
+
+def read_coco_captions(path):
+    """A COCO captions file -> ({image id: file_name}, {image id: [captions]}), or one ValueError
+    line for malformed JSON or entries that are not in the COCO format."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         f"expected {COCO_FORMAT}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("images"), list) \
+            or not isinstance(obj.get("annotations"), list):
+        raise ValueError(f"{path}: no \"images\" and \"annotations\" lists; expected {COCO_FORMAT}")
+    files, captions = {}, {}
+    for k, image in enumerate(obj["images"]):
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise ValueError(f"{path}: images[{k}] has no id and file_name; expected {COCO_FORMAT}")
+        files[image["id"]] = image["file_name"]
+    for k, ann in enumerate(obj["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise ValueError(f"{path}: annotations[{k}] has no image_id and caption text; expected {COCO_FORMAT}")
+        if ann["caption"].strip():
+            captions.setdefault(ann["image_id"], []).append(" ".join(ann["caption"].split()))  # one line
+    unknown = set(captions) - set(files)
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} annotations name an image id that \"images\" does not list "
+                         f"(first: {sorted(unknown, key=str)[0]}); is the file complete?")
+    return files, captions
+
+
+class CocoCaptions(Dataset):
+    """Images with COCO-format captions (see coco_caption_files), each shown with one of its
+    captions, drawn anew every epoch.
+
+    ds[i] -> (image (3, R, R) in [-1, 1], caption) for the current epoch (set_epoch; 0 at first);
+    ds[(i, epoch)] -> the same for that epoch, for samplers that know it. Images the captions
+    list but the folder lacks, and images with no caption (listed without one, or in the folder
+    but not listed), are skipped with one warning line per kind; files are checked only for
+    existence here (118k PIL opens would take minutes), and a file that fails to decode later is
+    replaced by the next one, as in ImageCaptionFolder.
+    """
+
+    def __init__(
+        self,
+        caption_files,       # [(captions json, image root)], e.g. coco_caption_files('coco/train2017')
+        resolution,          # output side R
+        seed=0,              # the caption drawn for (epoch, index) depends on this seed only
+    ):
+        self.resolution, self.seed, self.epoch = resolution, seed, 0
+        self.root = caption_files[0][1]
+        self.skipped = Counter()         # reason -> count
+        self.load_failures = 0
+        self.items = []                  # (path, captions)
+        tables = []
+        for path, root in caption_files:
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"{path} describes the images of '{root}', which does not exist")
+            tables.append((path, root, *read_coco_captions(path)))
+        for path, root, files, captions in tables:
+            on_disk = {f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)}
+            missing = sorted(name for name in files.values()
+                             if name not in on_disk and not os.path.isfile(os.path.join(root, name)))
+            no_caption = sorted(files[i] for i in files if i not in captions)
+            listed = {name for p, r, f, _ in tables if r == root for name in f.values()}  # by any file of root
+            unlisted = sorted(on_disk - listed) if path == next(p for p, r, *_ in tables if r == root) else []
+            for kind, names, where in (("missing image", missing, f"listed in {path} but not in {root}"),
+                                       ("no caption", no_caption, f"listed in {path} without a caption"),
+                                       ("no caption", unlisted, f"in {root} but not listed in {path}")):
+                if names:
+                    self.skipped[kind] += len(names)
+                    log.warning("skipping %d image%s %s (first: %s)", len(names), "s" * (len(names) != 1), where,
+                                names[0])
+            skip = set(missing) | set(no_caption)
+            self.items += sorted((os.path.join(root, name), tuple(captions[i]))
+                                 for i, name in files.items() if name not in skip)
+        if not self.items:
+            raise ValueError(f"no usable images in {', '.join(p for p, _ in caption_files)} "
+                             f"(skipped: {dict(self.skipped)}); each listed image must be in its folder "
+                             "with at least one caption")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def caption(self, index, epoch=None):
+        """The caption of image `index` in `epoch` (default: the current one)."""
+        captions = self.items[index][1]
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
+        return captions[int(rng.integers(len(captions)))]
+
+    def __getitem__(self, index, max_tries=10):
+        index, epoch = index if isinstance(index, tuple) else (index, self.epoch)
+        for attempt in range(max_tries):
+            i = (index + attempt) % len(self.items)
+            try:
+                return load_image(self.items[i][0], self.resolution), self.caption(i, epoch)
+            except Exception as e:
+                self.load_failures += 1
+                log.warning("could not decode %s (%s: %s); using the next image instead",
+                            self.items[i][0], type(e).__name__, e)
+        raise RuntimeError(f"{max_tries} images in a row failed to decode near index {index} "
+                           f"of '{self.root}'; the folder looks damaged")
+
+
+# -----------------------------------------------------------------------------
 # Webdataset shards (img2dataset layout) for LAION-scale streaming
 #
 # A shard is a tar of samples {key}.jpg + {key}.txt (+ {key}.json). Data are split so that
@@ -695,14 +835,16 @@ def webdataset_shards(pattern, resolution, shuffle=1000, seed=0, min_size=0):
 # The `--data` flag and the loader
 
 def build_dataset(spec, resolution, seed=0):
-    """--data value -> data set: 'shapes' | an existing folder | a pattern containing '.tar'."""
+    """--data value -> data set: 'shapes' | an existing folder (COCO captions if it has them, see
+    coco_caption_files) | a pattern containing '.tar'."""
     spec = os.fspath(spec)
     if spec == "shapes":
         return ShapesDataset(resolution, seed=seed)
     if ".tar" in spec:
         return webdataset_shards(spec, resolution, seed=seed)
     if os.path.isdir(spec):
-        return ImageCaptionFolder(spec, resolution)
+        coco = coco_caption_files(spec)
+        return CocoCaptions(coco, resolution, seed=seed) if coco else ImageCaptionFolder(spec, resolution)
     why = "is a file" if os.path.exists(spec) else "does not exist"
     raise ValueError(f"--data '{spec}' {why}; {DATA_SPEC_HELP}")
 

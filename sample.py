@@ -7,6 +7,7 @@ sample.py - prompts -> images with a trained GigaGAN, the paper's sampling trick
     python sample.py --ckpt runs/tiny --interpolate 8 --prompt A --prompt B   # prompt interpolation
     python sample.py --ckpt runs/tiny --prompt-mix 2 --prompt A --prompt B    # coarse from A, fine from B
     python sample.py --ckpt runs/tiny --eval                               # CLIP score, FD, shapes alignment
+    python sample.py --ckpt runs/small --eval --n 10000                    # + Inception FID-10k on real data
     python sample.py --ckpt runs/tiny --upsampler runs/tiny-upsampler --prompt "..."   # 32 px -> 128 px
     python sample.py --upsampler runs/tiny-upsampler --lowres photo.jpg --prompt "..." # upsample any image
 
@@ -24,8 +25,10 @@ used, with the frozen CLIP the run was trained with. Modes (one at a time, else 
                     reading them from prompt A, the rest from prompt B; grid rows = seeds,
                     cols = (A, mix, B)
     --eval          CLIP score, CLIP-feature Frechet distance against real images of the run's
-                    data (or --data), and per-attribute alignment on the shapes data -> eval.json;
-                    by default the numbers of train.py's eval rows (same seed 12345, same count)
+                    data (or --data), Inception FID (--fid / --no-fid; default on except for
+                    shapes; reference statistics cached next to the data), and per-attribute
+                    alignment on the shapes data -> eval.json (metrics.py); by default the numbers
+                    of train.py's eval rows (same seed 12345, same count)
 Other flags: --truncation PSI in [0, 1] toward the per-prompt mean w_c (--truncation-target
 global: toward the running mean w_avg), --device auto|cpu|cuda, --batch (images per pass).
 Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema, noise augmentation off):
@@ -66,12 +69,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import data
+import metrics
+from metrics import (EVAL_SEED, SHAPES_ATTRIBUTES, clip_score, embed_images, eval_metrics, eval_pairs,  # noqa: F401
+                     frechet_distance, shapes_alignment)  # re-exported: sample.X is what train.py and tests call
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
 upsampler = importlib.import_module("06_upsampler")
-
-EVAL_SEED = 12345  # train.py's evaluations use this seed: `--eval` reproduces its numbers
 
 # -----------------------------------------------------------------------------
 # Loading a run
@@ -281,88 +285,17 @@ def interpolated_images(G, clip, prompts_a, prompts_b, alphas, seeds, psi=1.0, t
 
 
 # -----------------------------------------------------------------------------
-# Metrics
+# Evaluation (the metrics themselves are in metrics.py)
 
 
 @torch.no_grad()
-def embed_images(clip, images, batch=64):
-    """CLIP image embeddings in batches (a big CLIP on many images would not fit at once). (B, E)"""
-    return torch.cat([clip.embed_image(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
-@torch.no_grad()
-def clip_score(clip, images, captions):
-    """Mean cosine similarity between CLIP image and caption embeddings (Hessel et al. 2021,
-    without their 2.5 * max(., 0) rescaling; the paper reports it this way, e.g. 0.307)."""
-    return (embed_images(clip, images) * clip.embed_text(captions)).sum(-1).mean().item()
-
-
-def frechet_distance(feats_a, feats_b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2}) of two (N, E) feature sets.
-
-    tr((S_a S_b)^{1/2}) = sum of sqrt(eigenvalues of S_a^{1/2} S_b S_a^{1/2}), a symmetric
-    PSD matrix, so two symmetric eigendecompositions in float64 replace scipy's sqrtm."""
-    a, b = feats_a.double(), feats_b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)                   # (E, E)
-    vals, vecs = torch.linalg.eigh(cov_a)
-    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T   # S_a^{1/2}
-    middle = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * middle).item()
-
-
-SHAPES_ATTRIBUTES = ("shape", "color", "background", "size", "position")
-
-
-def shapes_alignment(images, prompts):
-    """Shapes toy data: judge generated images by pixel geometry (data.judge_shapes_image)
-    against the attributes their prompts name -> accuracy per attribute, and the mean.
-    A prompt that does not name an attribute does not count for it."""
-    truth = [data.parse_shapes_caption(p) for p in prompts]
-    judged = data.judge_shapes_image(images.float().cpu())
-    acc = {}
-    for a in SHAPES_ATTRIBUTES:
-        hits = [j[a] == t[a] for j, t in zip(judged, truth) if t[a] is not None]
-        if hits:
-            acc[a] = sum(hits) / len(hits)
-    acc["mean"] = sum(acc.values()) / max(len(acc), 1)
-    return acc
-
-
-def eval_pairs(dataset, n, seed=EVAL_SEED):
-    """n (real image, caption) pairs: a seeded random subset, or a stream's first n.
-    -> images (n, 3, R, R), captions list[str]."""
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        pairs = list(itertools.islice(iter(dataset), n))
-    else:
-        g = torch.Generator().manual_seed(seed)
-        pairs = [dataset[i] for i in torch.randperm(len(dataset), generator=g)[:n].tolist()]
-    reals, captions = zip(*pairs)
-    return torch.stack(reals), list(captions)
-
-
-@torch.no_grad()
-def eval_metrics(clip, fakes, reals, captions, shapes=False):
-    """CLIP score of generated and of real images, CLIP-feature Frechet distance between them
-    (a fast, offline stand-in for Inception FID: same formula, other features), and on the
-    shapes data the alignment of the generated images with their captions."""
-    e_fake, e_real = embed_images(clip, fakes), embed_images(clip, reals.to(fakes.device))  # (n, E)
-    e_text = clip.embed_text(captions)                                                     # (n, E)
-    out = {"clip_score": (e_fake * e_text).sum(-1).mean().item(),
-           "clip_score_real": (e_real * e_text).sum(-1).mean().item(),
-           "clip_fd": frechet_distance(e_fake, e_real)}
-    if shapes:
-        out.update({f"align_{k}": v for k, v in shapes_alignment(fakes, captions).items()})
-    return out
-
-
-@torch.no_grad()
-def evaluate(G, clip, dataset, n=128, seed=EVAL_SEED, shapes=False, truncation_psi=1.0, batch=32):
-    """The metrics train.py logs (see eval_metrics); one generated image per real caption,
-    image i from seed + i, each image used by every metric (generated once)."""
+def evaluate(G, clip, dataset, n=128, seed=EVAL_SEED, shapes=False, truncation_psi=1.0, batch=32, fid=None):
+    """The metrics train.py logs (see metrics.eval_metrics); one generated image per real caption,
+    image i from seed + i, each image used by every metric (generated once). fid: None, or a
+    metrics.InceptionFID whose reference is these n real images (metrics.prepare_fid)."""
     reals, captions = eval_pairs(dataset, n, seed)
     fakes = generate(G, clip, captions, [seed + i for i in range(len(captions))], truncation_psi, batch)
-    return eval_metrics(clip, fakes, reals, captions, shapes)
+    return eval_metrics(clip, fakes, reals, captions, shapes, fid)
 
 
 # -----------------------------------------------------------------------------
@@ -468,7 +401,11 @@ def build_parser():
     mode.add_argument("--interpolate", type=int, metavar="K", help="K frames from each prompt to the next")
     mode.add_argument("--prompt-mix", type=int, metavar="ROW", help="ws rows [0, ROW) and their blocks' text "
                                                                       "from prompt A, the rest from prompt B")
-    mode.add_argument("--eval", action="store_true", help="CLIP score, CLIP FD, shapes alignment -> eval.json")
+    mode.add_argument("--eval", action="store_true", help="CLIP score, CLIP FD, Inception FID, shapes alignment "
+                                                          "-> eval.json")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --eval: Inception FID (default: on for image folders and shards, off for shapes; "
+                        "the Inception weights download once, 91 MB)")
     p.add_argument("--upsampler", metavar="UP", help="an upsampler run of train.py --stage upsampler: upsample "
                                                        "the --ckpt images, or the --lowres image")
     p.add_argument("--noise-aug", type=float, default=0.0, metavar="SIGMA",
@@ -547,6 +484,8 @@ def check_args(args, mode, prompts):
         raise UsageError(f"--interpolate {args.interpolate}: needs K >= 2 frames per pair (both endpoints)")
     if args.out is not None and os.path.isfile(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
+    if args.fid is not None and mode != "eval":
+        raise UsageError(f"--{'no-' * (not args.fid)}fid is part of --eval: add --eval, or drop it")
 
 
 def pick_device(name):
@@ -568,20 +507,36 @@ def check_row(G, row, flag):
         raise UsageError(f"{flag} {row}: choose a row of ws in 1..{G.num_ws - 1}, the first fine layer: {names}")
 
 
+def eval_data_spec(args, ckpt):
+    """--eval's real images: --data, else the run's own --data."""
+    return args.data or ckpt["config"]["train"]["data"]
+
+
 def run_eval(G, clip, args, ckpt):
-    """Generate for n real captions, score; also returns the images like the other modes."""
+    """Generate for n real captions, score; also returns the images like the other modes.
+    With --fid the Inception statistics of the n real images are read from their cache (next to
+    the data; the run directory for shapes), or computed once and stored there."""
     train_cfg = ckpt["config"]["train"]
-    spec = args.data or train_cfg["data"]
+    spec = eval_data_spec(args, ckpt)
     try:
         dataset = data.build_dataset(spec, G.cfg.resolution, seed=train_cfg["seed"])
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"{err} (pass the real images with --data)") from err
+    fid = None
+    if args.fid:
+        try:  # the weights first: offline, one line in about a second
+            metrics.inception_weights("--no-fid")
+            fid = metrics.prepare_fid(dataset, spec, os.path.dirname(resolve_checkpoint(args.ckpt)), args.n,
+                                      args.seed, next(G.parameters()).device, flag="--no-fid")
+        except metrics.FIDUnavailable as err:
+            raise UsageError(str(err)) from err
+        print(f"Inception FID against {counted(fid.n_real, 'real image')} of {spec}")
     reals, captions = eval_pairs(dataset, args.n, args.seed)
     seeds = [args.seed + i for i in range(len(captions))]
     fakes = generate(G, clip, captions, seeds, args.truncation, args.batch, args.truncation_target)
-    metrics = eval_metrics(clip, fakes, reals, captions, shapes=spec == "shapes")
+    scores = eval_metrics(clip, fakes, reals, captions, shapes=spec == "shapes", fid=fid)
     rows = [{"caption": c, "seed": s} for c, s in zip(captions, seeds)]
-    return fakes, rows, metrics, spec
+    return fakes, rows, scores, spec
 
 
 def comparison_rows(lowres, upsampled):
@@ -655,11 +610,13 @@ def _main(argv):
         args.n = {"style_mix": 4, "eval": ckpt["config"]["train"].get("eval_images", 128)}.get(mode, 1)
     if args.seed is None:
         args.seed = EVAL_SEED if mode == "eval" else 0
+    if mode == "eval" and args.fid is None:  # Inception features say little about flat shapes: alignment
+        args.fid = eval_data_spec(args, ckpt) != "shapes"  # measures those
     print(f"{mode}: {ckpt['config']['train']['preset']} G_ema of {resolve_checkpoint(args.ckpt)} "
           f"(step {ckpt.get('step')}), {G.cfg.resolution} px, psi {args.truncation}, on {device}")
 
     t0 = time.time()
-    metrics, grid, ncol = None, None, 1
+    scores, grid, ncol = None, None, 1
     if mode == "samples":
         images, rows, grid, ncol = run_plain(G, clip, args, prompts)
     elif mode == "style_mix":
@@ -672,7 +629,7 @@ def _main(argv):
         check_row(G, args.prompt_mix, "--prompt-mix")
         images, rows, grid, ncol = run_prompt_mix(G, clip, args, prompts, args.prompt_mix)
     else:
-        images, rows, metrics, spec = run_eval(G, clip, args, ckpt)
+        images, rows, scores, spec = run_eval(G, clip, args, ckpt)
         grid, ncol = (images, min(len(images), 16)) if args.grid else (None, 1)
     if U is not None:  # the chain: each image upsampled with its own prompt and seed
         images = upsample(U, u_clip, images, [r["caption"] for r in rows], [r["seed"] for r in rows], args.batch,
@@ -686,10 +643,10 @@ def _main(argv):
 
     write_outputs(out, images, rows, grid, ncol)
     written = [counted(len(images), "PNG"), "captions.jsonl"] + (["grid.png"] if grid is not None else [])
-    if metrics is not None:
-        print("eval  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if scores is not None:
+        print("eval  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump({**metrics, "n": len(images), "seed": args.seed, "truncation": args.truncation,
+            json.dump({**scores, "n": len(images), "seed": args.seed, "truncation": args.truncation,
                        "data": spec, "step": ckpt.get("step")}, f, indent=2)
         written.insert(0, "eval.json")
     print(f"wrote {', '.join(written)} to {out}")

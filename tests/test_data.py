@@ -10,6 +10,7 @@ import math
 import os
 import re
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -557,3 +558,108 @@ def test_shapes_hard_negatives_change_exactly_one_attribute():
                 # same template: same words apart from the changed one(s)
                 assert len(neg.split()) - len(caption.split()) in (-2, -1, 0, 1, 2)
     assert data.shapes_hard_negatives("a drawing of a cat") == []
+
+
+# -----------------------------------------------------------------------------
+# COCO captions as they come: an image folder and captions_*.json
+
+COCO_COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
+
+
+def _coco(root, split="train2017", names=("red", "green", "blue", "yellow"), extra_captions=None, drop=()):
+    """A COCO-style tree: root/<split>/<id>.jpg, one solid colour each, and
+    root/annotations/captions_<split>.json whose captions name that colour (ids out of file order,
+    so that pairing by id, not by position, is what the tests see). -> the image folder."""
+    images, annotations = [], []
+    for k, name in enumerate(names):
+        image_id = 100 - 7 * k
+        file_name = f"{image_id:012d}.jpg"
+        if name not in drop:
+            _save(str(root / split / file_name), Image.new("RGB", (48 + 8 * k, 40), COCO_COLORS[name]), quality=95)
+        images.append({"id": image_id, "file_name": file_name, "width": 48 + 8 * k, "height": 40})
+        for text in (extra_captions or {}).get(name, [f"a plain {name} picture"]):
+            annotations.append({"image_id": image_id, "id": len(annotations), "caption": text})
+    os.makedirs(root / "annotations", exist_ok=True)
+    _write(root / "annotations" / f"captions_{split}.json",
+           json.dumps({"info": {}, "images": images[::-1], "annotations": annotations}))
+    return root / split
+
+
+def _colour_word(image):
+    """The COCO_COLORS name nearest to an image's mean colour."""
+    rgb = ((image.mean((1, 2)) + 1) * 127.5).numpy()
+    return min(COCO_COLORS, key=lambda n: ((np.array(COCO_COLORS[n]) - rgb) ** 2).sum())
+
+
+def test_coco_folder_pairs_images_with_their_own_captions(tmp_path):
+    folder = _coco(tmp_path / "coco")
+    ds = data.build_dataset(str(folder), 16)
+    assert isinstance(ds, data.CocoCaptions) and len(ds) == 4
+    for i in range(len(ds)):
+        image, caption = ds[i]
+        assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
+        assert caption == f"a plain {_colour_word(image)} picture"
+    # the same tree through the other layouts: the root with one split, captions_*.json inside the folder
+    assert len(data.build_dataset(str(tmp_path / "coco"), 16)) == 4
+    inside = tmp_path / "flat"
+    os.makedirs(inside)
+    for f in os.listdir(folder):
+        os.rename(folder / f, inside / f)
+    os.rename(tmp_path / "coco" / "annotations" / "captions_train2017.json", inside / "captions_mine.json")
+    ds = data.build_dataset(str(inside), 16)
+    assert isinstance(ds, data.CocoCaptions) and sorted(_colour_word(ds[i][0]) for i in range(4)) == \
+        sorted(COCO_COLORS)
+
+
+def test_coco_one_random_caption_per_image_per_epoch(tmp_path):
+    many = {"red": ["red one", "red two", "red three"], "green": ["green one", "green two"]}
+    folder = _coco(tmp_path / "coco", names=("red", "green"), extra_captions=many)
+    ds = data.build_dataset(str(folder), 16, seed=3)
+    red = next(i for i in range(2) if _colour_word(ds[i][0]) == "red")
+    per_epoch = [ds[(red, e)][1] for e in range(300)]
+    assert set(per_epoch) == set(many["red"])                           # only its own captions
+    counts = Counter(per_epoch)
+    assert all(60 <= c <= 140 for c in counts.values()), counts          # uniform: 100 each expected
+    ds.set_epoch(7)
+    assert ds[red][1] == per_epoch[7]                                    # set_epoch == the (index, epoch) form
+    again = data.build_dataset(str(folder), 16, seed=3)
+    assert [again[(red, e)][1] for e in range(300)] == per_epoch         # deterministic from (seed, epoch)
+    other = data.build_dataset(str(folder), 16, seed=4)
+    assert [other[(red, e)][1] for e in range(300)] != per_epoch
+    # data.py's own loader moves the epoch on: a caption changes between passes
+    batches = data.infinite_batches(data.build_loader(ds, batch_size=2, seed=0))
+    passes = [sorted(next(batches)[1]) for _ in range(12)]
+    assert len({tuple(p) for p in passes}) > 1
+
+
+def test_coco_bad_input_one_line_each(tmp_path, caplog):
+    folder = _coco(tmp_path / "coco", extra_captions={"green": []}, drop=("blue",))
+    _save(str(folder / "stray.png"), Image.new("RGB", (20, 20)))                # in the folder, not listed
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = data.build_dataset(str(folder), 16)
+    assert sorted(_colour_word(ds[i][0]) for i in range(len(ds))) == ["red", "yellow"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and all("\n" not in line for line in lines), lines
+    assert any("not in" in line and "000000000086.jpg" in line for line in lines)   # blue: missing image
+    assert any("without a caption" in line and "000000000093.jpg" in line for line in lines)  # green
+    assert any("not listed" in line and "stray.png" in line for line in lines)
+    assert dict(ds.skipped) == {"missing image": 1, "no caption": 2}
+    # malformed JSON, a caption without text, captions of an image that is not listed: one error line
+    captions = tmp_path / "coco" / "annotations" / "captions_train2017.json"
+    good = captions.read_text()
+    for text, hint in [(good[:-5], "not valid JSON"), ("[]", "no \"images\""),
+                       (good.replace('"caption": "a plain red picture"', '"caption": 5'), "annotations[0]"),
+                       (good.replace('"image_id": 100', '"image_id": 1'), "does not list")]:
+        captions.write_text(text)
+        with pytest.raises(ValueError, match="captions_train2017.json") as err:
+            data.build_dataset(str(folder), 16)
+        assert hint in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_coco_root_with_two_splits_asks_for_one(tmp_path):
+    _coco(tmp_path / "coco")
+    _coco(tmp_path / "coco", split="val2017")
+    with pytest.raises(ValueError, match="pass the image folder of one") as err:
+        data.build_dataset(str(tmp_path / "coco"), 16)
+    assert "--data" in str(err.value) and "train2017" in str(err.value)
+    assert len(data.build_dataset(str(tmp_path / "coco" / "val2017"), 16)) == 4

@@ -243,6 +243,8 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--ckpt", "RUN", "--eval", "--n", "1"], "two images"),
     (["--ckpt", "RUN", "--eval", "--n", "4", "--data", "RUN/no_such_dir"], "--data"),
     (["--ckpt", "RUN", "--prompt", A, "--out", "RUN/clip.pt"], "is a file"),
+    (["--ckpt", "RUN", "--prompt", A, "--fid"], "--fid is part of --eval"),
+    (["--ckpt", "RUN", "--prompt", A, "--no-fid"], "--no-fid is part of --eval"),
     (["--upsampler", "RUN", "--prompt", A], "--ckpt is required"),
     (["--lowres", "x.png", "--prompt", A, "--out", "o"], "needs --upsampler"),
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A], "not an upsampler run"),
@@ -283,3 +285,20 @@ def test_a_tiny_clip_trained_anew_under_the_run_is_refused(run_dir, tmp_path, ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the tiny CLIP" in err[0], err
+
+
+def test_eval_fid_offline_is_one_line_naming_no_fid(run_dir, tmp_path, capsys, monkeypatch):
+    """No Inception weights and no network: --eval --fid stops before generating, in one line that
+    names --no-fid; with --no-fid the same command runs (and writes no fid)."""
+    import metrics
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(metrics, "INCEPTION_URL", "https://weights.invalid/weights-inception-2015-12-05-6726825d.pth")
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("generated before the weights check"))
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", str(run_dir), "--eval", "--fid", "--n", "4", "--out", str(tmp_path / "e")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sample.py: Inception FID") and err[0].endswith("--no-fid"), err
+    monkeypatch.undo()
+    out, _ = cli(run_dir, tmp_path / "ok", "--eval", "--no-fid", "--n", "4")
+    assert "fid" not in json.load(open(out / "eval.json"))

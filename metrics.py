@@ -1,0 +1,274 @@
+"""
+metrics.py - how good are a text-to-image GAN's images: CLIP score, Frechet distances, shapes alignment.
+
+    python sample.py --ckpt runs/tiny --eval                  # these metrics on a trained run -> eval.json
+    python sample.py --ckpt runs/small --eval --n 10000       # FID-10k, as the paper's Table 1
+
+One generated image per real caption (image i from seed EVAL_SEED + i), then:
+    clip_score       mean cosine of CLIP(image) and CLIP(caption) (paper Sec. 5, e.g. 0.307)
+    clip_score_real  the same for the real images: the ceiling a run's CLIP allows
+    clip_fd          Frechet distance between CLIP image embeddings of generated and real images
+                     (a fast, offline stand-in for FID: the same formula on other features)
+    fid              Inception FID (Heusel et al. 2017), the number GAN papers report; FID_n for
+                     n images (FID-10k: --n 10000). The paper computes it with clean-fid: images
+                     resized to 299 px by PIL's bicubic filter, the TF Inception v3 of 2015-12-05.
+    align_*          shapes data only: per attribute, how often the pixels (data.judge_shapes_image)
+                     show what the prompt names
+
+Inception FID comes from torchmetrics (FrechetInceptionDistance, with torch-fidelity's port of
+the TF Inception, the weights clean-fid and pytorch-fid use). Why torchmetrics rather than
+clean-fid: it takes tensors (generated images never go through PNG files), runs on the
+training GPU, accepts any nn.Module as its feature extractor (the tests pass a small random
+one, so no weights download), and is maintained. The paper's protocol is kept by resizing
+to 299 px here, with the same bicubic filter as clean-fid (fid_images).
+
+The reference statistics of the real images (the mean and covariance of their Inception
+features) are computed once and cached next to the data (the image folder or the shards'
+folder; the run directory for `shapes`, which is procedural): see fid_stats_paths.
+
+Shape legend: B batch, R resolution, E CLIP embedding width, F feature width (2048 for Inception).
+"""
+import hashlib
+import itertools
+import os
+import socket
+
+import torch
+import torch.nn.functional as F
+
+import data
+
+EVAL_SEED = 12345  # train.py's evaluations use this seed: `sample.py --eval` reproduces its numbers
+
+# -----------------------------------------------------------------------------
+# CLIP score and the CLIP-feature Frechet distance
+
+
+@torch.no_grad()
+def embed_images(clip, images, batch=64):
+    """CLIP image embeddings in batches (a big CLIP on many images would not fit at once). (B, E)"""
+    return torch.cat([clip.embed_image(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def clip_score(clip, images, captions):
+    """Mean cosine similarity between CLIP image and caption embeddings (Hessel et al. 2021,
+    without their 2.5 * max(., 0) rescaling; the paper reports it this way, e.g. 0.307)."""
+    return (embed_images(clip, images) * clip.embed_text(captions)).sum(-1).mean().item()
+
+
+def frechet_distance(feats_a, feats_b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2}) of two (N, E) feature sets.
+
+    tr((S_a S_b)^{1/2}) = sum of sqrt(eigenvalues of S_a^{1/2} S_b S_a^{1/2}), a symmetric
+    PSD matrix, so two symmetric eigendecompositions in float64 replace scipy's sqrtm."""
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)                   # (E, E)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T   # S_a^{1/2}
+    middle = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * middle).item()
+
+
+# -----------------------------------------------------------------------------
+# Shapes alignment: do the pixels show what the prompt says?
+
+SHAPES_ATTRIBUTES = ("shape", "color", "background", "size", "position")
+
+
+def shapes_alignment(images, prompts):
+    """Shapes toy data: judge generated images by pixel geometry (data.judge_shapes_image)
+    against the attributes their prompts name -> accuracy per attribute, and the mean.
+    A prompt that does not name an attribute does not count for it."""
+    truth = [data.parse_shapes_caption(p) for p in prompts]
+    judged = data.judge_shapes_image(images.float().cpu())
+    acc = {}
+    for a in SHAPES_ATTRIBUTES:
+        hits = [j[a] == t[a] for j, t in zip(judged, truth) if t[a] is not None]
+        if hits:
+            acc[a] = sum(hits) / len(hits)
+    acc["mean"] = sum(acc.values()) / max(len(acc), 1)
+    return acc
+
+
+# -----------------------------------------------------------------------------
+# Inception FID (torchmetrics), its weights and its cached reference statistics
+
+# torch-fidelity's Inception v3 (TF 2015-12-05 weights), kept here so that a missing file is
+# found without importing torchmetrics (seconds); tests check it equals torch-fidelity's own.
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+FID_SIZE = 299             # Inception v3's input side
+DOWNLOAD_TIMEOUT_S = 3.0   # per socket operation: offline, the attempt ends in about a second
+
+
+class FIDUnavailable(RuntimeError):
+    """Inception FID cannot run here (no weights and no network, or no torchmetrics): one line
+    that names the flag which turns it off."""
+
+
+def inception_weights(flag):
+    """Path of the Inception weights in torch.hub's cache ($TORCH_HOME/hub/checkpoints), downloaded
+    once (91 MB) if missing. Offline: FIDUnavailable, in about a second, naming `flag`."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub opens the URL without a timeout
+    try:
+        torch.hub.download_url_to_file(INCEPTION_URL, path, progress=True)  # via a temp file: never half a file
+    except OSError as err:  # urllib's URLError and socket timeouts are OSErrors
+        reason = getattr(err, "reason", None) or err
+        raise FIDUnavailable(f"Inception FID needs the Inception v3 weights, which could not be downloaded "
+                             f"({reason}): put {INCEPTION_URL} at {path}, or pass {flag}") from None
+    finally:
+        socket.setdefaulttimeout(old)
+    return path
+
+
+def fid_images(images):
+    """Generated or real images (B, 3, R, R) in [-1, 1] -> (B, 3, 299, 299) uint8, as clean-fid
+    prepares them: the 8-bit image a PNG would hold, resized in float by PIL's bicubic filter
+    (torch's antialiased bicubic is that filter, a = -0.5), rounded to 8 bits for torchmetrics,
+    whose own resize is then the identity."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round()                        # (B, 3, R, R) in 0..255
+    x = F.interpolate(x, size=(FID_SIZE, FID_SIZE), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8)                                 # (B, 3, 299, 299)
+
+
+def data_fingerprint(dataset):
+    """A short hash of what a data set holds (its files and captions, its shards, or the
+    shapes set's seed), so cached statistics of other data are never reused."""
+    what = [type(dataset).__name__, getattr(dataset, "resolution", None)]
+    for attr in ("items", "urls", "seed"):
+        if hasattr(dataset, attr):
+            what.append(getattr(dataset, attr))
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        what.append(len(dataset))
+    return hashlib.sha1(repr(what).encode()).hexdigest()[:16]
+
+
+def fid_stats_paths(spec, run_dir, name, resolution, n, seed):
+    """Where reference statistics are cached: next to the data (the image folder, or the folder
+    of the shards), else in the run directory (always for the procedural `shapes`). -> a list of
+    candidate files, first choice first; the file name says what they are statistics of."""
+    file = f"fid_stats_{name}_{resolution}px_n{n}_seed{seed}.pt"
+    folders = [] if spec == "shapes" else [spec if os.path.isdir(spec) else os.path.dirname(spec) or "."]
+    return [os.path.join(f, file) for f in folders + [run_dir]]
+
+
+class InceptionFID:
+    """FID of generated images against the reference statistics of real ones.
+
+    feature: None -> the Inception v3 (weights from inception_weights), or any nn.Module taking
+    (B, 3, 299, 299) uint8 images to (B, F) features (torchmetrics' own way to swap the network;
+    the tests pass a small random one). The real side is set once (reference) and kept; every
+    score() is a fresh generated side against it."""
+
+    def __init__(self, device="cpu", feature=None, flag="--no-fid", batch=64):
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+        except ImportError:
+            raise FIDUnavailable(f"Inception FID needs torchmetrics and torch-fidelity "
+                                 f"(pip install torchmetrics torch-fidelity), or pass {flag}") from None
+        if feature is None:
+            metric = FrechetInceptionDistance(feature=2048, reset_real_features=False,
+                                              feature_extractor_weights_path=inception_weights(flag))
+            self.name = "inception"
+        else:
+            metric = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+            self.name = type(feature).__name__.lower()
+        self.metric, self.device, self.batch = metric.to(device), device, batch
+        self.n_real = 0
+
+    @torch.no_grad()
+    def _add(self, images, real):
+        for i in range(0, len(images), self.batch):
+            self.metric.update(fid_images(images[i:i + self.batch].to(self.device)), real=real)
+
+    def reference(self, dataset, n, seed=EVAL_SEED, paths=()):
+        """Set the real side: the Inception features of eval_pairs(dataset, n, seed), read from the
+        first of `paths` that holds them for this data and network, else computed and saved to the
+        first that can be written. -> the file used (None if none could be written)."""
+        key = {"features": self.name, "n": n, "seed": seed, "data": data_fingerprint(dataset)}
+        for path in paths:
+            if os.path.isfile(path):
+                stats = torch.load(path, map_location="cpu", weights_only=True)
+                if stats.get("key") == key:
+                    self._set_real(stats)
+                    return path
+        reals, _ = eval_pairs(dataset, n, seed)
+        self.metric.reset()
+        self._add(reals, real=True)
+        m = self.metric
+        stats = {"key": key, "sum": m.real_features_sum.cpu(), "cov_sum": m.real_features_cov_sum.cpu(),
+                 "n": m.real_features_num_samples.cpu()}
+        self.n_real = int(stats["n"])
+        for path in paths:
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                torch.save(stats, path + ".tmp")
+                os.replace(path + ".tmp", path)   # whole or not at all
+                return path
+            except OSError:  # a read-only data folder: try the next place
+                continue
+        return None
+
+    def _set_real(self, stats):
+        m = self.metric
+        m.real_features_sum = stats["sum"].to(self.device, torch.float64)          # (F,)
+        m.real_features_cov_sum = stats["cov_sum"].to(self.device, torch.float64)  # (F, F)
+        m.real_features_num_samples = stats["n"].to(self.device)
+        self.n_real = int(stats["n"])
+
+    def score(self, fakes):
+        """FID of generated images (B, 3, R, R) in [-1, 1] against the reference."""
+        if self.n_real < 2:
+            raise RuntimeError("InceptionFID.reference() must be called first (with n >= 2)")
+        self.metric.reset()       # clears the generated side only (reset_real_features=False)
+        self._add(fakes, real=False)
+        return float(self.metric.compute())
+
+
+def prepare_fid(dataset, spec, run_dir, n, seed=EVAL_SEED, device="cpu", flag="--no-fid", feature=None):
+    """An InceptionFID whose reference is the data set's n eval images (cached, see
+    fid_stats_paths): what sample.py --eval and train.py's periodic eval call once."""
+    fid = InceptionFID(device, feature, flag)
+    resolution = getattr(dataset, "resolution", "any")
+    fid.reference(dataset, n, seed, fid_stats_paths(spec, run_dir, fid.name, resolution, n, seed))
+    return fid
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: n (real, caption) pairs, and every metric on one set of generated images
+
+
+def eval_pairs(dataset, n, seed=EVAL_SEED):
+    """n (real image, caption) pairs: a seeded random subset, or a stream's first n.
+    -> images (n, 3, R, R), captions list[str]."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        pairs = list(itertools.islice(iter(dataset), n))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        pairs = [dataset[i] for i in torch.randperm(len(dataset), generator=g)[:n].tolist()]
+    reals, captions = zip(*pairs)
+    return torch.stack(reals), list(captions)
+
+
+@torch.no_grad()
+def eval_metrics(clip, fakes, reals, captions, shapes=False, fid=None):
+    """CLIP score of generated and of real images, CLIP-feature Frechet distance between them,
+    with `fid` (an InceptionFID with its reference set) the Inception FID, and on the shapes
+    data the alignment of the generated images with their captions."""
+    e_fake, e_real = embed_images(clip, fakes), embed_images(clip, reals.to(fakes.device))  # (n, E)
+    e_text = clip.embed_text(captions)                                                     # (n, E)
+    out = {"clip_score": (e_fake * e_text).sum(-1).mean().item(),
+           "clip_score_real": (e_real * e_text).sum(-1).mean().item(),
+           "clip_fd": frechet_distance(e_fake, e_real)}
+    if fid is not None:
+        out["fid"] = fid.score(fakes)
+    if shapes:
+        out.update({f"align_{k}": v for k, v in shapes_alignment(fakes, captions).items()})
+    return out

@@ -1,0 +1,167 @@
+"""metrics.py: Inception FID plumbing (torchmetrics with a small random feature network, so no
+weights download), clean-fid's resize, the cached reference statistics, and the offline answer."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import metrics
+import sample
+
+
+class TinyFeatures(torch.nn.Module):
+    """A random stand-in for Inception: (B, 3, 299, 299) uint8 -> (B, 16) features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, kernel_size=13, stride=13)
+        torch.nn.init.normal_(self.conv.weight, std=0.05)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255).relu().mean((2, 3))           # (B, 16)
+
+
+@pytest.fixture
+def features():
+    torch.manual_seed(0)
+    return TinyFeatures().requires_grad_(False)
+
+
+def shapes(seed, n):
+    return torch.stack([data.ShapesDataset(32, seed=seed)[i][0] for i in range(n)])  # (n, 3, 32, 32)
+
+
+def test_the_weights_url_is_torch_fidelitys():
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    assert metrics.INCEPTION_URL == URL_INCEPTION_V3
+
+
+def test_fid_images_resize_like_clean_fid():
+    """clean-fid's 'clean' mode, written out with PIL: each channel as a float image, bicubic to
+    299 x 299, clipped to [0, 255]. Ours rounds to 8 bits at the end: at most one level apart."""
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    ours = metrics.fid_images(images).numpy().astype(np.float64)          # (3, 3, 299, 299)
+    assert ours.shape == (3, 3, 299, 299)
+    pixels = ((images + 1) * 127.5).round().numpy()                       # the 8-bit images
+    for b in range(3):
+        for c in range(3):
+            channel = Image.fromarray(pixels[b, c].astype(np.float32), mode="F")
+            theirs = np.asarray(channel.resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
+            assert np.abs(ours[b, c] - theirs).max() <= 0.5 + 1e-3, (b, c)
+
+
+def test_fid_with_a_custom_network_equals_the_frechet_distance_of_its_features(features, tmp_path):
+    """torchmetrics' FID (sums and eigvals) against metrics.frechet_distance (eigh) on the same
+    features; the FID of the real images against themselves is 0."""
+    ds = data.ShapesDataset(32, seed=1)
+    fid = metrics.InceptionFID(feature=features)
+    assert fid.name == "tinyfeatures"
+    fid.reference(ds, 40, seed=5, paths=[str(tmp_path / "stats.pt")])
+    reals, _ = metrics.eval_pairs(ds, 40, seed=5)
+    fakes = shapes(seed=9, n=30) * 0.7                                   # other images, duller
+    expected = metrics.frechet_distance(features(metrics.fid_images(fakes)), features(metrics.fid_images(reals)))
+    assert expected > 1e-3
+    assert fid.score(fakes) == pytest.approx(expected, rel=1e-4)
+    assert abs(fid.score(reals)) < 1e-4 * expected                       # the generated side is reset
+
+
+def test_reference_statistics_are_cached_and_keyed(features, tmp_path, monkeypatch):
+    ds = data.ShapesDataset(32, seed=1)
+    first, second = str(tmp_path / "data" / "stats.pt"), str(tmp_path / "run" / "stats.pt")
+    fakes = shapes(seed=9, n=12)
+    fid = metrics.InceptionFID(feature=features)
+    assert fid.reference(ds, 16, paths=[first, second]) == first and os.path.isfile(first)
+    score = fid.score(fakes)
+    # a second evaluation reads the file: no real image is decoded
+    real_eval_pairs = metrics.eval_pairs
+    monkeypatch.setattr(metrics, "eval_pairs", lambda *a, **k: pytest.fail("recomputed"))
+    again = metrics.InceptionFID(feature=features)
+    assert again.reference(ds, 16, paths=[first, second]) == first and again.n_real == 16
+    assert again.score(fakes) == pytest.approx(score, rel=1e-6)
+    # other data, another count: computed anew (over the stale file)
+    calls = []
+    monkeypatch.setattr(metrics, "eval_pairs", lambda *a, **k: calls.append(a[1]) or real_eval_pairs(*a, **k))
+    metrics.InceptionFID(feature=features).reference(data.ShapesDataset(32, seed=2), 16, paths=[first])
+    metrics.InceptionFID(feature=features).reference(ds, 12, paths=[first])
+    assert calls == [16, 12]
+
+
+def test_a_read_only_data_folder_caches_in_the_run_directory(features, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if os.path.basename(os.path.dirname(str(path))) == "data":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    paths = [str(tmp_path / "data" / "stats.pt"), str(tmp_path / "run" / "stats.pt")]
+    assert metrics.InceptionFID(feature=features).reference(data.ShapesDataset(32), 8, paths=paths) == paths[1]
+
+
+def test_stats_paths_next_to_the_data(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    name = "fid_stats_inception_64px_n100_seed7.pt"
+    assert metrics.fid_stats_paths(str(folder), "run", "inception", 64, 100, 7) == [str(folder / name), f"run/{name}"]
+    assert metrics.fid_stats_paths("sh/{0..9}.tar", "run", "inception", 64, 100, 7) == [f"sh/{name}", f"run/{name}"]
+    assert metrics.fid_stats_paths("shapes", "run", "inception", 64, 100, 7) == [f"run/{name}"]
+
+
+def test_offline_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    """No weights in the cache and no network: FIDUnavailable names the flag, and the download
+    was tried with a short socket timeout (torch.hub's has none), restored afterwards."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(metrics, "INCEPTION_URL", "https://weights.invalid/weights-inception-2015-12-05-6726825d.pth")
+    seen = []
+    real_download = torch.hub.download_url_to_file
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: seen.append(socket.getdefaulttimeout()) or real_download(*a, **k))
+    before = socket.getdefaulttimeout()
+    with pytest.raises(metrics.FIDUnavailable) as err:
+        metrics.inception_weights("--no-fid")
+    message = str(err.value)
+    assert "\n" not in message and message.endswith("or pass --no-fid") and "hub/checkpoints" in message
+    assert seen == [metrics.DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() == before
+    assert not os.listdir(tmp_path / "torch" / "hub" / "checkpoints")    # no partial file left
+    # a file in the cache is used as it is, with no network
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    path.write_bytes(b"x")
+    assert metrics.inception_weights("--no-fid") == str(path)
+
+
+def random_inception_weights(path, monkeypatch):
+    """torch-fidelity's Inception v3 with its random initial weights, saved where torch.hub
+    keeps the real ones: the real network's code path, without the download."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+
+
+@pytest.mark.slow
+def test_the_inception_network_from_the_hub_cache(tmp_path, monkeypatch):
+    """The default network: weights from $TORCH_HOME/hub/checkpoints (random here), 2048 features,
+    reference cached with the name 'inception'."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    random_inception_weights(tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(metrics.INCEPTION_URL),
+                             monkeypatch)
+    ds = data.ShapesDataset(32, seed=1)
+    fid = metrics.prepare_fid(ds, "shapes", str(tmp_path / "run"), 6, seed=0)
+    assert fid.name == "inception" and fid.metric.real_features_sum.shape == (2048,)
+    assert (tmp_path / "run" / "fid_stats_inception_32px_n6_seed0.pt").is_file()
+    value = fid.score(shapes(seed=9, n=6))
+    assert np.isfinite(value) and value > 0
+
+
+def test_sample_reexports_the_metrics():
+    for name in ("frechet_distance", "shapes_alignment", "SHAPES_ATTRIBUTES", "eval_pairs", "eval_metrics",
+                 "clip_score", "embed_images", "EVAL_SEED"):
+        assert getattr(sample, name) is getattr(metrics, name), name
