@@ -178,7 +178,7 @@ U_PRESETS = {
     # 32 -> 128 on the shapes toy set, a 2-core CPU. Bottleneck 8 px (2 halvings, 4 doublings:
     # asymmetric like the paper's 3 / 6), narrow at high resolution where pixels are many,
     # attention at 16 px only (256 tokens; at 32 px it would cost most of the step).
-    # About 0.54M parameters with text_dim 128; forward + backward at batch 8 ~0.25 s on one core.
+    # About 0.57M parameters with text_dim 128; forward + backward at batch 8 ~0.25 s on one core.
     # M at the full learning rate, as the tiny base G: at StyleGAN2's 0.01 it cannot learn in
     # a few hundred steps how little z should move a reconstruction (train.py's warm-up).
     # Input noise up to 0.05, not 0.2: measured, 40 GAN steps after the warm-up at 0.2 took
