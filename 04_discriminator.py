@@ -222,8 +222,8 @@ class Scale(nn.Module):
     """All layers of phi at one resolution r: blocks x ([self-attention] -> DownBlock).
 
     Only the last block halves the resolution and changes the width C(r) -> C(r/2).
-    flatten=True (the last stage of the MS-I/O D): no block halves; Flatten1x1 turns the
-    r x r map into a 1x1 tensor of width C(r/2) instead.
+    flatten=r (the last stage of the MS-I/O D, at r = 4 px): no block halves; Flatten1x1
+    turns the r x r map into a 1x1 tensor of width C(r/2) instead.
     """
 
     def __init__(
