@@ -3,7 +3,7 @@
 What: one wrapper, `FrozenCLIP`, around an open_clip model, loaded once by `load_clip(spec)` and
 shared by the generator, the discriminator and the losses. It gives
   - text: per-token features of the text transformer's PENULTIMATE block (the paper's choice,
-    Sec. 3 "text and latent-code conditioning", Fig. 4), a padding mask and the end-of-text
+    Sec. 3.2 "text and latent-code conditioning", Fig. 4), a padding mask and the end-of-text
     index; G's and D's own learned encoders T turn them into `t_local` and `t_global`;
   - text: the L2-normalised CLIP text embedding (for the CLIP contrastive loss, Eq. 9);
   - images: the L2-normalised CLIP image embedding of generator images in [-1, 1] and the

@@ -1,14 +1,14 @@
 """
-01 - Sample-adaptive kernel selection (GigaGAN Sec. 3.2, Eq. 1-2), built on StyleGAN2's
+01 - Sample-adaptive kernel selection (GigaGAN Sec. 3.1, Eq. 1-2), built on StyleGAN2's
 modulated convolution.
 
 What. The convolution layer of GigaGAN's generator. Each layer owns a bank of N kernels
 {K_1 .. K_N}; every sample mixes its own kernel from the bank, with weights read off its
-style vector w (Eq. 1-2):
+style vector w (Eq. 1):
 
     K = sum_i K_i * softmax(W_filter^T w + b_filter)_i
 
-and then modulates and demodulates that kernel with a second affine of w, exactly as
+and then modulates and demodulates that kernel with a second affine of w (Eq. 2), exactly as
 StyleGAN2 does (Karras et al. 2020, Sec. 2.2):
 
     s = A(w)                                    one scale per input channel, init 1
@@ -393,7 +393,7 @@ class AdaptiveConv2d(nn.Module):
     """GigaGAN's conv layer: a per-sample mixture of N kernels, modulated by w.
 
     forward(x (B, C_in, H, W), w (B, S), noise=None) -> (B, C_out, H*up, W*up):
-        K   = sum_i softmax(W_filter^T w + b_filter)_i * K_i     (Eq. 1-2)   per sample
+        K   = sum_i softmax(W_filter^T w + b_filter)_i * K_i     (Eq. 1)     per sample
         y   = modconv(upsample(x) if up == 2 else x, K, s = A(w))           StyleGAN2
               (up == 2 runs as one transposed conv, upsample_modulated_conv2d)
         out = act(y + strength * noise + bias)
@@ -423,7 +423,7 @@ class AdaptiveConv2d(nn.Module):
         # the bank {K_i}, stored unit normal (equalized LR); one parameter, no Python list
         self.weight = nn.Parameter(torch.randn(n_kernels, out_channels, in_channels, kernel_size, kernel_size))
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)  # runtime He scale c = 1/sqrt(fan_in)
-        # W_filter, b_filter of Eq. 2: w -> N selection logits (bias init 0: uniform on average);
+        # W_filter, b_filter of Eq. 1: w -> N selection logits (bias init 0: uniform on average);
         # none for N = 1, whose selection is the constant 1 (a StyleGAN2 layer)
         self.affine_select = EqualLinear(w_dim, n_kernels) if n_kernels > 1 else None
         # StyleGAN2's affine A: w -> styles s, one per input channel; bias init 1 so s ~ 1 at start
@@ -523,7 +523,7 @@ def demo():
     x = torch.randn(B, C_in, R, R)                           # (B, C_in, H, W) unit-std input
     w = torch.randn(B, S)                                    # (B, S) one style vector per sample
 
-    # 1. kernel selection: a softmax over the bank, different for every sample (Eq. 2)
+    # 1. kernel selection: a softmax over the bank, different for every sample (Eq. 1)
     p = layer.selection_weights(w)                           # (B, N)
     print("selection weights (B, N):")
     for b in range(B):

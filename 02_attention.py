@@ -1,13 +1,14 @@
 """
-02 - Stable attention layers (GigaGAN Sec. 3.2, "Interleaving attention with convolution",
-and Eq. 5 for cross-attention to the text tokens).
+02 - Stable attention layers (GigaGAN Sec. 3.1, "Interleaving attention with convolution";
+Sec. 3.2, Eq. 5 for the order self-attention (with w) -> cross-attention to the text tokens).
 
 What: the attention layers GigaGAN puts between its convolutions, and the transformer
 block its text encoder T is made of:
     SelfAttention        tokens attend to tokens, L2-distance logits, tied query/key
     CrossAttention       image tokens attend to text tokens (t_local), with a padding mask
     TransformerBlock     pre-norm residual block (self-attention + MLP), used by T of G and D
-    ImageSelfAttention   (B, C, H, W) wrapper: pixels as tokens, norm, attention, residual
+    ImageSelfAttention   (B, C, H, W) wrapper: pixels (and the style w, in G) as tokens,
+                         norm, attention, residual: Eq. 5's g_attn(f, w)
     ImageCrossAttention  (B, C, H, W) wrapper for Eq. 5: f = f + g_cross(f, t_local)
     attention_param_groups  AdamW groups: weight decay 0.01 on the attention projections
 
@@ -320,10 +321,13 @@ def tokens_to_image(t, H, W):
 
 
 class ImageSelfAttention(nn.Module):
-    """f = f + g * SelfAttention(LN(f)) over the H*W pixels of a feature map.
+    """f = f + g * SelfAttention(LN([f; A(w)]))[:H*W] over the H*W pixels of a feature map.
 
-    Style does not enter here: the adaptive convolutions around it carry w (01); the
-    paper lists no modulation of the attention layers, so we keep them unmodulated.
+    In the generator the style w takes part as one more token (Eq. 5: g_attn(f, w); the paper
+    "leverages the style vector w as an additional token"): a learned affine A maps w (S,) to
+    a C-wide token that is appended to the H*W pixel tokens, so every pixel can attend to it
+    (and it to the pixels). Its own output row is dropped: the feature map keeps H*W tokens.
+    The discriminator's attention has no w (w_dim=None): pixels only.
     """
 
     def __init__(
@@ -332,22 +336,38 @@ class ImageSelfAttention(nn.Module):
         heads,                        # nh, attention heads; must divide channels
         residual_gain=RESIDUAL_GAIN,  # g, reduced residual gain (this project's choice)
         fused=False,                  # fast attention path (see SelfAttention)
+        w_dim=None,                   # S: append A(w) as one more token (G, Eq. 5); None: pixels only (D)
     ):
         super().__init__()
-        self.channels, self.residual_gain = channels, residual_gain
-        self.norm = nn.LayerNorm(channels)                # per pixel, over channels
+        self.channels, self.residual_gain, self.w_dim = channels, residual_gain, w_dim
+        self.norm = nn.LayerNorm(channels)                # per token, over channels
         self.attn = SelfAttention(channels, heads, fused=fused)
+        # A: w -> one C-wide token. An affine map is this project's choice (the paper does
+        # not say how w becomes a token); the LayerNorm then puts it on the pixels' scale.
+        self.w_token = EqualLinear(w_dim, channels) if w_dim is not None else None
 
-    def attention_weights(self, x):
-        """x (B, C, H, W) -> weights (B, nh, H*W, H*W), for inspection."""
-        return self.attn.attention_weights(self.norm(image_to_tokens(x)))
-
-    def forward(self, x):
-        """x (B, C, H, W) -> (B, C, H, W)."""
+    def tokens(self, x, w=None):
+        """x (B, C, H, W), w (B, S) or None -> the attending tokens (B, H*W [+ 1], C), not normalised."""
         B, C, H, W = x.shape
         assert C == self.channels, f"expected {self.channels} channels, got {C}"
         t = image_to_tokens(x)                            # (B, H*W, C)
-        t = t + self.residual_gain * self.attn(self.norm(t))  # (B, H*W, C)
+        if self.w_token is None:
+            assert w is None, "this self-attention was built without w_dim: it takes no w"
+            return t
+        assert w is not None and w.shape == (B, self.w_dim), (
+            f"w must be (B={B}, S={self.w_dim}), got {None if w is None else tuple(w.shape)}")
+        return torch.cat([t, self.w_token(w).unsqueeze(1)], dim=1)  # (B, H*W + 1, C) w last
+
+    def attention_weights(self, x, w=None):
+        """x (B, C, H, W), w (B, S) or None -> weights (B, nh, T, T), T = H*W (+ 1: the w token, last)."""
+        return self.attn.attention_weights(self.norm(self.tokens(x, w)))
+
+    def forward(self, x, w=None):
+        """x (B, C, H, W), w (B, S) (required iff built with w_dim) -> (B, C, H, W)."""
+        B, C, H, W = x.shape
+        t = self.tokens(x, w)                             # (B, H*W [+ 1], C)
+        out = self.attn(self.norm(t))[:, : H * W]         # (B, H*W, C) the w token's own row dropped
+        t = t[:, : H * W] + self.residual_gain * out      # (B, H*W, C)
         return tokens_to_image(t, H, W)                   # (B, C, H, W)
 
 
@@ -457,11 +477,14 @@ def demo():
 
     print("--- image wrappers (generator synthesis) ---")
     f = torch.randn(B, C, 8, 8)
-    isa, ica = ImageSelfAttention(C, nh), ImageCrossAttention(C, D, nh)
-    g = ica(isa(f), context, cmask)
-    print(f"f {tuple(f.shape)} -> self -> cross -> {tuple(g.shape)}, "
-          f"weights {tuple(isa.attention_weights(f).shape)} / {tuple(ica.attention_weights(f, context, cmask).shape)}")
+    S = 16                                                # style width
+    w = torch.randn(B, S)                                 # (B, S) one style per sample
+    isa, ica = ImageSelfAttention(C, nh, w_dim=S), ImageCrossAttention(C, D, nh)
+    g = ica(isa(f, w), context, cmask)
+    print(f"f {tuple(f.shape)}, w {tuple(w.shape)} -> self (w as token 65) -> cross -> {tuple(g.shape)}, "
+          f"weights {tuple(isa.attention_weights(f, w).shape)} / {tuple(ica.attention_weights(f, context, cmask).shape)}")
     assert g.shape == f.shape
+    assert not torch.allclose(isa(f, w), isa(f, torch.randn(B, S))), "the pixels see the w token (Eq. 5)"
     assert torch.allclose(ica(f, context, cmask)[1], f[1]), "no real word: features pass unchanged"
 
     print("--- AdamW parameter groups ---")

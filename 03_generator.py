@@ -1,5 +1,5 @@
 """
-03 - The GigaGAN generator (Kang et al. 2023, Sec. 3.2, Fig. 4; Eq. 1-2 and 5).
+03 - The GigaGAN generator (Kang et al. 2023, Sec. 3.1-3.2, Fig. 4; Eq. 1-2 and 5).
 
 What. A text-conditioned StyleGAN2 made bigger in the three ways the paper found stable:
 
@@ -9,7 +9,7 @@ What. A text-conditioned StyleGAN2 made bigger in the three ways the paper found
     w -> one style per layer, ws (B, num_ws, S)
     learned constant (4 px) -> per scale, several blocks of
            adaptive conv (01, Eq. 1-2: a kernel bank mixed per sample, modulated by w)
-        -> self-attention with L2 logits (02)
+        -> self-attention with L2 logits over the pixels and w as one more token (02, Eq. 5)
         -> cross-attention to t_local (02, Eq. 5)
        and a ToRGB at every scale -> the image pyramid [x_R, ..., x_8, x_4], finest first
 
@@ -74,6 +74,7 @@ class GeneratorConfig:
     attn_resolutions: tuple = (8, 16)         # scales (px) whose blocks get self- and cross-attention
     attn_heads: int = 2                       # heads of the image attention layers
     self_attention: bool = True               # Table 1 switch: L2 self-attention after each conv at attn_resolutions
+    attention_w_token: bool = True            # paper (Eq. 5): the self-attention also sees w as one more token
     cross_attention: bool = True              # Table 1 switch: cross-attention to t_local after it
     kernel_size: int = 3                      # K of the synthesis convs
     noise: bool = True                        # StyleGAN2's per-pixel noise inputs in every conv (off in "tiny", see there)
@@ -111,13 +112,14 @@ G_PRESETS = {
         n_kernels=(1, 2, 4, 4, 4), attn_resolutions=(8, 16, 32), attn_heads=4,
     ),
     # The paper's 64 px base model. From the paper: z 128, 4 mapping layers, CLIP ViT-L/14
-    # tokens (text_dim 768), attention interleaved with several convs per scale, banks growing
-    # with resolution. Everything else (w 1024, T 4 x 768, channels, blocks per scale, N per
-    # scale, attention up to 32 px) is this project's choice, calibrated so that the count
-    # matches the published 652.5M: 648.5M here (T 26.6M, M 5.1M, synthesis 616.8M).
+    # tokens (text_dim 768), attention interleaved with several convs per scale (w as a token
+    # of each self-attention), banks growing with resolution. Everything else (w 1024, T 3 x
+    # 768, channels, blocks per scale, N per scale, attention up to 32 px) is this project's
+    # choice, calibrated so that the count matches the published 652.5M: 653.6M here (+0.2%;
+    # T 20.1M, M 5.1M, synthesis 628.4M, of which 11.5M map w to the attention tokens).
     "full": GeneratorConfig(
         resolution=64, z_dim=128, w_dim=1024, mapping_layers=4,
-        text_width=768, text_depth=4, text_heads=12,
+        text_width=768, text_depth=3, text_heads=12,
         channels=(1024, 1024, 1024, 768, 512), blocks_per_scale=(3, 4, 4, 4, 4),
         n_kernels=(1, 2, 4, 8, 8), attn_resolutions=(8, 16, 32), attn_heads=8,
     ),
@@ -148,7 +150,7 @@ def table1_config(cfg, row):
 
 
 # -----------------------------------------------------------------------------
-# Text encoder T (Sec. 3.2, Fig. 4): t_local and t_global from CLIP token features
+# Text encoder T (Sec. 3.2, "Text and latent-code conditioning", Fig. 4): t_local, t_global
 
 
 class TextEncoder(nn.Module):
@@ -189,7 +191,7 @@ class TextEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Mapping network M (Sec. 3.2): w = M(z, t_global)
+# Mapping network M (Sec. 3.2, "Text and latent-code conditioning"): w = M(z, t_global)
 
 
 def normalize_2nd_moment(x, eps=1e-8):
@@ -248,11 +250,12 @@ NOISE_MODES = ("random", "const", "none")
 
 
 class SynthesisBlock(nn.Module):
-    """One GigaGAN layer (Fig. 4, right): adaptive conv (+ noise) -> self-attention -> cross-attention.
+    """One GigaGAN layer, Eq. 5: f_{l+1} = g_xa(g_attn(g_adaconv(f_l, w), w), t_local).
 
-        f = AdaptiveConv2d(f, ws[:, w_index])       Eq. 1-2, upsamples 2x when up=2
-        f = f + g * SelfAttention(LN(f))            L2 logits, tied q/k (02)
-        f = f + g * CrossAttention(LN(f), t_local)  Eq. 5 (02)
+        f = AdaptiveConv2d(f, w)                    g_adaconv, Eq. 1-2, upsamples 2x when up=2
+        f = f + g * SelfAttention(LN([f; A(w)]))    g_attn: L2 logits, tied q/k, w as a token (02)
+        f = f + g * CrossAttention(LN(f), t_local)  g_xa (02)
+    with w = ws[:, w_index], the same style row for the conv and the self-attention.
     """
 
     def __init__(
@@ -270,12 +273,14 @@ class SynthesisBlock(nn.Module):
         heads,            # heads of both attention layers
         kernel_size,      # K
         noise=True,       # a per-pixel noise input after the conv (StyleGAN2)
+        w_token=True,     # the self-attention sees w as one more token (Eq. 5); False: pixels only
     ):
         super().__init__()
         self.resolution, self.w_index = resolution, w_index
         self.conv = AdaptiveConv2d(in_channels, out_channels, kernel_size, w_dim, n_kernels=n_kernels, up=up,
                                    noise=noise)
-        self.self_attn = ImageSelfAttention(out_channels, heads) if self_attention else None
+        self.self_attn = (ImageSelfAttention(out_channels, heads, w_dim=w_dim if w_token else None)
+                          if self_attention else None)
         self.cross_attn = ImageCrossAttention(out_channels, text_width, heads) if cross_attention else None
         if noise:  # fixed noise image for noise_mode="const": a buffer, saved with the model
             self.register_buffer("noise_const", torch.randn(1, 1, resolution, resolution))
@@ -288,9 +293,10 @@ class SynthesisBlock(nn.Module):
             noise = self.noise_const                            # (1, 1, r, r) shared by the batch
         else:
             noise = torch.zeros_like(self.noise_const)          # (1, 1, r, r) no stochastic detail
-        x = self.conv(x, ws[:, self.w_index], noise)            # (B, C_out, r, r)
+        w = ws[:, self.w_index]                                 # (B, S) this block's style row
+        x = self.conv(x, w, noise)                              # (B, C_out, r, r)
         if self.self_attn is not None:
-            x = self.self_attn(x)                               # (B, C_out, r, r)
+            x = self.self_attn(x, w if self.self_attn.w_dim else None)  # (B, C_out, r, r), w a token
         if self.cross_attn is not None:
             x = self.cross_attn(x, t_local, local_mask)         # (B, C_out, r, r)
         return x
@@ -359,6 +365,7 @@ class Synthesis(nn.Module):
                     heads=cfg.attn_heads,
                     kernel_size=cfg.kernel_size,
                     noise=cfg.noise,
+                    w_token=cfg.attention_w_token,
                 ))
                 names.append(f"{res}px.block{b}")
             torgbs.append(ToRGB(cfg.channels[s], cfg.w_dim, w_index=len(names)))

@@ -6,13 +6,18 @@ What. Two discriminators judge each (image, text) pair:
 1. The multi-scale input, multi-scale output (MS-I/O) discriminator D, trained from
    scratch. It has two branches:
        text branch   CLIP tokens -> its own text encoder T (03) -> t_global -> MLP -> t_D
-       image branch  phi: per scale, [self-attention] -> residual block that halves H, W
+       image branch  phi: per scale, [self-attention] -> residual block that halves H, W;
+                     the last stage (at 4 px) flattens the 4x4 map into a 1x1 tensor
    The generator outputs an image pyramid x_0 .. x_{L-1} (64, 32, 16, 8, 4 px at 64 px).
    "Late entry": level x_i enters phi through its own 1x1 fromRGB at the layer of its own
    resolution, and "early exit": it is judged after every later layer j >= i:
 
        D_ij(x_i, c) = psi_j(phi_{i->j}(x_i), t_D) + conv1x1(phi_{i->j}(x_i))     (Eq. 7)
 
+   The stages' outputs, where the exits are, have sides 32, 16, 8, 4, 1 at 64 px (the paper's
+   {32, 16, 8, 4, 1}: "the final stage flattens the spatial extent into a 1x1 tensor").
+   Indexing: this file's exit j is the stage that STARTS at the side of x_j, the paper's
+   index j + 1 (its phi_{i->j} ends at the side S_j, S_L = 1).
    phi_{i->j} = layers i..j of the shared image branch; psi_j = a stack of 1x1 convs
    modulated by t_D (StyleGAN2 modulation + demodulation; for a 1x1 kernel that is just a
    per-sample scaling of the input channels, tested equal to 01's modulated_conv2d); the
@@ -40,9 +45,12 @@ over the L scales. Streams never mix (no minibatch-std, no batch norm): predicti
 depends on x_i alone, which tests/test_discriminator.py checks by autograd.
 
 Project choices (the paper does not give them): widths follow StyleGAN2's rule
-C(r) = min(channel_base / r, channel_max); the block is StyleGAN2's residual D block; one
-logit per image = the spatial mean of Eq. 7's map; the full preset's widths are chosen to
-land on the paper's 381.4M parameters. Minibatch-std is off (the paper's 64 px T2I D).
+C(r) = min(channel_base / r, channel_max); the block is StyleGAN2's residual D block; the
+flattening to 1x1 is StyleGAN2's D epilogue (flatten the 4x4 map, one fully connected
+layer); one logit per image = the spatial mean of Eq. 7's map (at 1x1: the map itself); a
+learned position map at the exits wider than 1x1 (Predictor); the full preset's widths are
+chosen to land on the paper's 381.4M parameters. Minibatch-std is off (the paper's 64 px
+T2I D).
 
 Prediction order of D's output list: entry-major, sorted by (i, j), see D.pairs:
     4 levels: (0,0) (0,1) (0,2) (0,3) (1,1) (1,2) (1,3) (2,2) (2,3) (3,3)
@@ -116,14 +124,15 @@ class DiscriminatorConfig:
 # Where the sizes come from. The paper gives the full D's size (381.4M) and its structure
 # (Sec. 3.3), not its widths; all widths below are this project's choice.
 #   tiny   32 px, 4 levels; trains beside a ~1M-parameter G on a 2-core CPU: widths
-#          C(r) = min(512 / r, 64) = 16, 32, 64, 64 (then 64) at 32, 16, 8, 4 px,
-#          attention at 8 and 4 px, a 1-block 64-wide T. About 0.38M parameters (D = 128).
+#          C(r) = min(512 / r, 64) = 16, 32, 64, 64 (then 64 at 1x1) at 32, 16, 8, 4 px,
+#          attention at 8 and 4 px, a 1-block 64-wide T. About 0.46M parameters (D = 128).
 #   small  64 px on one 8-24 GB GPU: C(r) = min(8192 / r, 256), attention at <= 16 px.
 #   full   the paper's 64 px D: StyleGAN2's channel rule with twice its base and cap,
 #          C(r) = min(32768 / r, 1024) = 512 at 64 px, 1024 below; 3 residual blocks per
 #          scale (the generator is also "deeper" than StyleGAN2); attention at <= 32 px;
-#          a 4-block, 1024-wide T; psi 4 layers (paper). Total 380.3M with the CLIP
-#          ViT-L/14 text width D = 768, i.e. -0.3% from the paper's 381.4M.
+#          a 3-block, 1024-wide T; t_D 768 wide; psi 4 layers (paper); the 4 px stage
+#          flattened by a 16384 -> 1024 fully connected layer (16.8M). Total 381.0M with
+#          the CLIP ViT-L/14 text width D = 768, i.e. -0.1% from the paper's 381.4M.
 # The vision-aided heads are counted apart from the 381.4M (this project's reading):
 # build them with VisionAidedDiscriminator(feature_channels, E, hidden=cfg.vision_hidden,
 # psi_layers=cfg.vision_psi_layers). 64 wide on the tiny CLIP's 64 x 4 x 4 ViT token grids.
@@ -135,8 +144,8 @@ D_PRESETS = {
         text_heads=4, t_dim=256, vision_hidden=256),
     "full": DiscriminatorConfig(
         resolution=64, channel_base=32768, channel_max=1024, blocks_per_scale=3,
-        attn_resolutions=(32, 16, 8, 4), attn_heads=16, text_width=1024, text_depth=4,
-        text_heads=16, t_dim=1024, vision_hidden=512, vision_psi_layers=4),
+        attn_resolutions=(32, 16, 8, 4), attn_heads=16, text_width=1024, text_depth=3,
+        text_heads=16, t_dim=768, vision_hidden=512, vision_psi_layers=4),
 }
 
 
@@ -185,10 +194,35 @@ class DownBlock(nn.Module):
         return (y + self.skip(x)) * math.sqrt(0.5)            # (n, C_out, r', r')
 
 
+class Flatten1x1(nn.Module):
+    """The last stage's end (paper: it "flattens the spatial extent into a 1x1 tensor"):
+
+        (n, C_in, r, r) -> flatten (n, C_in * r * r) -> fully connected, lrelu -> (n, C_out, 1, 1)
+    StyleGAN2's D epilogue (its flatten + fc layer; project's choice of how to flatten): unlike
+    a spatial mean, the fully connected layer knows WHERE each feature is.
+    """
+
+    def __init__(
+        self,
+        in_channels,   # C_in of the r x r map
+        out_channels,  # C_out of the 1x1 tensor
+        resolution,    # r, side of the map it flattens (4 px)
+    ):
+        super().__init__()
+        self.in_shape = (in_channels, resolution, resolution)
+        self.fc = EqualLinear(in_channels * resolution * resolution, out_channels, activation="lrelu")
+
+    def forward(self, x):                                     # (n, C_in, r, r)
+        assert x.shape[1:] == self.in_shape, (tuple(x.shape), self.in_shape)
+        return self.fc(x.flatten(1))[:, :, None, None]        # (n, C_out, 1, 1)
+
+
 class Scale(nn.Module):
     """All layers of phi at one resolution r: blocks x ([self-attention] -> DownBlock).
 
     Only the last block halves the resolution and changes the width C(r) -> C(r/2).
+    flatten=r (the last stage of the MS-I/O D, at r = 4 px): no block halves; Flatten1x1
+    turns the r x r map into a 1x1 tensor of width C(r/2) instead.
     """
 
     def __init__(
@@ -199,18 +233,21 @@ class Scale(nn.Module):
         attention,     # put ImageSelfAttention before every block
         heads,         # attention heads
         mode="blur",   # DownBlock's downsampling, "blur" or "max"
+        flatten=None,  # r: end in Flatten1x1 at r px (output (n, C(r/2), 1, 1)); None: halve
     ):
         super().__init__()
         layers = []
         for b in range(blocks):
-            last = b == blocks - 1
+            halve = b == blocks - 1 and flatten is None       # the last block halves, unless we flatten
             if attention:
                 layers.append(ImageSelfAttention(in_channels, heads))  # residual inside
-            layers.append(DownBlock(in_channels, out_channels if last else in_channels, down=last, mode=mode))
+            layers.append(DownBlock(in_channels, out_channels if halve else in_channels, down=halve, mode=mode))
+        if flatten is not None:
+            layers.append(Flatten1x1(in_channels, out_channels, flatten))  # (n, C(r/2), 1, 1)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):                                     # (n, C(r), r, r)
-        return self.layers(x)                                 # (n, C(r/2), r/2, r/2)
+        return self.layers(x)                                 # (n, C(r/2), r/2, r/2), or 1x1 if flatten
 
 
 # -----------------------------------------------------------------------------
@@ -261,17 +298,17 @@ class ModulatedConv1x1(nn.Module):
 
 
 class Predictor(nn.Module):
-    """One exit of Eq. 7: logit = mean_hw( psi(h, c) + conv1x1(h) ).
+    """One exit of Eq. 7: logit = mean_hw( psi(h, c) + conv1x1(h) ) (at 1x1 the mean is the value).
 
     psi = (psi_layers - 1) modulated, demodulated 1x1 convs C -> C with lrelu, then one
     modulated 1x1 conv C -> 1 (no demodulation: a single output channel would be
     normalised to a fixed scale). conv1x1 = an unconditional 1x1 conv C -> 1.
     The (n, 1, h, w) map is averaged over space into one logit per image (project's choice;
     the paper does not say how its map is reduced).
-    size: with the side h of the feature map, a learned position map (C, h, h) is added to h
-    first (project's choice). 1x1 convs and a mean are blind to WHERE a feature is, so
-    without it D could not check "on the left" or "large" against the caption; StyleGAN2's
-    D gets the same information from the fully connected layer at its end.
+    size: with the side h > 1 of the feature map, a learned position map (C, h, h) is added to
+    h first (project's choice). 1x1 convs and a mean are blind to WHERE a feature is, so
+    without it D could not check "on the left" or "large" against the caption. The 1x1 exit
+    needs none: its Flatten1x1 layer already saw where every feature was.
     """
 
     def __init__(
@@ -279,13 +316,13 @@ class Predictor(nn.Module):
         channels,      # C of the features h
         cond_dim,      # width of the condition c
         psi_layers,    # number of modulated 1x1 convs in psi (paper: 4)
-        size=None,     # h of the feature map: adds the learned position map; None: none
+        size=None,     # h of the feature map: adds the learned position map when h > 1; None: none
         projection=False,  # add a projection term <A(flatten h), c> (needs size)
     ):
         super().__init__()
         assert psi_layers >= 1, psi_layers
         # stored unit normal (like the learned constant of G), one vector per location
-        self.position = nn.Parameter(torch.randn(1, channels, size, size)) if size else None
+        self.position = nn.Parameter(torch.randn(1, channels, size, size)) if size and size > 1 else None
         hidden = [ModulatedConv1x1(channels, channels, cond_dim) for _ in range(psi_layers - 1)]
         last = ModulatedConv1x1(channels, 1, cond_dim, demodulate=False, activation=False)
         self.psi = nn.ModuleList(hidden + [last])             # psi_j of Eq. 7
@@ -332,6 +369,8 @@ class Discriminator(nn.Module):
         self.cfg = cfg
         levels = cfg.levels                                   # pyramid levels (L of Eq. 6)
         self.resolutions = [cfg.resolution >> i for i in range(levels)]  # [R, R/2, ..., 4], finest first
+        # side of the features at exit j: halved per stage, the last stage flattened to 1x1
+        self.exit_resolutions = [r // 2 for r in self.resolutions[:-1]] + [1]  # [R/2, ..., 4, 1]
 
         def width(r):
             return min(cfg.channel_base // r, cfg.channel_max)  # C(r), StyleGAN2's rule
@@ -350,15 +389,16 @@ class Discriminator(nn.Module):
         # image branch phi: fromRGB per entry level, one Scale per resolution
         self.from_rgb = nn.ModuleDict({
             str(i): EqualConv2d(3, width(self.resolutions[i]), 1, activation="lrelu") for i in self.entries})
+        # (the last one, at 4 px, flattens to 1x1 instead of halving)
         self.scales = nn.ModuleList([
             Scale(width(r), width(r // 2), cfg.blocks_per_scale,
                   attention=cfg.attention and r in cfg.attn_resolutions, heads=cfg.attn_heads,
-                  mode=cfg.downsample)
-            for r in self.resolutions])
-        # one predictor per exit j, on C(r_j / 2)-wide features at r_j / 2
+                  mode=cfg.downsample, flatten=r if j == levels - 1 else None)
+            for j, r in enumerate(self.resolutions)])
+        # one predictor per exit j, on C(r_j / 2)-wide features of side exit_resolutions[j]
         self.predictors = nn.ModuleDict({
-            str(j): Predictor(width(self.resolutions[j] // 2), cfg.t_dim, cfg.psi_layers, size=self.resolutions[j] // 2,
-                              projection=cfg.projection)
+            str(j): Predictor(width(self.resolutions[j] // 2), cfg.t_dim, cfg.psi_layers,
+                              size=self.exit_resolutions[j], projection=cfg.projection)
             for j in self.exits})
 
     @property
@@ -389,7 +429,7 @@ class Discriminator(nn.Module):
                 x = self.from_rgb[str(j)](pyramid[j])         # (B, C(r_j), r_j, r_j)
                 h = x if h is None else torch.cat([h, x])     # (n*B, C(r_j), r_j, r_j) streams stacked
                 streams.append(j)                             # entry of each stacked stream, in order
-            h = scale(h)                                      # (n*B, C(r_j/2), r_j/2, r_j/2)
+            h = scale(h)                                      # (n*B, C(r_j/2), r_j/2, r_j/2), 1x1 at the last
             if str(j) in self.predictors:                     # early exit j for every stream
                 n = len(streams)
                 # phi never sees the text: its features serve all k captions of an image, and
@@ -488,7 +528,7 @@ def demo():
     print(f"tiny D: {sum(p.numel() for p in D.parameters()):,} parameters, levels {D.resolutions} px")
     for k, ((i, j), p) in enumerate(zip(D.pairs, preds)):
         print(f"  prediction {k}: entry i={i} ({D.resolutions[i]} px) exit j={j} "
-              f"(features at {D.resolutions[j] // 2} px) -> {tuple(p.shape)}")
+              f"(features {D.exit_resolutions[j]}x{D.exit_resolutions[j]}) -> {tuple(p.shape)}")
     assert len(preds) == n * (n + 1) // 2, "MS-I/O makes L(L+1)/2 predictions"
 
     print("list index of prediction D_ij (rows: entry i, columns: exit j):")

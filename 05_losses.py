@@ -1,16 +1,18 @@
 """
-05 - The losses that train GigaGAN (Sec. 3.3-3.4, Eq. 7-9; Sec. 3.5 for LPIPS).
+05 - The losses that train GigaGAN (Sec. 3.3, Eq. 6, 8-9; Sec. 3.4 for the upsampler's LPIPS).
 
 What. Every term the base model and the upsampler are trained with, as small functions of
 discriminator outputs and embeddings, plus two composite helpers that train.py calls once
 per step (they only sum named terms and return a dict of floats for logging; the loop
 itself - D step, lazy R1, G step, EMA - stays written out in train.py).
 
-    non-saturating logistic loss, summed over all MS-I/O predictions (Eq. 7):
+    non-saturating logistic loss, summed over all MS-I/O predictions (Eq. 6):
         L_D = sum_p E[softplus(-D_p(x, c))] + E[softplus(D_p(G(c), c))]
         L_G = sum_p E[softplus(-D_p(G(c), c))]
     matching-aware loss (Eq. 8): a wrong caption c^ turns any pair into a FAKE pair,
         V_match = E[softplus(D(x, c^))] + E[softplus(D(G(c), c^))]      (D minimises it)
+        Table 1 rows: "Matching-aware D" keeps the (x, c^) term only (match_fake=False),
+        "Matching-aware G and D" both (match_fake=True, the default): table1_matching.
     CLIP contrastive loss (Eq. 9), frozen CLIP, generated images against the batch's captions:
         L_CLIP = E[-log exp(e_img(G(c_0)) . e_txt(c_0) / tau) / sum_n exp(e_img(G(c_0)) . e_txt(c_n) / tau)]
     vision-aided loss: the same non-saturating loss on a second discriminator that sees
@@ -25,9 +27,15 @@ Why. The plain GAN loss only asks "is this a real image?"; a text-conditioned D 
 that while ignoring the text. The matching-aware pairs make ignoring the text costly for D,
 and the CLIP and vision-aided terms bring in a pretrained notion of image-text agreement.
 
-The G side of the matching-aware loss (Table 1: "matching-aware D" 27.29 FID -> "G and D"
-21.66). Eq. 7 puts V_match(G_i, D_ij) inside the G-D game, but the only part of Eq. 8 that
-depends on G is softplus(D(G(c), c^)). Two readings are possible:
+The matching-aware rows of Table 1 ("Matching-aware D" 27.29 FID -> "G and D" 21.66). The
+paper: "enforcing the matching-aware loss on generated images from G, as well as real images
+x, leads to clear gains". So the "D" row shows D the real image with a wrong caption, (x, c^),
+as its only mismatched pair, and the "G and D" row adds G's image with a wrong caption,
+(G(c), c^): both are D-side terms of Eq. 8 (match_d, match_fake).
+
+A G-side term is this project's option (match_g), not a paper row. Eq. 6 puts
+V_match(G_i, D_ij) inside the G-D game, but the paper gives G no matching-aware formula; the
+only part of Eq. 8 that depends on G is softplus(D(G(c), c^)). Two readings are possible:
   (i)  zero-sum / non-saturating: G minimises softplus(-D(G(c), c^)), i.e. G tries to make
        its image look REAL under a caption it does not depict. D learns that real images
        with wrong captions are fake, so the data itself does not satisfy this: it pulls G
@@ -35,11 +43,10 @@ depends on G is softplus(D(G(c), c^)). Two readings are possible:
   (ii) G minimises softplus(+D(G(c), c^)): G's image, like a real one, should be judged
        FAKE under a wrong caption. The data satisfies it (D -> fake on every mismatched
        pair), so it leaves the GAN's fixed point alone, and it is a contrastive push toward
-       alignment - consistent with Table 1, where adding it raises the CLIP score
-       (0.250 -> 0.254) as well as improving FID.
-This file implements (ii) (this project's reading; the paper gives no formula for it):
-the G-side term has the SAME sign as D's, and grows with D(G(c), c^). `match_g=False` gives
-the Table 1 "D only" row. tests/test_losses.py checks the sign.
+       alignment.
+match_g implements (ii) (this project's choice, on by default; the paper gives no formula):
+the G-side term has the SAME sign as D's, and grows with D(G(c), c^). tests/test_losses.py
+checks the sign. table1_matching switches it off: the paper's rows are D-side terms only.
 
 How train.py uses it (one step; the loop stays in train.py):
     text = clip.text_features(captions); emb = clip.embed_text(captions)
@@ -62,6 +69,7 @@ Shape legend (shared by every numbered file):
 """
 import os
 import socket
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -74,9 +82,10 @@ import torch.nn.functional as F
 class LossConfig:
     """Weights and switches of every loss term; each marked paper value or project choice."""
 
-    match_d: bool = True            # paper value: on, Eq. 8 for D, (real, c^) and (G(c), c^) are fake
-    match_g: bool = True            # paper value: on (Table 1 "G and D"); the G term's form is project choice (ii)
-    match_weight: float = 1.0       # paper value: Eq. 7 adds V_match to V_GAN with weight 1
+    match_d: bool = True            # paper value: on, Eq. 8 for D: (real, c^) is fake (Table 1 "Matching-aware D")
+    match_fake: bool = True         # paper value: on, D's (G(c), c^) is fake too (Table 1 "Matching-aware G and D")
+    match_g: bool = True            # project choice, not a paper row: G's term (ii), softplus(D(G(c), c^))
+    match_weight: float = 1.0       # paper value: Eq. 6 adds V_match to V_GAN with weight 1
     clip_weight: float = 1.0        # project choice: lambda_CLIP of Eq. 9 (the paper gives no number)
     clip_temperature: float = 0.01  # project choice: CLIP's own trained scale (logit_scale = 100)
     vision_weight: float = 0.5      # project choice: weight of the vision-aided terms (G and D) (tiny: 2, see LOSS_PRESETS)
@@ -96,20 +105,22 @@ class LossConfig:
 
 
 # Named loss settings: the base model and the upsampler, and "<stage>_tiny" where the tiny preset
-# differs (train.py's loss_preset picks "<stage>_<preset>" when it exists, else "<stage>"). The upsampler keeps the GAN terms
-# (adversarial, matching-aware, R1) and adds LPIPS (weight 10); no vision-aided loss (paper),
-# and no CLIP loss (this project's choice: the paper lists none for it, and its low-res input
-# already fixes what the image shows).
+# differs (train.py's loss_preset picks "<stage>_<preset>" when it exists, else "<stage>"). The
+# upsampler is trained with "the same losses as the base model" (paper, Sec. 3.4: adversarial,
+# matching-aware, CLIP, R1) plus LPIPS (weight 10), without the vision-aided loss.
 LOSS_PRESETS = {
     "base": LossConfig(),
     # the tiny 32 px base model on a CPU (project's choice): R1 gamma 1.0, inside the paper's
     # 0.2048-2.048 (NOTES.md, "R1 gamma"); vision-aided weight 2 (NOTES.md, "Vision-aided weight");
     # CLIP-loss weight 0.1 (NOTES.md, "CLIP loss weight" and "ResNet CLIP at full CLIP-loss weight").
     "base_tiny": LossConfig(r1_gamma=1.0, vision_weight=2.0, clip_weight=0.1),
-    "upsampler": LossConfig(vision_weight=0.0, clip_weight=0.0),
+    "upsampler": LossConfig(vision_weight=0.0),
     # the tiny 32 -> 128 upsampler on a CPU (project's choice): its LPIPS has a random
     # backbone, which barely pins colours, so a pixel MSE holds the image to the real one
-    # (NOTES.md, "Pixel term in the GAN steps").
+    # (NOTES.md, "Pixel term in the GAN steps"). No CLIP loss here (project's choice, a
+    # departure from the paper's "same losses"): with the tiny CLIP a full weight lets G fool
+    # it with colour fringes (base_tiny, above), and the tiny stage's GAN steps are there to
+    # sharpen, not to relearn what the low-res input fixes. Not measured for the upsampler.
     "upsampler_tiny": LossConfig(vision_weight=0.0, clip_weight=0.0, pixel_weight=1000.0),
 }
 
@@ -178,7 +189,7 @@ def permute_text(text, perm):
 #
 # A prediction is a logit: (B,) for an image-level one, (B, h, w) for a patch map. Each
 # prediction's loss is a mean over its own elements, and the P predictions of the MS-I/O
-# D are summed with equal weight (Eq. 7 sums V_GAN over all (i, j)). Logits are cast to
+# D are summed with equal weight (Eq. 6 sums V_GAN over all (i, j)). Logits are cast to
 # float32 so bf16 autocast does not round the softplus.
 
 def _row_means(pred):
@@ -217,16 +228,39 @@ def g_adversarial_loss(fake_preds):
 # -----------------------------------------------------------------------------
 # Matching-aware loss (Eq. 8): an image paired with a wrong caption c^ is a FAKE pair
 #
-# For D both the real and the generated image are shown with c^; without the real one,
-# D could call "fake" on any generated image and ignore the text. Rows whose permutation
+# D is shown the real image with c^ (Table 1 "Matching-aware D") and, by default, the
+# generated one too ("Matching-aware G and D"). The real pair is the one that matters: without
+# it, D could call "fake" on any generated image and ignore the text. Rows whose permutation
 # could not avoid their own caption are masked out by `valid`.
 
+def table1_matching(cfg, row):
+    """The matching-aware switches of a row of the paper's Table 1, as a LossConfig derived from cfg.
+
+    "+attention" (before the matching-aware rows): no mismatched pair at all.
+    "+matching_aware_d": D sees (x, c^) as fake; the (G(c), c^) pair is never built.
+    "+matching_aware_g_and_d": D sees (x, c^) and (G(c), c^) as fake (every later row).
+    The project's G-side term (match_g) is off in all of them: it is not a paper row.
+    """
+    rows = {
+        "+attention": dict(match_d=False, match_fake=False, match_g=False),
+        "+matching_aware_d": dict(match_d=True, match_fake=False, match_g=False),
+        "+matching_aware_g_and_d": dict(match_d=True, match_fake=True, match_g=False),
+    }
+    assert row in rows, f"unknown Table 1 matching row {row!r}; choose from {list(rows)}"
+    return dataclasses.replace(cfg, **rows[row])
+
+
 def d_matching_loss(real_wrong_preds, fake_wrong_preds, valid=None):
-    """Eq. 8 for D: sum_p E[softplus(D_p(x, c^))] + E[softplus(D_p(G(c), c^))]; both pairs fake."""
+    """Eq. 8 for D: sum_p E[softplus(D_p(x, c^))] + E[softplus(D_p(G(c), c^))]; both pairs fake.
+
+    fake_wrong_preds None: the (x, c^) term only (Table 1 "Matching-aware D").
+    """
+    assert fake_wrong_preds is None or len(fake_wrong_preds) == len(real_wrong_preds)
     loss = 0.0
-    for real_wrong, fake_wrong in zip(real_wrong_preds, fake_wrong_preds, strict=True):
+    for p, real_wrong in enumerate(real_wrong_preds):
         loss = loss + _masked_mean(_softplus_rows(real_wrong), valid)  # -log(1 - sigmoid(D(x, c^)))
-        loss = loss + _masked_mean(_softplus_rows(fake_wrong), valid)  # -log(1 - sigmoid(D(G(c), c^)))
+        if fake_wrong_preds is not None:
+            loss = loss + _masked_mean(_softplus_rows(fake_wrong_preds[p]), valid)  # -log(1 - sigmoid(D(G(c), c^)))
     return loss
 
 
@@ -336,7 +370,7 @@ def lazy_r1_loss(D, real_pyr, text, cfg):
 
 
 # -----------------------------------------------------------------------------
-# LPIPS (Zhang et al. 2018), for the upsampler (Sec. 3.5, weight 10)
+# LPIPS (Zhang et al. 2018), for the upsampler (Sec. 3.4, weight 10)
 #
 # Distance between two images = sum over 5 layers of a frozen ImageNet network of the
 # spatial mean of a learned, non-negative channel weighting of the squared difference of
@@ -495,6 +529,21 @@ def _call_d(D, pyramids, texts):
     return [[[c[g * n + i] for c in chunks] for i in range(n)] for g in range(len(texts))]
 
 
+def _call_d_pairs(D, pairs):
+    """One D call on a list of (pyramid, text) pairs, each its own stream; [pair][prediction].
+
+    For a set of pairs that is not a full grid (Table 1's "Matching-aware D" row: (x, c),
+    (G(c), c), (x, c^), but no (G(c), c^)): images and captions are stacked row by row, so D's
+    image branch runs once per pair (a real image shown twice is processed twice).
+    """
+    B = pairs[0][0][0].shape[0]
+    pyramid = [torch.cat(levels) for levels in zip(*(p for p, _ in pairs), strict=True)]  # (nB, 3, H_i, W_i)
+    tokens, mask, eot = (torch.cat(parts) for parts in zip(*(t for _, t in pairs), strict=True))  # (nB, ...)
+    preds = D(pyramid, tokens, mask, eot)  # P tensors, (nB,)
+    chunks = [p.split(B) for p in preds]  # P lists of n (B,) chunks, in the order of pairs
+    return [[c[i] for c in chunks] for i in range(len(pairs))]
+
+
 def _call_vd(vd, features, embeds):
     """One vision-aided D call on several (CLIP features, text embedding) groups; [group][logit]."""
     B = embeds[0].shape[0]
@@ -505,7 +554,7 @@ def _call_vd(vd, features, embeds):
 
 def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None,
                        clip=None, vd=None, text_embed=None, wrong_text_embed=None):
-    """D's loss of one step: non-saturating (Eq. 7) + matching-aware (Eq. 8) + vision-aided.
+    """D's loss of one step: non-saturating (Eq. 6) + matching-aware (Eq. 8) + vision-aided.
 
     D            the MS-I/O discriminator: D(pyramid, tokens, mask, eot) -> P predictions
     real_pyr     real images, a pyramid finest first; real image i's caption is text row i
@@ -515,21 +564,26 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
     wrong_valid  (B,) bool rows that really got a wrong caption (None: all)
     clip, vd     frozen CLIP (image_features) and vision-aided D; the term is on if vd is given
     text_embed, wrong_text_embed   (B, E) CLIP caption embeddings, right and permuted
-    Pairs D sees:  (real, c) real;  (fake, c) fake;  (real, c^) fake;  (fake, c^) fake.
+    Pairs D sees:  (real, c) real;  (fake, c) fake;  (real, c^) fake if cfg.match_d;
+                   (fake, c^) fake if cfg.match_d and cfg.match_fake (else never built).
     """
     assert [x.shape for x in real_pyr] == [x.shape for x in fake_pyr], "real and fake pyramids differ"
     assert text[0].shape[0] == real_pyr[0].shape[0], "one caption per image"
     fake_pyr = [x.detach() for x in fake_pyr]  # the D step never updates G
-    texts = [text, wrong_text] if cfg.match_d else [text]  # Eq. 7 pairs, then Eq. 8 pairs (both fake)
-    grid = _call_d(D, [real_pyr, fake_pyr], texts)  # [text][pyramid][p]
-    preds = [pair for row in grid for pair in row]  # (real, c), (fake, c), (real, c^), (fake, c^)
+    match_fake = cfg.match_d and cfg.match_fake
+    if cfg.match_d and not match_fake:  # Table 1 "Matching-aware D": (real, c^) but no (fake, c^)
+        preds = _call_d_pairs(D, [(real_pyr, text), (fake_pyr, text), (real_pyr, wrong_text)])
+    else:  # the full grid, one image-branch pass: (real, c), (fake, c) [, (real, c^), (fake, c^)]
+        texts = [text, wrong_text] if cfg.match_d else [text]  # Eq. 6 pairs, then Eq. 8 pairs (both fake)
+        grid = _call_d(D, [real_pyr, fake_pyr], texts)  # [text][pyramid][p]
+        preds = [pair for row in grid for pair in row]
     adv = d_adversarial_loss(preds[0], preds[1])
     loss = adv
     logs = {"D/adv": _num(adv),
             "D/real_logit": _num(sum(_row_means(p).mean() for p in preds[0]) / len(preds[0])),  # mean logit
             "D/fake_logit": _num(sum(_row_means(p).mean() for p in preds[1]) / len(preds[1]))}
     if cfg.match_d:
-        match = d_matching_loss(preds[2], preds[3], wrong_valid)
+        match = d_matching_loss(preds[2], preds[3] if match_fake else None, wrong_valid)
         loss = loss + cfg.match_weight * match
         logs["D/match"] = _num(match)
     if vd is not None and cfg.vision_weight > 0:
@@ -538,12 +592,13 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
             feats_real = [f[: len(f) // 2] for f in both]  # list of (B, C_i, h_i, w_i)
             feats_fake = [f[len(f) // 2:] for f in both]
         vgroups = [(feats_real, text_embed), (feats_fake, text_embed)]
-        if cfg.vision_match and cfg.match_d:
-            vgroups += [(feats_real, wrong_text_embed), (feats_fake, wrong_text_embed)]
+        if cfg.vision_match and cfg.match_d:  # the same mismatched pairs as D's
+            vgroups += [(feats_real, wrong_text_embed)] + [(feats_fake, wrong_text_embed)] * match_fake
         logits = _call_vd(vd, [g[0] for g in vgroups], [g[1] for g in vgroups])  # [group][k]
         vision = d_adversarial_loss(logits[0], logits[1])
-        if len(logits) == 4:
-            vision = vision + cfg.match_weight * d_matching_loss(logits[2], logits[3], wrong_valid)
+        if len(logits) > 2:
+            vision = vision + cfg.match_weight * d_matching_loss(
+                logits[2], logits[3] if len(logits) == 4 else None, wrong_valid)
         loss = loss + cfg.vision_weight * vision
         logs["D/vision"] = _num(vision)
     logs["D/loss"] = _num(loss)
@@ -566,7 +621,8 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
     z             (B, Z) the latents of fake_pyr, for cfg.mode_seeking_weight > 0; the captions must
                   then be paired as mode_seeking_captions pairs them (row i and row P + i alike)
     Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c)
-    should look real; (fake, c^) should look fake (reading (ii) of the module docstring).
+    should look real; with cfg.match_g (the project's option), (fake, c^) should look fake
+    (reading (ii) of the module docstring).
     D and vd also receive gradients here: train.py switches their requires_grad off for the
     G step (as StyleGAN2 does), or zeroes their gradients before the next D step.
     """

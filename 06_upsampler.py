@@ -1,27 +1,28 @@
 """
-06 - The GigaGAN upsampler (Kang et al. 2023, Sec. 3.5, "GAN-based upsampler"):
+06 - The GigaGAN upsampler (Kang et al. 2023, Sec. 3.4, "GAN-based upsampler"):
 a text-conditioned, asymmetric U-Net that turns a 64 px image into a 512 px one.
 
 What. Super-resolution as a conditional GAN, built from the same parts as the base G:
 
-    low-res image (B, 3, r, r) --(training: + Gaussian noise, sigma per image)--> x_lr
+    low-res image (B, 3, r, r) --(+ Gaussian noise: training, and inference in sample.py)--> x_lr
     x_lr -> stem conv -> encoder: plain residual blocks that halve H, W (04's Scale),
             keeping the features of every scale as skips                 r -> r/2 -> ... -> b
     prompt -> T (03) -> t_local, t_global;   z, t_global -> M (03) -> w
-    decoder, per scale 2b, 4b, ..., R:  upsample2x -> concat the skip of the same size
-            -> blocks of adaptive conv (01, w-modulated kernel bank)
-               [-> L2 self-attention -> cross-attention to t_local (02)]   (03's SynthesisBlock)
+    decoder, per scale 2b, 4b, ..., R, one residual block:  upsample2x -> concat the skip
+            of the same size -> blocks of adaptive conv (01, w-modulated kernel bank)
+               [-> L2 self-attention with w -> cross-attention to t_local (02)]  (03's SynthesisBlock)
+            -> + a 1x1 conv of the block's input, / sqrt(2) (StyleGAN2's residual form)
             -> ToRGB: a residual image, accumulated across scales (StyleGAN2's skip outputs)
     every level of the output = resize(x_lr) + that residual
     -> image pyramid [x_R, x_R/2, ..., x_4], finest first, for the MS-I/O D (04)
 
 "Asymmetric": the paper uses 3 downsampling residual blocks and 6 upsampling blocks with
 attention (64 -> 8 -> 512 for the 8x model): the encoder only has to read a small image,
-the decoder has to invent the detail of a big one. Training: the same GAN losses as the
-base model, MS-I/O D, matching-aware, plus LPIPS to the real high-res image with weight 10
-(05_losses.py, LOSS_PRESETS["upsampler"]); no vision-aided loss. The tiny preset adds what a
-CPU budget needs (train.py, not the paper): a pixel-MSE warm-up before the GAN steps, and a
-pixel MSE among the GAN losses.
+the decoder has to invent the detail of a big one. Both paths are residual blocks (paper).
+Training: the same losses as the base model (MS-I/O D, matching-aware, CLIP), plus LPIPS to
+the real high-res image with weight 10 (05_losses.py, LOSS_PRESETS["upsampler"]); no
+vision-aided loss. The tiny preset adds what a CPU budget needs (train.py, not the paper): a
+pixel-MSE warm-up before the GAN steps, and a pixel MSE among the GAN losses.
 
 Why these pieces.
 - Text conditioning (M and cross-attention): at 8x, most of the output pixels are not in
@@ -29,7 +30,10 @@ Why these pieces.
 - Noise augmentation: the upsampler is trained on real images made small (make_lowres),
   but used on a base model's outputs, which have their own artifacts. Gaussian noise of a
   random strength on the input during training (augment_lowres) teaches it not to trust
-  single pixels, so it also upsamples other models' images. Off at eval unless asked.
+  single pixels, so it also upsamples other models' images. The paper applies it "during
+  training and inference": sample.py adds inference_sigma(cfg) by default (--noise-aug to
+  change it). The module itself adds none in eval mode unless asked (noise_aug), so that
+  its metrics are deterministic.
 - Residual over the interpolated input (this project's choice): the output is
   resize(x_lr, R) + learned residual, not an image from scratch. The coarse structure is
   right from step 0 (the ToRGB layers start at 1/1000 of their usual size, rgb_init: the
@@ -170,45 +174,45 @@ U_PRESETS = {
     # 32 -> 128 on the shapes toy set, a 2-core CPU. Bottleneck 8 px (2 halvings, 4 doublings:
     # asymmetric like the paper's 3 / 6), narrow at high resolution where pixels are many,
     # attention at 16 px only (256 tokens; at 32 px it would cost most of the step).
-    # About 0.54M parameters with text_dim 128; forward + backward at batch 8 ~0.25 s on one core.
+    # About 0.57M parameters with text_dim 128; forward + backward at batch 8 ~0.25 s on one core.
     # M at the full learning rate, as the tiny base G (NOTES.md, "What lets U learn on MSE").
     # Input noise up to 0.05, not 0.2 (NOTES.md, "Input noise strength").
     "tiny": UpsamplerConfig(mapping_lr_mul=1.0, noise_aug_sigma=0.05),
     # The paper's 64 -> 512 upsampler (359.1M). From the paper: the asymmetric U-Net with 3
-    # downsampling residual scales (64 -> 32 -> 16 -> 8) and 6 upsampling scales with
-    # attention (8 -> 16 -> ... -> 512), skips at equal resolution, text through M and
-    # cross-attention, z of 128, 4 mapping layers (as the base G), CLIP ViT-L/14 tokens
-    # (text_dim 768). Everything else is this project's choice: w 1024 (as our base G),
-    # a 2-block 768-wide T, widths 1024 up to 32 px then halving per octave (64 at 512 px, as
-    # StyleGAN2 at 512 px), 2 residual blocks per encoder scale, 3 conv blocks per decoder
-    # scale up to 64 px and 2 above, banks growing with resolution like the base G's, and
-    # attention up to 64 px (4096 tokens; a 512 px self-attention map is out of reach).
-    # Calibrated to the paper's size: 357.8M with text_dim 768 (-0.4%): T 13.6M, M 5.1M,
-    # stem + encoder 92.3M, decoder 246.8M.
+    # downsampling residual blocks (64 -> 32 -> 16 -> 8, one per scale) and 6 upsampling
+    # residual blocks with attention (8 -> 16 -> ... -> 512, one per scale), skips at equal
+    # resolution, text through M and cross-attention, z of 128, 4 mapping layers (as the base
+    # G), CLIP ViT-L/14 tokens (text_dim 768). Everything else is this project's choice:
+    # w 1024 (as our base G), a 3-block 768-wide T, widths 1024 up to 32 px then halving per
+    # octave (64 at 512 px, as StyleGAN2 at 512 px), 3-4 conv blocks inside a decoder block up
+    # to 64 px and 2 above, banks growing with resolution like the base G's, and attention up
+    # to 64 px (4096 tokens; a 512 px self-attention map is out of reach).
+    # Calibrated to the paper's size: 360.3M with text_dim 768 (+0.3%): T 20.1M, M 5.1M,
+    # stem + encoder 47.5M, decoder 287.7M.
     "full": UpsamplerConfig(
         in_resolution=64, out_resolution=512, z_dim=128, w_dim=1024, mapping_layers=4,
-        text_width=768, text_depth=2, text_heads=12,
+        text_width=768, text_depth=3, text_heads=12,
         channels=(1024, 1024, 1024, 512, 256, 128, 64),
-        down_blocks=(2, 2, 2), up_blocks=(3, 3, 3, 3, 2, 2), n_kernels=(1, 2, 4, 8, 8, 8),
+        down_blocks=(1, 1, 1), up_blocks=(3, 4, 3, 3, 2, 2), n_kernels=(1, 2, 4, 8, 8, 8),
         attn_resolutions=(16, 32, 64), attn_heads=16,
     ),
     # 128 -> 1024 (project's choice; the paper shows 1K-4K results but gives no such
     # model): full's structure one octave higher (128 -> 16 -> 1024), the same widths per
     # network scale, so 64 channels at 1024 px; attention at 32 and 64 px only (a 128 px
-    # map has 16384 tokens). 351.5M parameters with text_dim 768.
+    # map has 16384 tokens). 352.4M parameters with text_dim 768.
     "full1024": UpsamplerConfig(
         in_resolution=128, out_resolution=1024, z_dim=128, w_dim=1024, mapping_layers=4,
-        text_width=768, text_depth=2, text_heads=12,
+        text_width=768, text_depth=3, text_heads=12,
         channels=(1024, 1024, 1024, 512, 256, 128, 64),
-        down_blocks=(2, 2, 2), up_blocks=(3, 3, 3, 3, 2, 2), n_kernels=(1, 2, 4, 8, 8, 8),
+        down_blocks=(1, 1, 1), up_blocks=(3, 4, 3, 3, 2, 2), n_kernels=(1, 2, 4, 8, 8, 8),
         attn_resolutions=(32, 64), attn_heads=16,
     ),
 }
 
 # The MS-I/O discriminator (04) that judges each preset's pyramid: resolution = R. Widths are
 # this project's choice (the paper gives no upsampler D size): tiny C(r) = min(2048 / r, 64)
-# = 16, 32, 64, 64, ... at 128, 64, 32, 16 px (0.81M parameters with text_dim 64 or 128); full /
-# full1024 are 04's full D read at 512 / 1024 px, C(r) = min(32768 / r, 1024) (406.9M / 424.0M
+# = 16, 32, 64, 64, ... at 128, 64, 32, 16 px (0.88M parameters with text_dim 128); full /
+# full1024 are 04's full D read at 512 / 1024 px, C(r) = min(32768 / r, 1024) (405.2M / 422.3M
 # with ViT-L/14's text_dim 768).
 U_D_PRESETS = {
     "tiny": DiscriminatorConfig(resolution=128, channel_base=2048, channel_max=64),
@@ -253,7 +257,7 @@ def add_input_noise(x, sigma, generator=None):
 
 
 def augment_lowres(x, max_sigma, generator=None, return_sigma=False):
-    """Gaussian noise augmentation (paper Sec. 3.5) with a random strength per image.
+    """Gaussian noise augmentation (paper Sec. 3.4) with a random strength per image.
 
     sigma_b ~ U(0, max_sigma), drawn per image, so the network sees every strength from
     clean to max_sigma (a uniform law is this project's choice; the network is not
@@ -266,6 +270,17 @@ def augment_lowres(x, max_sigma, generator=None, return_sigma=False):
     return (x, sigma) if return_sigma else x
 
 
+def inference_sigma(cfg):
+    """The std of the Gaussian noise added to x_lr at inference by default (sample.py).
+
+    The paper applies the augmentation "during training and inference" but gives no
+    strength: half the training maximum, the mean of the training law U(0, noise_aug_sigma),
+    is this project's choice - a strength the network saw often, below its worst case
+    (tiny: 0.025, full: 0.1 in [-1, 1] units).
+    """
+    return cfg.noise_aug_sigma / 2
+
+
 # -----------------------------------------------------------------------------
 # The decoder scale: skip concat -> SynthesisBlocks -> ToRGB
 
@@ -274,8 +289,10 @@ class DecoderScale(nn.Module):
     """One scale of the upsampling path, at resolution res (input already upsampled 2x):
 
         x   = cat(upsample2x(x_coarse), skip)  (skip only where the encoder has this scale)
-        x   = blocks(x, w, t_local)            03's SynthesisBlock: adaptive conv (Eq. 1-2)
-                                               [-> self-attention -> cross-attention (Eq. 5)]
+        y   = blocks(x, w, t_local)            03's SynthesisBlock: adaptive conv (Eq. 1-2)
+                                               [-> self-attention with w -> cross-attention (Eq. 5)]
+        x   = (y + conv1x1(x)) / sqrt(2)       a residual block (paper); the 1x1 form, as
+                                               04's DownBlock, is StyleGAN2's (project's choice)
         rgb = ToRGB(x, w)                      this scale's residual detail, (B, 3, res, res)
     The 2x upsampling is a fixed bilinear resize outside the conv ("resize-convolution"; 01's
     up=2 computes the resize and its conv together, as a transposed conv), so the skip can be
@@ -314,6 +331,7 @@ class DecoderScale(nn.Module):
                 heads=heads,
                 kernel_size=kernel_size,
             ) for b in range(blocks)])
+        self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False)  # the residual path, linear
         self.torgb = ToRGB(out_channels, w_dim, w_index=0)
         with torch.no_grad():
             self.torgb.weight.mul_(rgb_init)                  # the residual starts small: output ~ resize(x_lr)
@@ -321,8 +339,10 @@ class DecoderScale(nn.Module):
     def forward(self, x, ws, t_local, local_mask, noise_mode):
         """x (B, C_in, res, res), ws (B, 1, S), t_local (B, L, C_t), local_mask (B, L)
         -> features (B, C_out, res, res), rgb (B, 3, res, res)."""
+        y = x
         for block in self.blocks:
-            x = block(x, ws, t_local, local_mask, noise_mode)  # (B, C_out, res, res)
+            y = block(y, ws, t_local, local_mask, noise_mode)  # (B, C_out, res, res)
+        x = (y + self.skip(x)) * math.sqrt(0.5)              # (B, C_out, res, res) keeps unit variance
         return x, self.torgb(x, ws)                          # (B, C_out, res, res), (B, 3, res, res)
 
 

@@ -1,7 +1,7 @@
 """
 data.py - every image-caption source the training loop can read, behind one loader.
 
-GigaGAN is trained on LAION-scale (image, caption) pairs (paper Sec. 4, App. B). This file
+GigaGAN is trained on LAION-scale (image, caption) pairs (paper Sec. 4.1, App. B). This file
 gives three sources with one interface, `ds[i] -> (image (3, R, R) in [-1, 1], caption)`:
 
 1. `shapes`: a procedural toy set (one solid shape on a solid background), so the whole

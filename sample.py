@@ -3,7 +3,7 @@ sample.py - prompts -> images with a trained GigaGAN, the paper's sampling trick
 
     python sample.py --ckpt runs/tiny --prompt "a large red circle on the left of a blue background"
     python sample.py --ckpt runs/tiny --prompts prompts.txt --n 4 --grid --truncation 0.7
-    python sample.py --ckpt runs/tiny --style-mix --prompt "..."          # Sec. 4.4, coarse/fine styles
+    python sample.py --ckpt runs/tiny --style-mix --prompt "..."          # Sec. 4.6, coarse/fine styles
     python sample.py --ckpt runs/tiny --interpolate 8 --prompt A --prompt B   # prompt interpolation
     python sample.py --ckpt runs/tiny --prompt-mix 2 --prompt A --prompt B    # coarse from A, fine from B
     python sample.py --ckpt runs/tiny --eval                               # CLIP score, FD, shapes alignment
@@ -31,7 +31,7 @@ used, with the frozen CLIP the run was trained with. Modes (one at a time, else 
                     of train.py's eval rows (same seed 12345, same count)
 Other flags: --truncation PSI in [0, 1] toward the per-prompt mean w_c (--truncation-target
 global: toward the running mean w_avg), --device auto|cpu|cuda, --batch (images per pass).
-Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema, noise augmentation off):
+Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema):
     --upsampler UP  with --ckpt BASE (plain sampling): the base G_ema draws, then the upsampler
                     upsamples each image with the same prompt (z from the same seed); the PNGs
                     are the high-res images. The base resolution must be the upsampler's input.
@@ -40,8 +40,10 @@ Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema, nois
                     --prompt (one, or none: the empty prompt), --n seeds. Also writes
                     comparison.png (rows = seeds; nearest | bicubic | GigaGAN at the output
                     size) and lowres.png (the resized input). Default --out <UP>/upsampled.
-    --noise-aug S   with --upsampler: add Gaussian noise of std S to its input first (the
-                    training augmentation, optional here; it hides a base model's artifacts).
+    --noise-aug S   with --upsampler: the std S of the Gaussian noise added to its input first
+                    (the paper's augmentation "during training and inference": it hides a base
+                    model's artifacts). Default: half the run's training maximum
+                    (06_upsampler.inference_sigma; tiny 0.025); 0 = off.
 Rows of ws are named by G.synthesis.w_names (tiny: 0 4px.block0, 1 4px.torgb, 2 8px.block0, ...);
 a bad ROW is answered with the list.
 
@@ -195,13 +197,15 @@ def generate(G, clip, prompts, seeds, truncation_psi=1.0, batch=32, truncation_t
 
 
 @torch.no_grad()
-def upsample(U, clip, lowres, prompts, seeds, batch=32, noise_aug=0.0):
+def upsample(U, clip, lowres, prompts, seeds, batch=32, noise_aug=None):
     """Low-res images (N, 3, r, r) in [-1, 1], one prompt and seed each -> (N, 3, R, R) in [-1, 1].
     U in eval mode, constant noise, z from each seed. noise_aug: the std of Gaussian noise added
-    to the input first (Sec. 3.5's augmentation, optional at inference: it hides a base model's
-    artifacts at the cost of detail); 0 = off. Deterministic for a seed: the noise of image k
-    is drawn from its own seed."""
+    to the input first (Sec. 3.4's augmentation, which the paper applies at inference too: it
+    hides a base model's artifacts at the cost of detail); None = upsampler.inference_sigma(U.cfg),
+    0 = off. Deterministic for a seed: the noise of image k is drawn from its own seed."""
     device = next(U.parameters()).device
+    if noise_aug is None:
+        noise_aug = upsampler.inference_sigma(U.cfg)                         # the default: moderate noise
 
     def make(sl):
         tokens, mask, eot = clip.text_features(prompts[sl])                 # (b, L, D), (b, L), (b,)
@@ -243,7 +247,7 @@ def mixed_images(G, clip, coarse, fine, row, psi=1.0, target="prompt", batch=32)
     (t_local) of the blocks reading them, from coarse[i]; the rest from fine[i]. (M, 3, R, R)
 
     Style mixing: one prompt, two seeds. Prompt mixing: two prompts, one seed, i.e. the
-    prompt's (w, t_local) switch at the crossover (paper Sec. 4.4)."""
+    prompt's (w, t_local) switch at the crossover (paper Sec. 4.6)."""
     k, nb = blocks_before(G, row), G.synthesis.num_blocks
 
     def make(sl):
@@ -408,9 +412,9 @@ def build_parser():
                         "the Inception weights download once, 91 MB)")
     p.add_argument("--upsampler", metavar="UP", help="an upsampler run of train.py --stage upsampler: upsample "
                                                        "the --ckpt images, or the --lowres image")
-    p.add_argument("--noise-aug", type=float, default=0.0, metavar="SIGMA",
+    p.add_argument("--noise-aug", type=float, default=None, metavar="SIGMA",
                    help="with --upsampler: std of Gaussian noise added to its input (in [-1, 1] units; "
-                        "training used up to the run's noise_aug_sigma); default 0 = off")
+                        "training used up to the run's noise_aug_sigma); default half of that, 0 = off")
     p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "
                                                       "and resized to the upsampler's input size, then upsampled")
     return p
@@ -441,9 +445,9 @@ def read_prompts(args):
 
 def check_args(args, mode, prompts):
     """Everything that can be checked before loading a model."""
-    if args.noise_aug != 0.0 and args.upsampler is None:
+    if args.noise_aug is not None and args.upsampler is None:
         raise UsageError("--noise-aug is the upsampler's input noise: give --upsampler UP too")
-    if not 0 <= args.noise_aug <= 1:
+    if args.noise_aug is not None and not 0 <= args.noise_aug <= 1:
         raise UsageError(f"--noise-aug {args.noise_aug}: a std in [0, 1] (the training default is up to 0.2)")
     if args.lowres is not None:
         if args.upsampler is None:

@@ -239,6 +239,51 @@ def test_image_tokens_roundtrip_and_reduced_residual_gain():
     torch.testing.assert_close(isa(f), expected)
 
 
+# ---------------------------------------------------------------- w as an additional token (Eq. 5)
+
+def test_image_self_attention_sees_w_as_one_more_token():
+    """Eq. 5, g_attn(f, w): with w_dim the pixels attend to A(w) as an extra token. The output
+    equals SelfAttention run on [pixels; A(w)] by hand (w token last, its row dropped), and it
+    changes with w; without w_dim (D) no w is taken."""
+    torch.manual_seed(0)
+    B, C, H, W, S = 2, 16, 3, 4, 10
+    isa = att.ImageSelfAttention(C, 2, w_dim=S)
+    with torch.no_grad():
+        isa.w_token.bias.normal_()                        # a non-trivial affine A
+    f, w = torch.randn(B, C, H, W), torch.randn(B, S)
+    tokens = torch.cat([att.image_to_tokens(f), _linear(isa.w_token, w)[:, None]], dim=1)  # (B, HW + 1, C)
+    branch = isa.attn(isa.norm(tokens))[:, : H * W]       # pixel rows only
+    expected = att.tokens_to_image(att.image_to_tokens(f) + isa.residual_gain * branch, H, W)
+    torch.testing.assert_close(isa(f, w), expected)
+    weights = isa.attention_weights(f, w)                 # (B, nh, HW + 1, HW + 1)
+    assert weights.shape == (B, 2, H * W + 1, H * W + 1)
+    assert (weights[:, :, : H * W, -1] > 0).all()         # every pixel puts weight on the w token
+    other = isa(f, torch.randn(B, S))
+    assert (other - isa(f, w)).abs().amax() > 1e-3, "the output must depend on w"
+    with pytest.raises(AssertionError):
+        isa(f)                                            # built with w_dim: w is required
+    with pytest.raises(AssertionError):
+        att.ImageSelfAttention(C, 2)(f, w)                # D's attention: pixels only
+
+
+def test_w_token_attention_fused_path_and_double_backward():
+    """The w token keeps the fused path equal to the naive one and R1's double backward finite,
+    with a gradient reaching w's affine."""
+    torch.manual_seed(1)
+    isa = att.ImageSelfAttention(16, 2, w_dim=8)
+    f = torch.randn(2, 16, 6, 6, requires_grad=True)
+    w = torch.randn(2, 8)
+    naive = isa(f, w)
+    isa.attn.fused = True
+    torch.testing.assert_close(isa(f, w), naive, atol=1e-5, rtol=1e-4)
+    isa.attn.fused = False
+    (grad,) = torch.autograd.grad(naive.square().sum(), f, create_graph=True)
+    grad.square().sum().backward()
+    assert torch.isfinite(grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in isa.parameters())
+    assert isa.w_token.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind", ["self", "image_self", "image_cross", "block"])
 def test_double_backward(kind):
     """R1 differentiates the gradient again: grad of grad must exist and be finite."""

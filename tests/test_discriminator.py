@@ -137,7 +137,7 @@ def test_full_parameter_count_on_meta_device():
     with torch.device("meta"):
         D = dm.Discriminator(dm.D_PRESETS["full"], text_dim=768)    # CLIP ViT-L/14 text width
     n = sum(p.numel() for p in D.parameters())
-    assert abs(n / 381.4e6 - 1) < 0.05, f"full D has {n / 1e6:.1f}M parameters, paper 381.4M"
+    assert abs(n / 381.4e6 - 1) < 0.01, f"full D has {n / 1e6:.1f}M parameters, paper 381.4M"
 
 
 def test_presets_build_and_match_generator_names():
@@ -192,7 +192,48 @@ def test_predictor_position_map_lets_d_see_where_features_are():
     seeing = dm.Predictor(8, 16, psi_layers=2, size=4)
     assert not torch.allclose(seeing(h, c), seeing(shifted, c), atol=1e-3)
     D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
-    assert all(p.position.shape[-1] == r // 2 for p, r in zip(D.predictors.values(), D.resolutions))
+    exits = list(D.predictors.values())
+    assert all(p.position.shape[-1] == r // 2 for p, r in zip(exits[:-1], D.resolutions))
+    assert exits[-1].position is None  # the 1x1 exit: its Flatten1x1 layer already saw positions
+
+
+def _exit_feature_sides(D, pyramid, text):
+    """Side of the feature map each predictor (exit) receives, recorded by forward pre-hooks."""
+    sides = {}
+    hooks = [p.register_forward_pre_hook(lambda m, args, j=j: sides.__setitem__(j, tuple(args[0].shape[-2:])))
+             for j, p in D.predictors.items()]
+    D(pyramid, *text)
+    for h in hooks:
+        h.remove()
+    return [sides[j] for j in sorted(sides, key=int)]
+
+
+def test_64px_exits_are_32_16_8_4_and_1x1():
+    """Paper, Sec. 3.3: the final stage flattens the spatial extent into a 1x1 tensor, so the
+    exits of the 64 px D see {32, 16, 8, 4, 1} (not 2x2 at the end)."""
+    D = dm.Discriminator(tiny_cfg(resolution=64), TEXT_DIM)
+    pyramid, text = random_inputs(D)
+    assert D.exit_resolutions == [32, 16, 8, 4, 1]
+    assert _exit_feature_sides(D, pyramid, text) == [(32, 32), (16, 16), (8, 8), (4, 4), (1, 1)]
+    assert isinstance(D.scales[-1].layers[-1], dm.Flatten1x1)
+    # single-scale D: its one exit is the 1x1 one
+    S = dm.Discriminator(tiny_cfg(resolution=64, multi_scale=False), TEXT_DIM)
+    assert _exit_feature_sides(S, pyramid, text) == [(1, 1)]
+
+
+def test_flatten_1x1_sees_where_features_are():
+    """Flatten1x1 is a fully connected layer on the flattened map: moving a feature changes it
+    (a spatial mean would not), and it equals the matrix product written out."""
+    torch.manual_seed(0)
+    layer = dm.Flatten1x1(8, 5, 4)
+    h = torch.randn(2, 8, 4, 4)
+    out = layer(h)
+    assert out.shape == (2, 5, 1, 1)
+    assert not torch.allclose(out, layer(torch.roll(h, shifts=1, dims=3)), atol=1e-4)
+    fc = layer.fc
+    y = h.flatten(1) @ (fc.weight * fc.weight_gain).T + fc.bias * fc.lr_mul  # EqualLinear by hand
+    y = torch.nn.functional.leaky_relu(y, 0.2) * 2 ** 0.5
+    torch.testing.assert_close(out.flatten(1), y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("downsample,projection", [("max", False), ("blur", True), ("max", True)])

@@ -87,7 +87,7 @@ def test_full_parameter_count_matches_paper():
     with torch.device("meta"):
         G = gen.Generator(gen.G_PRESETS["full"], text_dim=768)
     n = gen.count_parameters(G)
-    assert abs(n - 652.5e6) / 652.5e6 < 0.05, f"{n / 1e6:.1f}M vs 652.5M"
+    assert abs(n - 652.5e6) / 652.5e6 < 0.01, f"{n / 1e6:.1f}M vs 652.5M"
 
 
 def test_style_index_map_is_named_and_complete(tiny):
@@ -295,10 +295,41 @@ def test_table1_rows_build_and_run(row):
     assert [x.shape[-1] for x in pyramid] == [32, 16, 8, 4]
 
 
+def test_self_attention_reads_the_blocks_own_w_as_a_token(tiny):
+    """Eq. 5: g_attn(., w). Every self-attention of G receives its block's style row
+    ws[:, w_index] (so style mixing moves it with the conv's style), and changing only the row
+    an attention block reads changes the image through that attention; attention_w_token=False
+    builds the pixel-only attention."""
+    B = 2
+    tokens, mask, eot = text(B)
+    ws = torch.randn(B, tiny.num_ws, tiny.cfg.w_dim)
+    seen = {}
+    blocks = [b for b in tiny.synthesis.blocks if b.self_attn is not None]
+    assert blocks and all(b.self_attn.w_dim == tiny.cfg.w_dim for b in blocks)
+    hooks = [b.self_attn.register_forward_pre_hook(lambda m, args, k=b.w_index: seen.__setitem__(k, args[1]))
+             for b in blocks]
+    t_local, local_mask, _ = tiny.text_encoder(tokens, mask, eot)
+    with torch.no_grad():
+        before = tiny.synthesis(ws, t_local, local_mask, noise_mode="const")[0]
+    for h in hooks:
+        h.remove()
+    assert sorted(seen) == [b.w_index for b in blocks]
+    assert all(torch.equal(w, ws[:, k]) for k, w in seen.items())
+    # the attention alone: same conv style, another w token -> another image
+    block = blocks[0]
+    f = torch.randn(B, block.conv.out_channels, block.resolution, block.resolution)
+    assert not torch.allclose(block.self_attn(f, ws[:, 0]), block.self_attn(f, ws[:, 1]), atol=1e-4)
+    assert before.shape == (B, 3, 32, 32)
+    plain = gen.Generator(dataclasses.replace(gen.G_PRESETS["tiny"], attention_w_token=False), text_dim=D)
+    assert all(b.self_attn.w_token is None for b in plain.synthesis.blocks if b.self_attn is not None)
+    assert gen.count_parameters(plain) < gen.count_parameters(tiny)
+
+
 def test_single_switches():
     base = gen.G_PRESETS["tiny"]
     for over in [dict(self_attention=False), dict(cross_attention=False), dict(n_kernels=(1, 1, 1, 1)),
-                 dict(blocks_per_scale=(2, 3, 2, 2)), dict(attn_resolutions=()), dict(text_depth=0)]:
+                 dict(blocks_per_scale=(2, 3, 2, 2)), dict(attn_resolutions=()), dict(text_depth=0),
+                 dict(attention_w_token=False)]:
         G = gen.Generator(dataclasses.replace(base, **over), text_dim=D).eval()
         tokens, mask, eot = text(1)
         assert run(G, torch.randn(1, 128), tokens, mask, eot)[0].shape == (1, 3, 32, 32), over

@@ -244,16 +244,20 @@ def batch_with_ids():
     return ids, pyramid_of(real, 2), pyramid_of(fake, 2), text, L.permute_text(text, perm), valid, emb, perm
 
 
-@pytest.mark.parametrize("match_d", [True, False])
-def test_discriminator_loss_pairs(match_d):
+@pytest.mark.parametrize("row", ["+attention", "+matching_aware_d", "+matching_aware_g_and_d"])
+def test_discriminator_loss_pairs(row):
+    """The Table 1 rows: no mismatched pair; (x, c^) only, the (G(c), c^) pair never built;
+    both (x, c^) and (G(c), c^). The default config is the "G and D" row (plus match_g)."""
     ids, real, fake, text, wrong, valid, emb, perm = batch_with_ids()
     D, VD = RecorderD(), RecorderVD()
-    cfg = L.LossConfig(match_d=match_d)
-    loss, logs = L.discriminator_loss(D, real, fake, text, wrong if match_d else None, cfg, wrong_valid=valid,
+    cfg = L.table1_matching(L.LossConfig(), row)
+    match_real, match_fake = row != "+attention", row == "+matching_aware_g_and_d"
+    loss, logs = L.discriminator_loss(D, real, fake, text, wrong if match_real else None, cfg, wrong_valid=valid,
                                       clip=IdCLIP(), vd=VD, text_embed=emb, wrong_text_embed=emb[perm])
     loss.backward()
     assert len(D.rows) == 1 and len(VD.rows) == 1  # one D call and one VD call for all pairs
     assert all(isinstance(v, float) for v in logs.values())
+    assert ("D/match" in logs) == match_real
     for rec in (D, VD):
         pairs = rec.pairs()
         B = len(CAPTIONS)
@@ -263,14 +267,26 @@ def test_discriminator_loss_pairs(match_d):
         assert all(s > 0 for i, c, s in pairs if not (i > 0 and c == int(ids[i - 1])))
         real_rows = [(i, c) for i, c, s in pairs if i > 0]
         fake_rows = [(i, c) for i, c, s in pairs if i < 0]
-        assert len(real_rows) == len(fake_rows) == (2 * B if match_d else B)
-        if match_d:
+        assert len(real_rows) == (2 * B if match_real else B)
+        assert len(fake_rows) == (2 * B if match_fake else B)
+        if match_real:
             # the mismatched term: every real image once, never with its own caption string
             mismatched = [(i, c) for i, c, s in pairs if i > 0 and s > 0]
             assert sorted(i for i, _ in mismatched) == list(range(1, B + 1))
             assert all(c != int(ids[i - 1]) for i, c in mismatched)
-            # generated images meet their own caption once (fake term) and a wrong one once
-            assert sorted(c == int(ids[-i - 1]) for i, c in fake_rows) == [False] * B + [True] * B
+        # generated images meet their own caption once (fake term), and a wrong one once only
+        # in the "G and D" row: in the "D" row the (G(c), c^) pair is never even built
+        own = [c == int(ids[-i - 1]) for i, c in fake_rows]
+        assert sorted(own) == [False] * (B if match_fake else 0) + [True] * B
+
+
+def test_default_matching_is_the_g_and_d_row_plus_the_projects_g_term():
+    cfg = L.LossConfig()
+    assert cfg.match_d and cfg.match_fake and cfg.match_g
+    for row in ("+attention", "+matching_aware_d", "+matching_aware_g_and_d"):
+        assert not L.table1_matching(cfg, row).match_g  # the G-side term is not a paper row
+    with pytest.raises(AssertionError):
+        L.table1_matching(cfg, "+matching_aware_g")
 
 
 @pytest.mark.parametrize("match_g", [True, False])
@@ -581,9 +597,11 @@ def test_every_loss_weight_says_where_it_comes_from():
     assert len(fields) == len(L.LossConfig.__dataclass_fields__)
     for line in fields:
         assert "paper" in line or "project choice" in line, line
-    up = L.LOSS_PRESETS["upsampler"]                     # GAN + matching-aware + LPIPS 10 + R1 only
-    assert up.vision_weight == 0.0 and up.clip_weight == 0.0 and up.lpips_weight == 10.0
-    assert up.match_d and up.match_g and up.r1_gamma > 0
+    up = L.LOSS_PRESETS["upsampler"]                     # the base model's losses + LPIPS 10, no vision-aided
+    base = L.LOSS_PRESETS["base"]
+    assert up.vision_weight == 0.0 and up.lpips_weight == 10.0
+    assert up.clip_weight == base.clip_weight > 0 and up.clip_temperature == base.clip_temperature
+    assert up.match_d and up.match_fake and up.match_g and up.r1_gamma > 0
 
 
 def test_demo_runs(capsys):

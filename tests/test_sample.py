@@ -248,7 +248,42 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--upsampler", "RUN", "--prompt", A], "--ckpt is required"),
     (["--lowres", "x.png", "--prompt", A, "--out", "o"], "needs --upsampler"),
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A], "not an upsampler run"),
+    (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "-0.1"], "a std in [0, 1]"),
+    (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "nan"], "a std in [0, 1]"),
+    (["--ckpt", "RUN", "--prompt", A, "--noise-aug", "0.1"], "give --upsampler"),
 ]
+
+
+class _StubCLIP:
+    """Random stand-in text features of width 16 (the upsampler below is built for them)."""
+
+    def text_features(self, prompts):
+        return sample.generator.random_text(len(prompts), L=8, D=16)
+
+
+def test_upsampler_chain_adds_moderate_input_noise_by_default():
+    """The paper applies the upsampler's Gaussian noise augmentation at inference too: by
+    default sample.upsample (the base -> upsampler chain and --lowres) adds noise of std
+    inference_sigma(U.cfg) (half the training maximum) to U's input; --noise-aug 0 adds none,
+    another value that std; the noise of an image comes from its seed."""
+    torch.manual_seed(0)
+    up = sample.upsampler
+    U = up.Upsampler(up.U_PRESETS["tiny"], text_dim=16).eval()
+    seen = []
+    U.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    lowres = torch.zeros(4, 3, 32, 32)
+    prompts, seeds = [A] * 4, [0, 1, 2, 3]
+    sample.upsample(U, _StubCLIP(), lowres, prompts, seeds, batch=4)
+    default = seen[-1] - lowres                                       # (4, 3, 32, 32) the added noise
+    sigma = up.inference_sigma(U.cfg)
+    assert sigma > 0 and abs(default.std().item() - sigma) < 0.05 * sigma
+    sample.upsample(U, _StubCLIP(), lowres, prompts, seeds, batch=2)  # other batches, same noise per seed
+    torch.testing.assert_close(torch.cat(seen[-2:]), seen[0])
+    sample.upsample(U, _StubCLIP(), lowres, prompts, seeds, batch=4, noise_aug=0.0)
+    assert torch.equal(seen[-1], lowres)                              # 0 = off
+    sample.upsample(U, _StubCLIP(), lowres, prompts, seeds, batch=4, noise_aug=0.2)
+    assert abs((seen[-1] - lowres).std().item() - 0.2) < 0.01
+    assert sample.build_parser().parse_args([]).noise_aug is None     # the CLI default: the module's
 
 
 @pytest.mark.parametrize("argv,hint", BAD, ids=[f"{i}:{h}" for i, (_, h) in enumerate(BAD)])

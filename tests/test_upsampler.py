@@ -116,7 +116,7 @@ def test_full_parameter_count_matches_paper():
     with torch.device("meta"):
         U = up.Upsampler(up.U_PRESETS["full"], text_dim=768)
     n = up.count_parameters(U)
-    assert abs(n - 359.1e6) / 359.1e6 < 0.05, f"{n / 1e6:.1f}M vs 359.1M"
+    assert abs(n - 359.1e6) / 359.1e6 < 0.01, f"{n / 1e6:.1f}M vs 359.1M"
 
 
 def test_tiny_is_small_and_fast():
@@ -219,6 +219,36 @@ def test_noise_augmentation_on_in_training():
     assert torch.allclose(run(U, lowres, z, text, noise_aug=0.0, noise_mode="const")[0], clean[0], atol=1e-6)
     noisy = run(U, lowres, z, text, noise_mode="const")              # None in training: augmented
     assert (noisy[0] - clean[0]).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+
+
+def test_inference_sigma_is_half_the_training_maximum():
+    """The default inference noise of sample.py (the paper augments at inference too): the mean
+    of the training law U(0, noise_aug_sigma), a moderate strength, above 0."""
+    for name, cfg in up.U_PRESETS.items():
+        assert up.inference_sigma(cfg) == cfg.noise_aug_sigma / 2 > 0, name
+    assert up.inference_sigma(up.U_PRESETS["tiny"]) == 0.025
+
+
+def test_decoder_scales_are_residual_blocks():
+    """Each decoder scale is one residual block (paper): (blocks(x) + conv1x1(x)) / sqrt(2),
+    written out here against DecoderScale's forward."""
+    torch.manual_seed(0)
+    U = up.Upsampler(up.U_PRESETS["tiny"], text_dim=D).eval()
+    scale = U.decoder[0]                                             # 16 px, with the encoder skip
+    B, s = 2, scale.resolution
+    x = torch.randn(B, scale.skip.weight.shape[1], s, s)
+    ws = torch.randn(B, 1, U.cfg.w_dim)
+    t_local, local_mask, _ = U.text_encoder(*up.random_text(B, D=D))
+    with torch.no_grad():
+        feats, rgb = scale(x, ws, t_local, local_mask, "const")
+        y = x
+        for block in scale.blocks:
+            y = block(y, ws, t_local, local_mask, "const")
+        skip = torch.nn.functional.conv2d(x, scale.skip.weight * scale.skip.weight_gain)  # linear 1x1, no bias
+        expected = (y + skip) / 2 ** 0.5
+    torch.testing.assert_close(feats, expected)
+    torch.testing.assert_close(rgb, scale.torgb(expected, ws))
+    assert all(isinstance(sc.skip, kernels.EqualConv2d) and sc.skip.bias is None for sc in U.decoder)
 
 
 def test_augment_lowres_sigma_per_image():
