@@ -150,13 +150,20 @@ class Coerce(argparse.Action):
 
 
 def add_dataclass_flags(parser, cls, prefix=""):
-    """One flag per field of the dataclass `cls`: --PREFIXfield-name (or field_name). Only the flags
-    given land in the parsed namespace (default SUPPRESS), under dest PREFIXfield_name."""
+    """One flag per field of the dataclass `cls`: --PREFIXfield-name. Only the flags given land in
+    the parsed namespace (default SUPPRESS), under dest PREFIXfield_name."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        names = dict.fromkeys([f"--{prefix}{f.name.replace('_', '-')}", f"--{prefix}{f.name}"])
-        parser.add_argument(*names, dest=prefix + f.name, action=Coerce, annotation=hints[f.name],
-                            default=argparse.SUPPRESS)
+        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=prefix + f.name, action=Coerce,
+                            annotation=hints[f.name], default=argparse.SUPPRESS)
+
+
+def dashed(arg):
+    """--max_steps=3 -> --max-steps=3: a flag's name with dashes (both are accepted), its value as given."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value
 
 
 SUB_CONFIGS = {"g.": generator.GeneratorConfig, "d.": discriminator.DiscriminatorConfig,
@@ -169,7 +176,7 @@ def read_flags(argv):
     add_dataclass_flags(parser, TrainConfig)
     for prefix, cls in SUB_CONFIGS.items():
         add_dataclass_flags(parser, cls, prefix)
-    given, rest = parser.parse_known_args(argv)
+    given, rest = parser.parse_known_args([dashed(arg) for arg in argv])
     if rest:
         if rest[0].startswith("--") and rest[0] != "--":
             raise FlagError(f"unknown flag {rest[0].split('=')[0]} (python train.py --help lists the flags)")
@@ -185,8 +192,8 @@ def parse_flags(argv):
     """argv -> (TrainConfig, GeneratorConfig, DiscriminatorConfig, LossConfig); with --stage upsampler
     the second is 06's UpsamplerConfig and the third the upsampler's D.
 
-    Order: dataclass defaults < preset < flags. The preset is read first so that
-    `--preset small --batch-size 8` keeps the 8."""
+    Order: dataclass defaults < preset < flags, wherever the flags stand on the command line:
+    `--batch-size 8 --preset small` keeps the 8."""
     values = read_flags(argv)
     flags = values[""]
     preset, stage = flags.get("preset", "tiny"), flags.get("stage", "base")

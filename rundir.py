@@ -160,7 +160,8 @@ def say(line):
 def progress_bar(cfg, rt, step):
     """A bar of the run's steps with an ETA (tqdm, on stderr), when rank 0 writes to a terminal;
     elsewhere (a file, a pipe, a test) a disabled one: the log lines stay the whole output."""
-    return tqdm(total=cfg.max_steps, initial=step, unit="step", desc=cfg.stage, dynamic_ncols=True,
+    budget = f", budget {cfg.max_minutes:g} min" if cfg.max_minutes else ""  # may end before the ETA
+    return tqdm(total=cfg.max_steps, initial=step, unit="step", desc=cfg.stage + budget, dynamic_ncols=True,
                 leave=False, disable=not (rt.main and sys.stderr.isatty() and sys.stdout.isatty()))
 
 

@@ -9,10 +9,11 @@ train.py - one flat, readable training loop for every stage of GigaGAN.
     python train.py --stage upsampler                # tiny 32 -> 128 upsampler on `shapes` -> runs/tiny-upsampler
     python train.py --stage upsampler --full --lpips vgg --data 'shards/{00000..09999}.tar'   # 64 -> 512
 
-Flags are `--key value` or `--key=value` for every field of TrainConfig below; fields of the
+Flags are `--key value` or `--key=value` for every field of TrainConfig (config.py); fields of the
 generator, discriminator and loss configs are `--g.FIELD`, `--d.FIELD`, `--loss.FIELD`
 (e.g. `--g.attention false`, `--loss.clip_weight 0`), of the upsampler `--u.FIELD` (with
 --stage upsampler, where --d.* and --loss.* configure its D and losses). Unknown flags are an error.
+Checkpoints, logs, snapshots and how a run stops: rundir.py. `--dry-run`: dry_run.py.
 
 The order of one optimisation step, written out below (Sec. 3 and Appendix of the paper):
     D step (adversarial + matching-aware + vision-aided) -> lazy R1 every r1_interval steps
