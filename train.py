@@ -133,9 +133,11 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
             say(f"resumed {ckpt_path} at step {step}")
 
     config = {"train": dataclasses.asdict(cfg), "U" if up else "G": dataclasses.asdict(g_cfg),
-              "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg), **({"stage": cfg.stage} if up else {})}
+              "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}
     fingerprints = {"clip": clip_lib.tiny_clip_fingerprint(spec)}         # tiny CLIP files: checked on resume
-    if not up:
+    if up:
+        config["stage"] = "upsampler"  # a checkpoint without "stage" is a base-stage one
+    else:
         fingerprints["vision_clip"] = clip_lib.tiny_clip_fingerprint(vspec or spec)
 
     def checkpoint():  # the upsampler too is stored under G / G_ema: one checkpoint layout
