@@ -52,12 +52,13 @@ How train.py uses it (one step; the loop stays in train.py):
     text = clip.text_features(captions); emb = clip.embed_text(captions)
     perm, valid = mismatched_permutation(captions, return_valid=True)
     wrong = permute_text(text, perm); ids = caption_ids(captions)
+    vision = VisionAided(vd, clip, emb, emb[perm])   # the vision-aided D and what it reads
     D step:  loss, logs = discriminator_loss(D, real_pyr, G(z, *text), text, wrong, cfg, wrong_valid=valid,
-                                             clip=clip, vd=vd, text_embed=emb, wrong_text_embed=emb[perm])
+                                             vision=vision)
     R1 step: every cfg.r1_interval steps, loss, logs = lazy_r1_loss(D, real_pyr, text, cfg)
     G step:  loss, logs = generator_loss(D, G(z, *text), text, wrong, cfg, wrong_valid=valid, clip=clip,
-                                         vd=vd, text_embed=emb, wrong_text_embed=emb[perm], caption_ids=ids)
-    (upsampler: vd=None, plus lpips=LPIPS("vgg"), lpips_target=the real high-res image)
+                                         text_embed=emb, caption_ids=ids, vision=vision)
+    (upsampler: vision=None, plus lpips=LPIPS("vgg"), lpips_target=the real high-res image)
 
 Run:  python 05_losses.py        (a CPU demo with toy stand-ins, a few seconds)
 
@@ -72,6 +73,7 @@ import socket
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -552,8 +554,15 @@ def _call_vd(vd, features, embeds):
     return [list(group) for group in zip(*(z.split(B) for z in logits))]
 
 
-def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None,
-                       clip=None, vd=None, text_embed=None, wrong_text_embed=None):
+class VisionAided(NamedTuple):
+    """The vision-aided D's inputs to discriminator_loss / generator_loss, as one argument."""
+    vd: nn.Module                    # the vision-aided D (04): (CLIP feature maps, text embedding) -> logits
+    clip: Any                        # the frozen CLIP whose image features it reads (image_features)
+    text_embed: torch.Tensor         # (B, E) that CLIP's embeddings of the captions c
+    wrong_text_embed: torch.Tensor   # (B, E) and of the wrong captions c^ (Eq. 8)
+
+
+def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, vision=None):
     """D's loss of one step: non-saturating (Eq. 6) + matching-aware (Eq. 8) + vision-aided.
 
     D            the MS-I/O discriminator: D(pyramid, tokens, mask, eot) -> P predictions
@@ -562,8 +571,8 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
     text         (tokens, mask, eot) of the batch's captions
     wrong_text   the same triple reordered by mismatched_permutation (None if cfg.match_d is off)
     wrong_valid  (B,) bool rows that really got a wrong caption (None: all)
-    clip, vd     frozen CLIP (image_features) and vision-aided D; the term is on if vd is given
-    text_embed, wrong_text_embed   (B, E) CLIP caption embeddings, right and permuted
+    vision       VisionAided(vd, clip, text_embed, wrong_text_embed): the vision-aided D, the frozen
+                 CLIP it reads, (B, E) caption embeddings right and permuted; None: no such term
     Pairs D sees:  (real, c) real;  (fake, c) fake;  (real, c^) fake if cfg.match_d;
                    (fake, c^) fake if cfg.match_d and cfg.match_fake (else never built).
     """
@@ -586,7 +595,8 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
         match = d_matching_loss(preds[2], preds[3] if match_fake else None, wrong_valid)
         loss = loss + cfg.match_weight * match
         logs["D/match"] = _num(match)
-    if vd is not None and cfg.vision_weight > 0:
+    if vision is not None and cfg.vision_weight > 0:
+        vd, clip, text_embed, wrong_text_embed = vision
         with torch.no_grad():  # CLIP is frozen and the D step needs no gradient to the images
             both = clip.image_features(torch.cat([real_pyr[0], fake_pyr[0]]))  # one pass, list of (2B, C_i, h_i, w_i)
             feats_real = [f[: len(f) // 2] for f in both]  # list of (B, C_i, h_i, w_i)
@@ -605,25 +615,24 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
     return loss, logs
 
 
-def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip=None, vd=None,
-                   text_embed=None, wrong_text_embed=None, caption_ids=None, lpips=None, lpips_target=None,
-                   vision_clip=None, vision_text_embed=None, vision_wrong_text_embed=None, z=None):
+def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip=None, text_embed=None,
+                   caption_ids=None, vision=None, lpips=None, lpips_target=None, z=None):
     """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS)
     (+ mode seeking).
 
     Arguments as in discriminator_loss, plus
-    caption_ids   (B,) ids of identical captions (caption_ids(captions)) for the CLIP loss
+    clip, text_embed, caption_ids   the frozen CLIP of the CLIP loss (Eq. 9, embed_image), the (B, E)
+                  caption embeddings and (B,) ids of identical captions (caption_ids(captions));
+                  vision.clip may be another model (the paper: ViT-B/32 for the vision-aided D,
+                  ViT-L/14 for text)
     lpips, lpips_target   an LPIPS module and the real high-res images (upsampler only);
                   lpips_target also serves cfg.pixel_weight's MSE
-    vision_clip, vision_text_embed, vision_wrong_text_embed   the CLIP of the vision-aided D and
-                  its caption embeddings, when it is another model than `clip` (the paper: ViT-B/32
-                  for the vision-aided D, ViT-L/14 for text); default: `clip` and its embeddings
     z             (B, Z) the latents of fake_pyr, for cfg.mode_seeking_weight > 0; the captions must
                   then be paired as mode_seeking_captions pairs them (row i and row P + i alike)
     Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c)
     should look real; with cfg.match_g (the project's option), (fake, c^) should look fake
     (reading (ii) of the module docstring).
-    D and vd also receive gradients here: train.py switches their requires_grad off for the
+    D and vision.vd also receive gradients here: train.py switches their requires_grad off for the
     G step (as StyleGAN2 does), or zeroes their gradients before the next D step.
     """
     texts = [text, wrong_text] if cfg.match_g else [text]
@@ -636,7 +645,7 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
         loss = loss + cfg.match_weight * match
         logs["G/match"] = _num(match)
     image = fake_pyr[0]  # (B, 3, H, W) the finest level is the output image
-    vclip = vision_clip if vision_clip is not None else clip
+    vd, vclip, v_embed, v_wrong = vision if vision is not None else (None,) * 4
     feats = None  # CLIP feature maps of the image, for the vision-aided term
     if clip is not None and cfg.clip_weight > 0:
         assert text_embed is not None, "the CLIP loss needs text_embed = clip.embed_text(captions)"
@@ -648,8 +657,6 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
         loss = loss + cfg.clip_weight * clip_loss
         logs["G/clip"] = _num(clip_loss)
     if vd is not None and cfg.vision_weight > 0:
-        v_embed = vision_text_embed if vision_text_embed is not None else text_embed
-        v_wrong = vision_wrong_text_embed if vision_wrong_text_embed is not None else wrong_text_embed
         if feats is None:
             feats = vclip.image_features(image)  # list of (B, C_i, h_i, w_i), differentiable
         vgroups = [(feats, v_embed)]
@@ -767,12 +774,13 @@ def demo():
 
     clip = _ToyCLIP()
     emb = clip.embed_text(captions)  # (B, 3)
-    extra = dict(wrong_valid=valid, clip=clip, text_embed=emb, wrong_text_embed=emb[perm])
+    extra = dict(wrong_valid=valid)
     results = {}
     for name, sign in (("good D", 1.0), ("reversed D", -1.0)):
         D, vd = _ToyD(sign), _ToyVD(sign)
-        d_loss, d_logs = discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, vd=vd, **extra)
-        g_loss, g_logs = generator_loss(D, fake_pyr, text, wrong_text, cfg, vd=vd,
+        vision = VisionAided(vd, clip, emb, emb[perm])
+        d_loss, d_logs = discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, vision=vision, **extra)
+        g_loss, g_logs = generator_loss(D, fake_pyr, text, wrong_text, cfg, vision=vision, clip=clip, text_embed=emb,
                                          caption_ids=caption_ids(captions), **extra)
         r1_loss, r1_logs = lazy_r1_loss(D, real_pyr, text, cfg)
         results[name] = (d_loss.item(), g_logs["G/adv"] + g_logs["G/match"] + g_logs["G/vision"])

@@ -74,6 +74,7 @@ import data
 import metrics
 from metrics import (EVAL_SEED, SHAPES_ATTRIBUTES, clip_score, embed_images, eval_metrics, eval_pairs,  # noqa: F401
                      frechet_distance, shapes_alignment)  # re-exported: sample.X is what train.py and tests call
+from config import FlagError, FlagParser
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
@@ -373,18 +374,13 @@ def write_outputs(out, images, rows, grid=None, ncol=1):
         data.save_image_grid(grid.float().cpu(), os.path.join(out, "grid.png"), ncol=ncol)
 
 
-class UsageError(Exception):
-    """Bad input: printed as one line on stderr, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see python sample.py --help)")
+UsageError = FlagError  # bad input: printed as one line on stderr, exit status 2 (as train.py's)
 
 
 def build_parser():
-    p = Parser(prog="sample.py", description=__doc__.split("Determinism:")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags, parsed by config.py's FlagParser as train.py's are: a bad one raises UsageError."""
+    p = FlagParser(prog="sample.py", description=__doc__.split("Determinism:")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="run directory of train.py, or its checkpoint.pt")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (blank lines skipped)")

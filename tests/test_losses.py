@@ -253,7 +253,7 @@ def test_discriminator_loss_pairs(row):
     cfg = L.table1_matching(L.LossConfig(), row)
     match_real, match_fake = row != "+attention", row == "+matching_aware_g_and_d"
     loss, logs = L.discriminator_loss(D, real, fake, text, wrong if match_real else None, cfg, wrong_valid=valid,
-                                      clip=IdCLIP(), vd=VD, text_embed=emb, wrong_text_embed=emb[perm])
+                                      vision=L.VisionAided(VD, IdCLIP(), emb, emb[perm]))
     loss.backward()
     assert len(D.rows) == 1 and len(VD.rows) == 1  # one D call and one VD call for all pairs
     assert all(isinstance(v, float) for v in logs.values())
@@ -295,7 +295,7 @@ def test_generator_loss_pairs(match_g):
     D, VD = RecorderD(), RecorderVD()
     cfg = L.LossConfig(match_g=match_g, clip_weight=0.0)
     loss, logs = L.generator_loss(D, fake, text, wrong if match_g else None, cfg, wrong_valid=valid,
-                                  clip=IdCLIP(), vd=VD, text_embed=emb, wrong_text_embed=emb[perm])
+                                  clip=IdCLIP(), text_embed=emb, vision=L.VisionAided(VD, IdCLIP(), emb, emb[perm]))
     loss.backward()
     assert ("G/match" in logs) == match_g
     for rec in (D, VD):
@@ -449,11 +449,11 @@ def test_gradients_flow_to_every_generator_level_and_only_d_trains_in_the_d_step
     text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
     perm, valid = L.mismatched_permutation(caps, return_valid=True)
     emb = F.normalize(torch.randn(B, 6), dim=1)
-    extra = dict(wrong_valid=valid, clip=clip, vd=VD, text_embed=emb, wrong_text_embed=emb[perm])
+    extra = dict(wrong_valid=valid, vision=L.VisionAided(VD, clip, emb, emb[perm]))
     fake = G(torch.randn(B, 8))
     lpips = L.LPIPS("random")
     loss, logs = L.generator_loss(D, fake, text, L.permute_text(text, perm), L.LossConfig(),
-                                  caption_ids=L.caption_ids(caps), lpips=lpips,
+                                  clip=clip, text_embed=emb, caption_ids=L.caption_ids(caps), lpips=lpips,
                                   lpips_target=torch.rand(B, 3, 32, 32) * 2 - 1, **extra)
     loss.backward()
     assert set(logs) == {"G/adv", "G/match", "G/clip", "G/vision", "G/lpips", "G/loss"}

@@ -244,6 +244,20 @@ def test_tuple_flags_take_commas_or_json():
         train.parse_flags(["--g.channels", '{"4": 64}'])     # a dict is not a tuple
 
 
+def test_flags_take_dashes_or_underscores_key_equals_value_and_win_over_the_preset_anywhere():
+    """config.py's argparse parser, generated from the dataclass fields: `--key value` or
+    `--key=value`, dashes or underscores, a bare boolean flag is true, and a flag given before
+    --preset still wins over that preset's value."""
+    a = train.parse_flags(["--max_steps=7", "--loss.r1_gamma", "0.5", "--resume", "--compile=false",
+                           "--batch-size", "8", "--preset", "small"])
+    b = train.parse_flags(["--preset=small", "--max-steps", "7", "--loss.r1-gamma=0.5", "--resume", "true",
+                           "--compile", "0", "--batch_size=8"])
+    assert a == b
+    cfg, _, _, loss_cfg = a
+    assert (cfg.max_steps, cfg.batch_size, cfg.resume, cfg.compile, loss_cfg.r1_gamma) == (7, 8, True, False, 0.5)
+    assert cfg.preset == "small" and cfg.ema_kimg == 20.0          # the rest: the small preset's
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bogus", "1"], "unknown flag --bogus"),
     (["--max-steps", "ten"], "bad value for --max-steps"),
@@ -271,6 +285,9 @@ def test_tuple_flags_take_commas_or_json():
     (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
     (["--batch-size", "6", "--batch-gpu", "4"], "multiple of --batch-gpu"),
     (["stray"], "unexpected argument"),
+    (["--max-steps"], "--max-steps: expected one argument"),
+    (["--full", "--preset", "small"], "--full is --preset full"),
+    (["--u.z-dim", "8"], "--u.* configures the upsampler; add --stage upsampler"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,370 @@
+"""
+config.py - train.py's configuration: TrainConfig, the presets, the command line and its checks.
+
+    cfg, g_cfg, d_cfg, loss_cfg = parse_flags(["--preset", "small", "--g.attention", "false"])
+
+Order: dataclass defaults < preset (TRAIN_PRESETS, and UPSAMPLER_TRAIN_PRESETS with --stage
+upsampler) < flags. Every field of TrainConfig is a flag `--key value` or `--key=value` (dashes or
+underscores); the fields of the generator, discriminator, loss and upsampler configs (03-06) are
+`--g.FIELD`, `--d.FIELD`, `--loss.FIELD`, `--u.FIELD`. The flags are generated from the dataclass
+fields (add_dataclass_flags), each value coerced to its field's type; a bool takes true/false
+(or 1/0, yes/no, on/off), a bare `--resume` meaning true. Bad input is a FlagError: one line,
+exit status 2. sample.py parses its own flags with the same FlagParser.
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import typing
+from dataclasses import dataclass
+
+clip_lib = importlib.import_module("00_clip")
+generator = importlib.import_module("03_generator")
+discriminator = importlib.import_module("04_discriminator")
+losses = importlib.import_module("05_losses")
+upsampler = importlib.import_module("06_upsampler")
+
+# -----------------------------------------------------------------------------
+# The training configuration and its presets
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"          # size preset of G, D, losses and this config: tiny | small | full
+    full: bool = False            # shorthand for --preset full (the paper's 64 px model)
+    stage: str = "base"           # clip (tiny CLIP only) | base (text-to-image GAN) | upsampler
+    data: str = "shapes"          # shapes | an image folder with captions | 'shards/{00000..00099}.tar'
+    out: str = ""                 # run directory; '' -> runs/<preset>
+    max_steps: int = 1500         # optimiser steps of G (and of D)
+    max_minutes: float = 0.0      # time budget of the whole run, CLIP training included: stop early, as at max_steps (0: none)
+    batch_size: int = 16          # global batch: all processes, all micro-batches
+    batch_gpu: int = 0            # micro-batch per forward pass; 0 -> batch_size / processes
+    lr_g: float = 0.0025          # AdamW learning rate of G (paper: 0.0025)
+    lr_d: float = 0.0025          # AdamW learning rate of D (paper: 0.0025)
+    beta1: float = 0.0            # Adam beta1 (paper: 0)
+    beta2: float = 0.99           # Adam beta2 (paper: 0.99)
+    ema_kimg: float = 10.0        # EMA half-life of G_ema in thousands of images (project choice per preset)
+    ema_rampup: float = 0.05      # half-life <= this fraction of images seen so far (StyleGAN2's ramp-up)
+    seed: int = 0                 # seeds every random draw (per step and micro-batch)
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
+    compile: bool = False         # torch.compile G and D for the D and G steps (GPU speed-up; runs, slower, on CPU)
+    resume: bool = False          # continue from <out>/checkpoint.pt
+    clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
+    clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
+    vision_clip: str = "auto"     # CLIP of the vision-aided D: auto | same (--clip's) | tiny:PATH | NAME/TAG (vision_clip_spec)
+    clip_steps: int = 1000        # training steps of each tiny CLIP (clip.pt, and vision_clip.pt with --vision-clip auto)
+    clip_tower: str = "auto"      # the tiny CLIP's image tower: auto (resnet for the base stage at a multiple of 32 px, else vit) | vit | resnet
+    clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
+    workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
+    log_every: int = 25           # steps between log lines
+    snapshot_every: int = 250     # steps between sample grids of fixed prompts and z
+    eval_every: int = 500         # steps between alignment / CLIP-score evaluations (0: off)
+    eval_images: int = 128        # images generated per evaluation
+    ckpt_every: int = 250         # steps between checkpoints
+    dry_run: bool = False         # build the models on the meta device, print sizes, exit
+    lpips: str = "vgg"            # upsampler stage: LPIPS backbone vgg (paper) | alex | random (no download)
+    warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D) [U]
+    warmup_lr: float = 0.01       # their AdamW learning rate (beta1 0.9, beta2 0.99)
+    hard_negatives: float = 0.0   # share of Eq. 8's wrong captions that are one-word edits (shapes) [U]
+    hard_attribute: str = "any"   # the word they change: any | shape | color | background | size | position
+
+
+# Training-side presets: sizes and a few settings, never code. G and D sizes come from 03/04's
+# registries under the same names, the loss weights from 05's.
+TRAIN_PRESETS = {
+    # tiny: twice the paper's learning rate (project's choice), a 15-minute budget; why: NOTES.md, "tiny preset"
+    "tiny": dict(lr_g=0.005, lr_d=0.005, max_steps=3500, max_minutes=15.0),
+    "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip_batch_size=256,
+                  clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
+    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=500.0, dtype="bfloat16",
+                 clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
+                 snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
+}
+
+# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice [U]).
+# tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up (ESRGAN's recipe, not
+# the paper's), then GAN steps at the paper's 0.0025; why: NOTES.md, "upsampler recipe"
+UPSAMPLER_TRAIN_PRESETS = {
+    "tiny": dict(max_steps=1500, max_minutes=0.0, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
+                 eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
+                 lr_g=0.0025, lr_d=0.0025),
+    "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
+}
+LPIPS_NETS = ("vgg", "alex", "random")
+
+HARD_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # data.shapes_hard_negatives' order
+
+# -----------------------------------------------------------------------------
+# Flags: argparse, generated from the dataclass fields
+
+
+class FlagError(ValueError):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse that raises FlagError (one line) where argparse would print its usage and exit."""
+
+    def error(self, message):
+        raise FlagError(f"{message} (see python {self.prog} --help)")
+
+
+def coerce(value, annotation, flag):
+    """Turn the string of `--flag value` into the dataclass field's type."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:  # not bool(value): bool("false") is True (the type=bool trap)
+            low = value.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return low in ("1", "true", "yes", "on")
+        if annotation in (int, float, str):
+            return annotation(value)
+        if origin in (tuple, list, dict) or annotation in (tuple, list, dict):
+            kind = origin or annotation
+            if kind is not dict and not value.lstrip().startswith(("[", "{")):
+                value = f"[{value}]"  # --g.channels 64,64,64,32 as well as '[64, 64, 64, 32]'
+            parsed = json.loads(value)  # e.g. --g.channels '[64, 64, 64, 32]'
+            if not isinstance(parsed, dict if kind is dict else list):
+                raise ValueError
+            return tuple(parsed) if kind is tuple else parsed
+    except (ValueError, json.JSONDecodeError):
+        what = getattr(annotation, '__name__', annotation)
+        hint = " such as 64,64,64,32 or '[64, 64, 64, 32]'" if what in ("tuple", "list") else ""
+        raise FlagError(f"bad value for {flag}: {value!r} (expected {what}{hint})") from None
+    return value
+
+
+class Coerce(argparse.Action):
+    """Store a flag's value as its field's type; a bare boolean flag (`--resume`) means true."""
+
+    def __init__(self, option_strings, dest, annotation, **kwargs):
+        self.annotation = annotation
+        if annotation is bool:
+            kwargs.update(nargs="?", const="true")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, coerce(value, self.annotation, self.option_strings[0]))
+
+
+def add_dataclass_flags(parser, cls, prefix=""):
+    """One flag per field of the dataclass `cls`: --PREFIXfield-name. Only the flags given land in
+    the parsed namespace (default SUPPRESS), under dest PREFIXfield_name."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=prefix + f.name, action=Coerce,
+                            annotation=hints[f.name], default=argparse.SUPPRESS)
+
+
+def dashed(arg):
+    """--max_steps=3 -> --max-steps=3: a flag's name with dashes (both are accepted), its value as given."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value
+
+
+SUB_CONFIGS = {"g.": generator.GeneratorConfig, "d.": discriminator.DiscriminatorConfig,
+               "loss.": losses.LossConfig, "u.": upsampler.UpsamplerConfig}
+
+
+def read_flags(argv):
+    """argv -> {"": {field: value}, "g.": {...}, "d.": {...}, "loss.": {...}, "u.": {...}}: the flags given."""
+    parser = FlagParser(prog="train.py", add_help=False, allow_abbrev=False)
+    add_dataclass_flags(parser, TrainConfig)
+    for prefix, cls in SUB_CONFIGS.items():
+        add_dataclass_flags(parser, cls, prefix)
+    given, rest = parser.parse_known_args([dashed(arg) for arg in argv])
+    if rest:
+        if rest[0].startswith("--") and rest[0] != "--":
+            raise FlagError(f"unknown flag {rest[0].split('=')[0]} (python train.py --help lists the flags)")
+        raise FlagError(f"unexpected argument {rest[0]!r}: flags look like --key value (see python train.py --help)")
+    values = {prefix: {} for prefix in ("", *SUB_CONFIGS)}
+    for dest, value in vars(given).items():
+        prefix = next((p for p in SUB_CONFIGS if dest.startswith(p)), "")
+        values[prefix][dest[len(prefix):]] = value
+    return values
+
+
+def parse_flags(argv):
+    """argv -> (TrainConfig, GeneratorConfig, DiscriminatorConfig, LossConfig); with --stage upsampler
+    the second is 06's UpsamplerConfig and the third the upsampler's D.
+
+    Order: dataclass defaults < preset < flags, wherever the flags stand on the command line:
+    `--batch-size 8 --preset small` keeps the 8."""
+    values = read_flags(argv)
+    flags = values[""]
+    preset, stage = flags.get("preset", "tiny"), flags.get("stage", "base")
+    if flags.get("full"):  # --full is --preset full
+        if preset not in ("tiny", "full") and "preset" in flags:
+            raise FlagError(f"--full is --preset full: drop one of --full and --preset {preset}")
+        preset = flags["preset"] = "full"
+    if preset not in TRAIN_PRESETS:
+        raise FlagError(f"unknown preset {preset!r}: choose one of {', '.join(TRAIN_PRESETS)}")
+    if stage == "upsampler" and preset not in UPSAMPLER_TRAIN_PRESETS:
+        raise FlagError(f"no upsampler preset {preset!r}: use --preset tiny (32 -> 128) or --full (64 -> 512)")
+    if values["g."] and stage == "upsampler":
+        raise FlagError(f"--g.{next(iter(values['g.'])).replace('_', '-')}: --g.* configures the base generator; "
+                        "the upsampler's fields are --u.* (06_upsampler.py's UpsamplerConfig)")
+    if values["u."] and stage != "upsampler":
+        raise FlagError(f"--u.{next(iter(values['u.'])).replace('_', '-')}: --u.* configures the upsampler; "
+                        "add --stage upsampler")
+    stage_preset = UPSAMPLER_TRAIN_PRESETS[preset] if stage == "upsampler" else {}
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **stage_preset, "preset": preset, **flags})
+    check_train_config(cfg)
+    cfg.out = cfg.out or os.path.join("runs", cfg.preset + ("-upsampler" if cfg.stage == "upsampler" else ""))
+    if cfg.stage == "upsampler":
+        # the generator is the upsampler U; its MS-I/O D reads pyramids of U's output size
+        g_cfg = configured(upsampler.U_PRESETS[preset], values["u."], "upsampler", "u")
+        d_cfg = configured(upsampler.U_D_PRESETS[preset], {"resolution": g_cfg.out_resolution, **values["d."]},
+                           "discriminator", "d")
+        if d_cfg.resolution != g_cfg.out_resolution:
+            raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
+                            f"--u.out-resolution {g_cfg.out_resolution}")
+        cfg.clip_tower = "vit" if cfg.clip_tower == "auto" else cfg.clip_tower  # its CLIP only reads text
+        check_clip_tower(cfg, g_cfg.in_resolution)
+        loss_cfg = configured(loss_preset("upsampler", preset), values["loss."], "loss", "loss")
+        return cfg, g_cfg, d_cfg, loss_cfg
+    g_cfg = configured(generator.G_PRESETS[preset], values["g."], "generator", "g")
+    if cfg.clip_tower == "auto":  # the ResNet tower needs sides divisible by 32 (five stride-2 steps)
+        cfg.clip_tower = "vit" if g_cfg.resolution % 32 else "resnet"
+    check_clip_tower(cfg, g_cfg.resolution)
+    if cfg.vision_clip == "auto" and g_cfg.resolution % 32:  # no ResNet-tower sibling below 32 px steps
+        cfg.vision_clip = "same"
+    d_cfg = configured(discriminator.D_PRESETS[preset], values["d."], "discriminator", "d")
+    loss_cfg = configured(loss_preset("base", preset), values["loss."], "loss", "loss")
+    return cfg, g_cfg, d_cfg, loss_cfg
+
+
+# -----------------------------------------------------------------------------
+# Checks: each bad setting is one FlagError line that says what to do
+
+
+def check_train_config(cfg):
+    """The TrainConfig fields that take one of a few words, or a range."""
+    if cfg.stage not in ("clip", "base", "upsampler"):
+        raise FlagError(f"unknown --stage {cfg.stage!r}: choose clip | base | upsampler")
+    if cfg.lpips not in LPIPS_NETS:
+        raise FlagError(f"unknown --lpips {cfg.lpips!r}: choose vgg (paper) | alex | random (no download)")
+    if cfg.clip_tower not in ("auto", "vit", "resnet"):
+        raise FlagError(f"unknown --clip-tower {cfg.clip_tower!r}: choose auto (default) | vit | resnet")
+    if cfg.vision_clip not in ("auto", "same") and not cfg.vision_clip.startswith("tiny:") and "/" not in cfg.vision_clip:
+        raise FlagError(f"bad --vision-clip {cfg.vision_clip!r}: choose auto | same | tiny:PATH | NAME/TAG "
+                        "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise FlagError(f"unknown --dtype {cfg.dtype!r}: choose float32 | bfloat16")
+    for name in ("max_steps", "batch_size", "log_every", "snapshot_every", "ckpt_every", "clip_steps"):
+        if getattr(cfg, name) <= 0:
+            raise FlagError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_gpu < 0:
+        raise FlagError(f"--batch-gpu must be >= 0, got {cfg.batch_gpu}")
+    if cfg.max_minutes < 0:
+        raise FlagError(f"--max-minutes must be >= 0 (0: no time budget), got {cfg.max_minutes:g}")
+    if cfg.warmup_steps < 0 or cfg.warmup_lr <= 0:
+        raise FlagError(f"--warmup-steps must be >= 0 and --warmup-lr positive, got {cfg.warmup_steps}, {cfg.warmup_lr}")
+    if cfg.warmup_steps and cfg.stage != "upsampler":
+        raise FlagError("--warmup-steps: only the upsampler stage has a warm-up; add --stage upsampler")
+    if not 0.0 <= cfg.hard_negatives <= 1.0:
+        raise FlagError(f"--hard-negatives is a share of the wrong captions, 0..1, got {cfg.hard_negatives}")
+    if cfg.hard_attribute not in ("any",) + HARD_ATTRIBUTES:
+        raise FlagError(f"unknown --hard-attribute {cfg.hard_attribute!r}: choose any | {' | '.join(HARD_ATTRIBUTES)}")
+    if cfg.hard_negatives and (cfg.data != "shapes" or cfg.stage == "clip"):
+        raise FlagError("--hard-negatives edits captions of the shapes grammar: use it with --data shapes "
+                        "and --stage base or upsampler")
+
+
+def configured(preset_cfg, changes, what, prefix):
+    """A model or loss preset with the --PREFIX.* flags applied; the config's own checks (its
+    __post_init__ asserts) become one FlagError line."""
+    try:
+        return dataclasses.replace(preset_cfg, **changes)
+    except AssertionError as err:
+        raise FlagError(f"bad {what} configuration (--{prefix}.*): {err}") from None
+
+
+def loss_preset(stage, preset):
+    """05's loss settings of a stage ("base" | "upsampler"): "<stage>_<preset>" where a size preset
+    has its own (tiny: a stronger R1 for the base, a pixel MSE for the upsampler), else "<stage>"."""
+    return losses.LOSS_PRESETS.get(f"{stage}_{preset}", losses.LOSS_PRESETS[stage])
+
+
+def check_mode_seeking(cfg, loss_cfg, batch_gpu):
+    """Mode seeking pairs two z of one caption inside a micro-batch of the base G."""
+    if loss_cfg.mode_seeking_weight <= 0:
+        return
+    if cfg.stage != "base":
+        raise FlagError(f"--loss.mode-seeking-weight is a term of the base G (its z); the {cfg.stage} "
+                        "stage has none: drop the flag or use --stage base")
+    if batch_gpu < 2:
+        raise FlagError(f"--loss.mode-seeking-weight pairs images within a micro-batch of {batch_gpu}: "
+                        "use --batch-gpu 2 or more")
+
+
+def check_clip_tower(cfg, resolution):
+    """The tiny CLIP is trained at the data's resolution; a ResNet tower needs a multiple of 32."""
+    if cfg.clip_tower == "resnet" and resolution % 32:
+        raise FlagError(f"--clip-tower resnet needs a resolution divisible by 32, got {resolution}: "
+                        "use --clip-tower vit")
+
+
+def print_help(usage):
+    """train.py --help: its docstring (usage), then every flag with the value `python train.py` runs with."""
+    print(usage)
+    # the values `python train.py` runs with (the tiny preset), not the dataclasses' own defaults
+    cfg, g_cfg, d_cfg, loss_cfg = parse_flags([])
+    for title, prefix, values in (("train", "", cfg), ("generator", "g.", g_cfg), ("discriminator", "d.", d_cfg),
+                                  ("losses", "loss.", loss_cfg),
+                                  ("upsampler (--stage upsampler)", "u.", upsampler.U_PRESETS["tiny"])):
+        print(f"{title} flags (tiny defaults):")
+        for f in dataclasses.fields(values):
+            print(f"  --{prefix}{f.name.replace('_', '-'):<24} {getattr(values, f.name)!r}")
+    print(f"presets: {', '.join(TRAIN_PRESETS)}; --stage upsampler: tiny, full, with these train "
+          f"settings changed: {json.dumps(UPSAMPLER_TRAIN_PRESETS)}")
+
+
+# -----------------------------------------------------------------------------
+# Which CLIPs a run uses: --clip, --vision-clip
+
+
+def clip_spec(cfg):
+    """--clip/--clip-pretrained -> a load_clip spec. `tiny` is the run's own <out>/clip.pt."""
+    if cfg.clip == "tiny":
+        return "tiny:" + os.path.join(cfg.out, "clip.pt")
+    if cfg.clip_pretrained:
+        if "/" in cfg.clip or cfg.clip.startswith("tiny"):
+            raise FlagError(f"--clip-pretrained goes with a bare model name, not --clip {cfg.clip}")
+        return f"{cfg.clip}/{cfg.clip_pretrained}"
+    if "/" not in cfg.clip and not cfg.clip.startswith("tiny:"):
+        raise FlagError(f"--clip {cfg.clip} needs a weights tag: --clip {cfg.clip}/TAG, or "
+                        "--clip-pretrained none for random weights, or --clip tiny")
+    return cfg.clip
+
+
+VISION_CLIP = "vision_clip.pt"  # the ResNet-tower sibling of a tiny clip.pt, for the vision-aided D
+
+
+def vision_clip_spec(cfg):
+    """--vision-clip -> the load_clip spec of the vision-aided D's CLIP, or None: the text CLIP itself.
+
+    `auto` (the default): a tiny CLIP with the ViT image tower (`--clip tiny --clip-tower vit`) gets
+    a sibling with the ResNet image tower, `vision_clip.pt` beside its `clip.pt`, which this run
+    trains itself (as --stage clip does); `--clip tiny:PATH` uses that sibling when it is there;
+    any other --clip, and the tiny default's ResNet-tower CLIP, serve both roles (`same`).
+    Why (project's choice; the paper, too, gives the vision-aided D its own CLIP, ViT-B/32 beside
+    the ViT-L/14 of the text): the tiny ResNet tower reads shape, the tiny ViT poorly; the
+    numbers: NOTES.md, "CLIP towers"."""
+    if cfg.vision_clip == "same":
+        return None
+    if cfg.vision_clip != "auto":
+        return cfg.vision_clip
+    spec = clip_spec(cfg)
+    if not spec.startswith("tiny:"):
+        return None
+    path = os.path.join(os.path.dirname(spec[len("tiny:"):]), VISION_CLIP)
+    if cfg.clip == "tiny":  # this run trains its CLIP: a ResNet-tower one needs no sibling
+        return None if cfg.clip_tower == "resnet" else "tiny:" + path
+    same_file = os.path.abspath(path) == os.path.abspath(spec[len("tiny:"):])  # --clip tiny:DIR/vision_clip.pt
+    return "tiny:" + path if os.path.isfile(path) and not same_file else None
+

@@ -1,0 +1,349 @@
+"""
+rundir.py - what train.py keeps in its run directory (--out), and how a run stops.
+
+    <out>/config.json       the final configuration (train, G or U, D, loss)
+    <out>/checkpoint.pt     weights, optimisers, step: written atomically, checked on --resume
+    <out>/log.jsonl         one JSON row per log line ("train") and evaluation ("eval")
+    <out>/losses.png        one panel per logged term (plot_losses)
+    <out>/samples_*.png     sample grids of fixed prompts and z (snapshots)
+
+A run stops at --max-steps, at the --max-minutes budget (out_of_time), on Ctrl-C / SIGTERM after the
+step in progress (StopRequest: save, exit 130), or on a NaN/inf loss (exit 1, the last good
+checkpoint kept). Bad input is a FlagError: one line, exit status 2.
+"""
+import dataclasses
+import importlib
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from config import FlagError, clip_spec, vision_clip_spec
+
+clip_lib = importlib.import_module("00_clip")
+generator = importlib.import_module("03_generator")
+discriminator = importlib.import_module("04_discriminator")
+upsampler = importlib.import_module("06_upsampler")
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain dicts of state_dicts, written atomically
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train first, or point --ckpt/--out at a run directory")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:  # truncated, not a checkpoint
+        raise FlagError(f"could not read {path} as a checkpoint ({type(err).__name__}): restore it from a copy, "
+                        "or train in another --out") from None
+
+
+def stored_clip_spec(spec, out):
+    """How the checkpoint names a tiny CLIP: relative to the run directory when the file is in
+    it or in a run beside it (`tiny:clip.pt`, `tiny:../tiny/clip.pt`: runs move together),
+    absolute otherwise; sample.py resolves relative paths against the run directory."""
+    if spec.startswith("tiny:"):
+        path = os.path.abspath(spec[5:])
+        rel = os.path.relpath(path, os.path.abspath(out))
+        return "tiny:" + (path if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel)
+    return spec
+
+
+def check_resumable(ckpt, path, stage, preset, models):
+    """A checkpoint continues only the same stage, preset and model configurations.
+    models: {config key ("G", "U", "D"): (this run's config dict, its dataclass)}. A field added
+    to a dataclass since the checkpoint was written counts at its default."""
+    found = ckpt["config"].get("stage", "base")
+    if found != stage:
+        article = "an" if found[0] in "aeiou" else "a"
+        raise FlagError(f"{path} is {article} {found}-stage run, not a {stage}-stage one: resume it with "
+                        f"--stage {found}, or use another --out")
+    stored_preset = ckpt["config"]["train"]["preset"]
+    if stored_preset != preset:
+        raise FlagError(f"{path} is a {stored_preset!r} run, not a {preset!r} one: resume it with "
+                        f"--preset {stored_preset}, or use another --out")
+    for key, (config, config_cls) in models.items():
+        stored = ckpt["config"].get(key)
+        try:
+            stored = dataclasses.asdict(config_cls(**stored))
+        except (TypeError, ValueError, AssertionError):  # a field this version no longer has, or a bad value
+            raise FlagError(f"{path} holds a {key} configuration this version of the code cannot read: "
+                            "resume it with the code that wrote it, or use another --out") from None
+        changed = [f"{name} {stored[name]} -> {config[name]}" for name in config if stored[name] != config[name]]
+        if changed:
+            flag = {"G": "--g", "U": "--u", "D": "--d"}[key]
+            raise FlagError(f"{path} is a {stored_preset!r} run with another {key} configuration "
+                            f"({', '.join(changed)}): resume it with the same {flag}.* flags, or use another --out")
+
+
+
+def open_resume(cfg, g_cfg, d_cfg, loss_cfg):
+    """--resume: read <out>/checkpoint.pt and check, before any CLIP is trained or config.json
+    rewritten, that this run can continue it: the same stage, preset and model configurations
+    (check_resumable), the same CLIPs (their files still there: a tiny CLIP trained anew would
+    give other features than the ones G and D learned on), and the vision-aided D on or off as
+    before. -> the checkpoint, or None without --resume (and for --stage clip)."""
+    if not cfg.resume or cfg.stage == "clip":
+        return None
+    up, vision_aided = cfg.stage == "upsampler", None
+    models = {"U" if up else "G": (dataclasses.asdict(g_cfg), upsampler.UpsamplerConfig if up else generator.GeneratorConfig),
+              "D": (dataclasses.asdict(d_cfg), discriminator.DiscriminatorConfig)}
+    clip_specs = {"clip": clip_spec(cfg)}  # {checkpoint key: load_clip spec}
+    if not up:
+        vision_aided = loss_cfg.vision_weight > 0
+        if vision_aided:  # the vision-aided D's heads fit that CLIP's feature maps only
+            clip_specs["vision_clip"] = vision_clip_spec(cfg) or clip_specs["clip"]
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise FlagError(f"no checkpoint at {path} to resume: drop --resume to start a new run there, "
+                        "or point --out at the run directory")
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path, cfg.stage, cfg.preset, models)
+    for key, spec in clip_specs.items():
+        if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
+            raise FlagError(f"{spec[5:]} is missing: {path} was trained on the features of that tiny CLIP, "
+                            "and one trained anew would not give them; put the file back to resume")
+        stored = ckpt.get(key)
+        if stored is not None and stored != stored_clip_spec(spec, cfg.out):
+            flags = "--vision-clip and --clip-tower" if key == "vision_clip" else "--clip"
+            raise FlagError(f"{path} was trained with {key.replace('_', ' ')} {stored}, this run would use "
+                            f"{stored_clip_spec(spec, cfg.out)}: resume with the {flags} of that run")
+        fingerprint = ckpt.get("clip_sha", {}).get(key)  # None in runs saved before fingerprints existed
+        if fingerprint is not None and fingerprint != clip_lib.tiny_clip_fingerprint(spec):
+            raise FlagError(f"{spec[5:]} is not the tiny CLIP {path} was trained with (its file changed since, "
+                            "e.g. trained anew): put the run's own file back to resume")
+    if vision_aided is not None and bool(ckpt.get("VD")) != vision_aided:
+        was = "with" if ckpt.get("VD") else "without"
+        raise FlagError(f"{path} was trained {was} the vision-aided D: resume with "
+                        f"--loss.vision-weight {'> 0' if ckpt.get('VD') else '0'}, as that run")
+    return ckpt
+
+
+def write_config(cfg, g_cfg, d_cfg, loss_cfg):
+    """Print the final configuration and write it to <out>/config.json (rank 0)."""
+    full_config = {"train": dataclasses.asdict(cfg)}
+    if cfg.stage != "clip":  # the CLIP stage builds no G, D or GAN losses
+        full_config.update({"U" if cfg.stage == "upsampler" else "G": dataclasses.asdict(g_cfg),
+                            "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)})
+    print("config: " + json.dumps(full_config))
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(full_config, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Logs, plots and snapshots (rank 0)
+
+
+def say(line):
+    """Print a log line, above the progress bar when there is one; flushed, so that a log piped
+    to a file or another program is there line by line."""
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def progress_bar(cfg, rt, step):
+    """A bar of the run's steps with an ETA (tqdm, on stderr), when rank 0 writes to a terminal;
+    elsewhere (a file, a pipe, a test) a disabled one: the log lines stay the whole output."""
+    budget = f", budget {cfg.max_minutes:g} min" if cfg.max_minutes else ""  # may end before the ETA
+    return tqdm(total=cfg.max_steps, initial=step, unit="step", desc=cfg.stage + budget, dynamic_ncols=True,
+                leave=False, disable=not (rt.main and sys.stderr.isatty() and sys.stdout.isatty()))
+
+
+def log_row(cfg, row):
+    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def mean_stats(stats, rt):
+    """{term: its values since the last log line} -> {term: mean}, averaged over every process
+    too (all of them call this: an all-reduce), so a log line describes the global batch."""
+    keys = sorted(stats)  # the same terms on every rank: they run the same code
+    means = torch.tensor([sum(stats[k]) / len(stats[k]) for k in keys], dtype=torch.float64, device=rt.device)
+    if rt.world > 1:
+        dist.all_reduce(means)
+        means /= rt.world
+    return dict(zip(keys, means.tolist()))
+
+
+def log_train_row(cfg, step, nimg, img_s, means):
+    """One training log line: step, throughput and the mean of every loss term since the last one."""
+    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": img_s, **means}
+    log_row(cfg, row)
+    say(f"step {step:6d}  " + "  ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")))
+
+
+def log_eval_row(cfg, step, metrics):
+    """One evaluation row: the base stage's alignment and CLIP scores, or the upsampler's errors."""
+    log_row(cfg, {"kind": "eval", "step": step, **metrics})
+    if "mae_bicubic" in metrics:  # the upsampler, against bicubic upsampling of the same input
+        say(f"eval  mae {metrics['mae']:.4f} (bicubic {metrics['mae_bicubic']:.4f}, ratio "
+            f"{metrics['mae'] / max(metrics['mae_bicubic'], 1e-12):.2f})  sharpness "
+            f"{metrics['sharpness']:.4f} (bicubic {metrics['sharpness_bicubic']:.4f}, "
+            f"real {metrics['sharpness_real']:.4f})")
+    else:
+        say("eval  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+def plot_losses(cfg):
+    """log.jsonl -> losses.png: one panel per logged term, against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "log.jsonl"))]
+    rows = [r for r in rows if r.get("kind") == "train"]
+    keys = [k for k in rows[0] if k not in ("kind", "step", "kimg", "time", "img_s")] if rows else []
+    if not keys:
+        return None
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+        ax.set_title(key, fontsize=9)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = os.path.join(cfg.out, "losses.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def snapshot_prompts(dataset, n=8):
+    """A fixed set of prompts for the sample grids: the first n captions of the data set."""
+    return [dataset[i][1] for i in range(n)]
+
+
+@torch.no_grad()
+def save_snapshot(cfg, G_ema, clip, prompts, z, step):
+    """A grid: one row per prompt, one column per fixed z; the prompts go in a .txt beside it."""
+    import torchvision
+    tokens, mask, eot = clip.text_features([p for p in prompts for _ in range(len(z))])
+    zz = z.repeat(len(prompts), 1)                                   # (rows * cols, z_dim)
+    images = G_ema(zz, tokens, mask, eot, noise_mode="const")[0]     # finest level
+    path = os.path.join(cfg.out, f"samples_{step:06d}.png")
+    torchvision.utils.save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=len(z), padding=1)
+    with open(os.path.join(cfg.out, "samples_prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    return path
+
+
+@torch.no_grad()
+def save_upsampler_snapshot(cfg, U_ema, clip, lowres, reals, prompts, step):
+    """A grid, one row per fixed (image, prompt): bicubic of the low-res input | U_ema's | real."""
+    import torchvision
+    R = U_ema.cfg.out_resolution
+    z = torch.randn(len(prompts), U_ema.cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    out = U_ema(lowres, z.to(lowres.device), *clip.text_features(prompts), noise_mode="const")[0]  # (n, 3, R, R)
+    bicubic = upsampler.resize(lowres, R)                                # (n, 3, R, R)
+    rows = torch.stack([bicubic, out, reals], dim=1).flatten(0, 1)       # (3n, 3, R, R) row-major
+    path = os.path.join(cfg.out, f"samples_{step:06d}.png")
+    torchvision.utils.save_image(rows.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=3, padding=1)
+    with open(os.path.join(cfg.out, "samples_prompts.txt"), "w") as f:
+        f.write("columns: bicubic | upsampled | real\n" + "\n".join(prompts) + "\n")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Stopping: Ctrl-C / SIGTERM, the time budget, a NaN/inf loss
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once.
+
+    A flag rather than an exception in the middle of a step, so the checkpoint always holds
+    a consistent step (D, G, EMA and optimisers all updated, or none)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then exiting "
+              "(Ctrl-C again to stop without saving)", flush=True)
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, rt):
+        """Every process stops at the same step if any of them was asked to."""
+        if rt.world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+TIME_RESERVE_S = 30.0  # --max-minutes: kept for the last step's snapshot, evaluation, checkpoint and plot
+
+
+def out_of_time(cfg, rt):
+    """--max-minutes: has this run (its CLIP training included) used its budget, less a reserve
+    for the last step's outputs? The same answer on every process (the latest clock decides)."""
+    if not cfg.max_minutes:
+        return False
+    late = time.time() - rt.started > 60 * cfg.max_minutes - TIME_RESERVE_S
+    if rt.world > 1:
+        flag = torch.tensor([float(late)], device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        late = bool(flag.item())
+    return late
+
+
+def budget_note(cfg, step):
+    """The end message's word on a run that --max-minutes ended before --max-steps."""
+    if step >= cfg.max_steps:
+        return ""
+    return (f" in the {cfg.max_minutes:g}-minute budget (--max-minutes), of {cfg.max_steps}; "
+            f"`--resume` trains on from here")
+
+
+def exit_interrupted(rt, checkpoint, step, ckpt_path):
+    """Ctrl-C / SIGTERM, agreed by every process after a finished step: save, then exit 130."""
+    if rt.main:
+        checkpoint()
+        say(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+    raise SystemExit(130)
+
+
+def exit_nonfinite(rt, err, ckpt_path):
+    """A NaN/inf loss: keep the last good checkpoint (nothing is saved now), say what to try, exit 1."""
+    if rt.main:
+        print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
+              "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def check_finite(loss, what, step):
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"{what} loss is {loss.item()} at step {step}")
