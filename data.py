@@ -300,6 +300,25 @@ class ShapesDataset(Dataset):
         return image, shapes_caption(attrs, p["template"])
 
 
+def jittered_shapes(attrs, n, resolution, seed=0, supersample=4):
+    """n images of one attribute set, each with its own draw of the spec's jitter (extent,
+    centre x and y, colours): the spread of right answers a caption allows.
+    -> (n, 3, R, R) float in [-1, 1]. Used as the reference of metrics.seed_spread."""
+    _check_attrs(attrs)
+    rng = np.random.default_rng([seed, 7919])
+    images = []
+    for _ in range(n):
+        extent = SIZES[attrs["size"]] * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
+        cx = POSITIONS[attrs["position"]] + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+        cy = VERTICAL_CENTER + rng.uniform(-VERTICAL_JITTER, VERTICAL_JITTER)
+        fg = np.clip(np.array(COLORS[attrs["color"]], float) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
+        bg = np.clip(np.array(COLORS[attrs["background"]], float) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
+        cov = shape_coverage(attrs["shape"], extent, cx, cy, resolution, supersample)  # (R, R)
+        rgb = bg[:, None, None] + cov[None] * (fg - bg)[:, None, None]                 # (3, R, R)
+        images.append(torch.from_numpy((rgb / 127.5 - 1.0).astype(np.float32)))
+    return torch.stack(images)                                                        # (n, 3, R, R)
+
+
 # -----------------------------------------------------------------------------
 # The judge: read the five attributes back from pixels, by plain geometry
 #
@@ -351,7 +370,7 @@ def _judge_one(image):
     diff = rgb - bg[:, None, None]                                            # (3, H, W)
     dist = np.sqrt((diff ** 2).sum(0))                                        # (H, W)
     far = dist > _FAR
-    details = dict(fill=0.0, height=0.0, cx=0.5, skew=0.0, found=bool(far.any()))
+    details = dict(fill=0.0, height=0.0, cx=0.5, cy=0.5, skew=0.0, found=bool(far.any()))
     if not far.any():  # nothing stands out: a blank image. Best guess, never a crash.
         guess = dict(shape="circle", color=_nearest_color(bg, exclude=background),
                      background=background, size="small", position="center")
@@ -381,7 +400,8 @@ def _judge_one(image):
         shape = "circle"
     size = "small" if height / H < _SMALL_LARGE else "large"
     position = "left" if cx < _LEFT_CENTER else ("right" if cx > _CENTER_RIGHT else "center")
-    details.update(fill=float(fill), height=float(height / H), cx=float(cx), skew=float(skew))
+    details.update(fill=float(fill), height=float(height / H), cx=float(cx), cy=float(y_box / H),
+                   skew=float(skew))                 # cy: the soft box's centre, as the spec places it
     return dict(shape=shape, color=color, background=background, size=size,
                 position=position), details
 
@@ -390,7 +410,7 @@ def judge_shapes_image(image, details=False):
     """Attributes of a shapes image by pixel geometry (no learning).
 
     image: (3, H, W) or (B, 3, H, W) in [-1, 1] -> attrs dict, or a list of B dicts.
-    details=True also returns the measurements (fill, height, cx, skew, found) per image.
+    details=True also returns the measurements (fill, height, cx, cy, skew, found) per image.
     Never raises on odd content (noise, blank, NaN): it returns its best guess.
     """
     image = torch.as_tensor(image)

@@ -92,6 +92,41 @@ def shapes_alignment(images, prompts):
     return acc
 
 
+SPREAD_KEYS = ("cx", "cy", "height")  # what the spec jitters: centre x, centre y, extent
+
+
+def seed_spread(images, captions, reference=32, seed=0):
+    """Do different z of one caption draw it differently, as the data does?
+
+    images: (P, n_z, 3, R, R), n_z samples of each of P shapes captions. For each caption, keep
+    the samples whose shape the judge reads as the caption's (a G that scatters wrong shapes
+    is not diverse), measure the centre x, centre y and extent of each, and divide their
+    standard deviation over z by that of `reference` real images of the same attributes
+    (data.jittered_shapes: the spec's jitter). -> {"spread_x", "spread_y", "spread_size":
+    the median ratio over captions with >= 3 right samples (1.0: as varied as the data; 0: one
+    picture per caption), "spread_captions": how many captions counted}.
+    """
+    P, n_z = images.shape[:2]
+    assert len(captions) == P, (len(captions), P)
+    ratios = {k: [] for k in SPREAD_KEYS}
+    for p, caption in enumerate(captions):
+        truth = data.parse_shapes_caption(caption)
+        judged = data.judge_shapes_image(images[p].float().cpu(), details=True)
+        right = [info for attrs, info in judged if attrs["shape"] == truth["shape"]]
+        if len(right) < 3:
+            continue
+        reals = data.jittered_shapes(truth, reference, images.shape[-1], seed=seed + p)
+        real = [info for _, info in data.judge_shapes_image(reals, details=True)]
+        for k in SPREAD_KEYS:
+            fake_std = torch.tensor([i[k] for i in right]).std().item()
+            real_std = torch.tensor([i[k] for i in real]).std().item()
+            ratios[k].append(fake_std / max(real_std, 1e-6))
+    out = {f"spread_{name}": (torch.tensor(ratios[k]).median().item() if ratios[k] else 0.0)
+           for k, name in zip(SPREAD_KEYS, ("x", "y", "size"))}
+    out["spread_captions"] = len(ratios["cx"])
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Inception FID (torchmetrics), its weights and its cached reference statistics
 

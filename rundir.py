@@ -5,6 +5,7 @@ rundir.py - what train.py keeps in its run directory (--out), and how a run stop
     <out>/checkpoint.pt     weights, optimisers, step: written atomically, checked on --resume
     <out>/log.jsonl         one JSON row per log line ("train") and evaluation ("eval")
     <out>/losses.png        one panel per logged term (plot_losses)
+    <out>/eval.png          one panel per evaluation figure: alignment, seed spread, CLIP score, FD
     <out>/samples_*.png     sample grids of fixed prompts and z (snapshots)
 
 A run stops at --max-steps, at the --max-minutes budget (out_of_time), on Ctrl-C / SIGTERM after the
@@ -183,9 +184,12 @@ def mean_stats(stats, rt):
 
 def log_train_row(cfg, step, nimg, img_s, means):
     """One training log line: step, throughput and the mean of every loss term since the last one."""
-    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": img_s, **means}
+    eta_s = (cfg.max_steps - step) * cfg.batch_size / max(img_s, 1e-9)  # at this line's speed, evals excluded
+    row = {"kind": "train", "step": step, "kimg": nimg / 1000, "img_s": img_s, "eta_s": eta_s, **means}
     log_row(cfg, row)
-    say(f"step {step:6d}  " + "  ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg")))
+    eta = f"eta {int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"  # h:mm:ss to max_steps
+    say(f"step {step:6d}/{cfg.max_steps}  {eta}  "
+        + "  ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("kind", "step", "kimg", "eta_s")))
 
 
 def log_eval_row(cfg, step, metrics):
@@ -200,29 +204,37 @@ def log_eval_row(cfg, step, metrics):
         say("eval  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
-def plot_losses(cfg):
-    """log.jsonl -> losses.png: one panel per logged term, against the step."""
+def plot_log(cfg, kind, filename):
+    """log.jsonl -> one panel per logged number of `kind` ("train": the loss terms; "eval": the
+    evaluations), against the step; -> the PNG's path, or None if there is nothing to plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(os.path.join(cfg.out, "log.jsonl"))]
-    rows = [r for r in rows if r.get("kind") == "train"]
-    keys = [k for k in rows[0] if k not in ("kind", "step", "kimg", "time", "img_s")] if rows else []
+    rows = [r for r in rows if r.get("kind") == kind]
+    skip = ("kind", "step", "kimg", "time", "img_s", "eta_s", "spread_captions")
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in skip))  # first-seen order
     if not keys:
         return None
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)),
                              squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker="." if kind == "eval" else None)
         ax.set_title(key, fontsize=9)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    path = os.path.join(cfg.out, "losses.png")
+    path = os.path.join(cfg.out, filename)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def plot_losses(cfg):
+    """losses.png (every loss term) and, when the run evaluated, eval.png (alignment per
+    attribute, seed spread, CLIP score, FD): a reader sees the model learn. -> the paths."""
+    return [p for p in (plot_log(cfg, "train", "losses.png"), plot_log(cfg, "eval", "eval.png")) if p]
 
 
 def snapshot_prompts(dataset, n=8):

@@ -300,7 +300,23 @@ def evaluate(G, clip, dataset, n=128, seed=EVAL_SEED, shapes=False, truncation_p
     metrics.InceptionFID whose reference is these n real images (metrics.prepare_fid)."""
     reals, captions = eval_pairs(dataset, n, seed)
     fakes = generate(G, clip, captions, [seed + i for i in range(len(captions))], truncation_psi, batch)
-    return eval_metrics(clip, fakes, reals, captions, shapes, fid)
+    scores = eval_metrics(clip, fakes, reals, captions, shapes, fid)
+    if shapes:
+        scores.update(spread_metrics(G, clip, captions, seed, truncation_psi, batch))
+    return scores
+
+
+SPREAD_CAPTIONS, SPREAD_Z = 16, 8  # seed spread: 8 z for each of the first 16 evaluation captions
+
+
+def spread_metrics(G, clip, captions, seed, truncation_psi=1.0, batch=32):
+    """metrics.seed_spread on SPREAD_Z samples of each of the first SPREAD_CAPTIONS captions
+    (z from seeds seed + 10**6 + k, apart from the alignment images' seeds)."""
+    caps = captions[:SPREAD_CAPTIONS]
+    prompts = [c for c in caps for _ in range(SPREAD_Z)]                     # caption-major
+    seeds = [seed + 10**6 + k for _ in caps for k in range(SPREAD_Z)]
+    images = generate(G, clip, prompts, seeds, truncation_psi, batch)        # (P * n_z, 3, R, R)
+    return metrics.seed_spread(images.view(len(caps), SPREAD_Z, *images.shape[1:]), caps, seed=seed)
 
 
 # -----------------------------------------------------------------------------
@@ -535,6 +551,8 @@ def run_eval(G, clip, args, ckpt):
     seeds = [args.seed + i for i in range(len(captions))]
     fakes = generate(G, clip, captions, seeds, args.truncation, args.batch, args.truncation_target)
     scores = eval_metrics(clip, fakes, reals, captions, shapes=spec == "shapes", fid=fid)
+    if spec == "shapes":
+        scores.update(spread_metrics(G, clip, captions, args.seed, args.truncation, args.batch))
     rows = [{"caption": c, "seed": s} for c, s in zip(captions, seeds)]
     return fakes, rows, scores, spec
 

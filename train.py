@@ -316,11 +316,11 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     if rt.world > 1:
         check_in_sync([G, D], rt)
     if rt.main:
-        plot = plot_losses(cfg)
+        plots = plot_losses(cfg)
         outputs = (f"snapshots {cfg.out}/samples_*.png (bicubic | upsampled | real)" if up else
                    f"samples {cfg.out}/samples_*.png (prompts in samples_prompts.txt)")
         print(f"done: {step} steps{budget_note(cfg, step)}. checkpoint {ckpt_path}; {outputs}; "
-              f"loss curves {plot}; log {cfg.out}/log.jsonl")
+              f"curves {' and '.join(plots) or '-'}; log {cfg.out}/log.jsonl")
     return G_ema
 
 
