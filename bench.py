@@ -200,6 +200,109 @@ def bench_train(configs, args, workdir, peak):
 
 
 # -----------------------------------------------------------------------------
+# Where a step's time goes (--breakdown): train.main again, with timers around its pieces
+
+class PhaseTimer:
+    """Inclusive wall time per label, inside a window of steps only. Labels nest (a D forward
+    runs inside a loss); `phase` names the loss last entered (D, R1 or G) for the backward and
+    optimiser calls, which train.py makes itself."""
+
+    def __init__(self):
+        self.totals, self.active, self.phase, self.window = {}, False, "D", []
+
+    def wrap(self, owner, name, label):
+        """Replace owner.name by a timed copy; -> an undo function (nothing if the name is gone)."""
+        fn = getattr(owner, name, None)
+        if fn is None:
+            log(f"note   breakdown: {getattr(owner, '__name__', owner)}.{name} not found, not timed")
+            return lambda: None
+        timer = self
+
+        def timed(*args, **kwargs):
+            if label in ("D loss", "R1 loss", "G loss"):
+                timer.phase = label.split()[0]
+            key = label(timer) if callable(label) else label
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if timer.active:
+                    timer.totals[key] = timer.totals.get(key, 0.0) + time.perf_counter() - t0
+        setattr(owner, name, timed)
+        return lambda: setattr(owner, name, fn)
+
+    def mark_step(self, first, last):
+        """Called at every log line (--log-every 1): opens the window after the first step."""
+        self.window.append(time.perf_counter())
+        if first:
+            self.totals, self.active = {}, True
+        if last:
+            self.active = False
+
+
+def bench_breakdown(name, workdir, steps, dtype="float32"):
+    """One configuration's step, split into its pieces: a table of seconds per step."""
+    extra = list(CONFIGS[name]) + (["--clip", tiny_clip(workdir)] if name == "tiny" else [])
+    G_cls, D_cls = generator.Generator, importlib.import_module("04_discriminator").Discriminator
+    VD_cls = importlib.import_module("04_discriminator").VisionAidedDiscriminator
+    timer = PhaseTimer()
+    grad = lambda what: lambda t: f"{what} ({'G step' if torch.is_grad_enabled() else 'D step, no grad'})"
+    undo = [
+        timer.wrap(G_cls, "forward", grad("G forward")),
+        timer.wrap(D_cls, "forward", lambda t: f"{t.phase}: D forward"),
+        timer.wrap(VD_cls, "forward", lambda t: f"{t.phase}: vision-aided D forward"),
+        timer.wrap(clip_lib.FrozenCLIP, "image_features_and_embedding", lambda t: f"{t.phase}: CLIP image tower"),
+        timer.wrap(losses, "discriminator_loss", "D loss"),
+        timer.wrap(losses, "lazy_r1_loss", "R1 loss"),
+        timer.wrap(losses, "generator_loss", "G loss"),
+        timer.wrap(torch.Tensor, "backward", lambda t: f"{t.phase}: backward"),
+        timer.wrap(torch.optim.AdamW, "step", lambda t: f"{t.phase}: optimiser step"),
+        timer.wrap(train, "update_ema", "EMA"),
+        timer.wrap(train, "caption_pairs", "captions: text features from the cache"),
+    ]
+    batches_fn = getattr(train, "make_batches", None)
+    if batches_fn is not None:
+        def make_batches(*args, **kwargs):                       # time each next(batches)
+            it = batches_fn(*args, **kwargs)
+            while True:
+                t0 = time.perf_counter()
+                item = next(it)
+                if timer.active:
+                    timer.totals["data"] = timer.totals.get("data", 0.0) + time.perf_counter() - t0
+                yield item
+        train.make_batches = make_batches
+        undo.append(lambda: setattr(train, "make_batches", batches_fn))
+    log_fn = train.log_train_row
+
+    def log_train_row(cfg, step, *args, **kwargs):
+        timer.mark_step(first=step == 1, last=step == 1 + steps)
+        return log_fn(cfg, step, *args, **kwargs)
+    train.log_train_row = log_train_row
+    undo.append(lambda: setattr(train, "log_train_row", log_fn))
+    out = os.path.join(workdir, f"breakdown_{name}")
+    try:
+        run_train([*extra, "--dtype", dtype, *QUIET, "--max-steps", str(1 + steps), "--log-every", "1", "--out", out])
+    finally:
+        for u in reversed(undo):
+            u()
+    step_s = (timer.window[-1] - timer.window[0]) / steps
+    per_step = {k: v / steps for k, v in sorted(timer.totals.items())}
+    top = ("data", "captions: text features from the cache", "G forward (D step, no grad)", "D loss", "D: backward",
+           "D: optimiser step", "R1 loss", "R1: backward", "R1: optimiser step", "G forward (G step)", "G loss",
+           "G: backward", "G: optimiser step", "EMA")
+    rest = step_s - sum(per_step.get(k, 0.0) for k in top)
+    log(f"breakdown {name} {dtype}: {step_s:.3f} s/step over {steps} steps (one lazy R1 per {R1_INTERVAL})")
+    for k in top:
+        if k in per_step:
+            log(f"  {k:45s} {1000 * per_step[k]:8.1f} ms  {100 * per_step[k] / step_s:5.1f}%")
+            for sub in per_step:
+                if sub not in top and sub.startswith(k.split(" ")[0] + ":") and k.endswith("loss"):
+                    log(f"    {sub:43s} {1000 * per_step[sub]:8.1f} ms  {100 * per_step[sub] / step_s:5.1f}%")
+    log(f"  {'the rest (Python, logging, small ops)':45s} {1000 * rest:8.1f} ms  {100 * rest / step_s:5.1f}%")
+    return dict(config=name, dtype=dtype, step_s=step_s, per_step_s=per_step, rest_s=rest)
+
+
+# -----------------------------------------------------------------------------
 # Sampling: sample.py's own functions on a run's checkpoint
 
 
@@ -378,6 +481,8 @@ def parse_args(argv):
     p.add_argument("--peer", default=None, help="the peer's Python (a venv with gigagan-pytorch 0.3.0)")
     p.add_argument("--peer-script", default=None, help="the peer's timing script (with --peer)")
     p.add_argument("--no-checks", action="store_true", help="skip the checks moved out of the unit tests")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only: where each configuration's float32 step spends its time (timers around train.py's pieces)")
     args = p.parse_args(argv)
     if (args.peer is None) != (args.peer_script is None):
         p.error("--peer and --peer-script go together: the peer's Python and its timing script")
@@ -404,6 +509,10 @@ def main(argv=None):
     log(f"bench.py {result['date']}, torch {torch.__version__}, {args.threads} thread(s), "
         f"{os.cpu_count()} CPU(s){', quick' if args.quick else ''}")
     with tempfile.TemporaryDirectory(prefix="bench_") as workdir:
+        if args.breakdown:
+            result["breakdown"] = [bench_breakdown(name, workdir, args.steps or R1_INTERVAL) for name in args.configs]
+            args.peer = None
+            return finish(args, result)
         peers = []
         if args.peer:
             peers.append(run_peer(args.peer, args.peer_script, args.threads, 32))
@@ -430,6 +539,10 @@ def main(argv=None):
             peers.append(run_peer(args.peer, args.peer_script, args.threads, 32))
             result["peer"] = peers
             result["ratios"] = peer_ratios(peers, result["train"], result["sample"])
+    return finish(args, result)
+
+
+def finish(args, result):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
