@@ -365,7 +365,10 @@ def test_transposed_rows_are_the_flipped_kernels_laid_out_as_rows(shape):
     literal = w.flip(-2, -1).movedim(-3, -1).reshape(*lead, C_out * K * K, C_in)
     for b in range(C_out):                                   # row (o, k, l) holds w[o, :, K-1-k, K-1-l]
         assert torch.equal(literal[..., b * K * K, :], w[..., b, :, K - 1, K - 1])
-    rows = ks.transposed_rows(w)
+    with torch.no_grad():                                    # the single-copy form
+        rows = ks.transposed_rows(w)
+    assert rows.is_contiguous() and torch.equal(rows, literal)
+    rows = ks.transposed_rows(w)                             # the form with autograd
     assert rows.is_contiguous() and torch.equal(rows, literal)
     g = torch.randn(rows.shape)
     assert torch.equal(torch.autograd.grad(rows, w, g)[0], torch.autograd.grad(literal, w, g)[0])
