@@ -149,14 +149,35 @@ class _NoModuleTracker:
         return False
 
 
-def count_flops(base, workdir, steps):
-    """FLOPs of a train.py run of `steps` steps (everything: CLIP loading, steps, last snapshot)."""
-    out = tempfile.mkdtemp(dir=workdir)
+def flop_counter():
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _NoModuleTracker()
-    with counter:
-        run_train([*base, "--max-steps", str(steps), "--log-every", "1000", "--out", out])
-    return counter.get_total_flops()
+    return counter
+
+
+def count_flops(base, workdir, steps):
+    """FLOPs of a train.py run of `steps` steps (everything: CLIP loading, steps, last snapshot),
+    less the frozen CLIP's encoding of captions it has not seen: a short run meets new captions at
+    every step, a long one finds them in the text cache (ViT-B/32: about 1 GFLOP a caption)."""
+    out = tempfile.mkdtemp(dir=workdir)
+    encode, encoding = getattr(clip_lib.FrozenCLIP, "_encode", None), []
+    if encode is None:                                           # renamed: count the encoding too
+        with flop_counter() as counter:
+            run_train([*base, "--max-steps", str(steps), "--log-every", "1000", "--out", out])
+        return counter.get_total_flops()
+
+    def counted_encode(self, captions):
+        with flop_counter() as inner:                            # nested: the outer counter counts it too
+            result = encode(self, captions)
+        encoding.append(inner.get_total_flops())
+        return result
+    clip_lib.FrozenCLIP._encode = counted_encode
+    try:
+        with flop_counter() as counter:
+            run_train([*base, "--max-steps", str(steps), "--log-every", "1000", "--out", out])
+    finally:
+        clip_lib.FrozenCLIP._encode = encode
+    return counter.get_total_flops() - sum(encoding)
 
 
 def step_flops(base, workdir, r1_interval, amortise=True):
@@ -240,9 +261,9 @@ class PhaseTimer:
             self.active = False
 
 
-def bench_breakdown(name, workdir, steps, dtype="float32"):
+def bench_breakdown(name, terms, workdir, steps, clip=None, dtype="float32"):
     """One configuration's step, split into its pieces: a table of seconds per step."""
-    extra = list(CONFIGS[name]) + (["--clip", tiny_clip(workdir)] if name == "tiny" else [])
+    extra = list(CONFIGS[name]) + TERMS[terms] + (["--clip", clip] if name == "tiny" else [])
     G_cls, D_cls = generator.Generator, importlib.import_module("04_discriminator").Discriminator
     VD_cls = importlib.import_module("04_discriminator").VisionAidedDiscriminator
     timer = PhaseTimer()
@@ -279,7 +300,7 @@ def bench_breakdown(name, workdir, steps, dtype="float32"):
         return log_fn(cfg, step, *args, **kwargs)
     train.log_train_row = log_train_row
     undo.append(lambda: setattr(train, "log_train_row", log_fn))
-    out = os.path.join(workdir, f"breakdown_{name}")
+    out = os.path.join(workdir, f"breakdown_{name}_{terms}")
     try:
         run_train([*extra, "--dtype", dtype, *QUIET, "--max-steps", str(1 + steps), "--log-every", "1", "--out", out])
     finally:
@@ -291,7 +312,7 @@ def bench_breakdown(name, workdir, steps, dtype="float32"):
            "D: optimiser step", "R1 loss", "R1: backward", "R1: optimiser step", "G forward (G step)", "G loss",
            "G: backward", "G: optimiser step", "EMA")
     rest = step_s - sum(per_step.get(k, 0.0) for k in top)
-    log(f"breakdown {name} {dtype}: {step_s:.3f} s/step over {steps} steps (one lazy R1 per {R1_INTERVAL})")
+    log(f"breakdown {name} {terms} {dtype}: {step_s:.3f} s/step over {steps} steps (one lazy R1 per {R1_INTERVAL})")
     for k in top:
         if k in per_step:
             log(f"  {k:45s} {1000 * per_step[k]:8.1f} ms  {100 * per_step[k] / step_s:5.1f}%")
@@ -299,7 +320,7 @@ def bench_breakdown(name, workdir, steps, dtype="float32"):
                 if sub not in top and sub.startswith(k.split(" ")[0] + ":") and k.endswith("loss"):
                     log(f"    {sub:43s} {1000 * per_step[sub]:8.1f} ms  {100 * per_step[sub] / step_s:5.1f}%")
     log(f"  {'the rest (Python, logging, small ops)':45s} {1000 * rest:8.1f} ms  {100 * rest / step_s:5.1f}%")
-    return dict(config=name, dtype=dtype, step_s=step_s, per_step_s=per_step, rest_s=rest)
+    return dict(config=name, terms=terms, dtype=dtype, step_s=step_s, per_step_s=per_step, rest_s=rest)
 
 
 # -----------------------------------------------------------------------------
@@ -510,7 +531,9 @@ def main(argv=None):
         f"{os.cpu_count()} CPU(s){', quick' if args.quick else ''}")
     with tempfile.TemporaryDirectory(prefix="bench_") as workdir:
         if args.breakdown:
-            result["breakdown"] = [bench_breakdown(name, workdir, args.steps or R1_INTERVAL) for name in args.configs]
+            clip = tiny_clip(workdir) if "tiny" in args.configs else None
+            result["breakdown"] = [bench_breakdown(name, terms, workdir, args.steps or R1_INTERVAL, clip)
+                                   for name in args.configs for terms in TERMS]
             args.peer = None
             return finish(args, result)
         peers = []
