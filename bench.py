@@ -280,9 +280,9 @@ class PhaseTimer:
 
     def mark_step(self, first, last):
         """Called at every log line (--log-every 1): opens the window after the first step."""
+        if first:                                                # a new run: a new window
+            self.window, self.totals, self.active = [], {}, True
         self.window.append(time.perf_counter())
-        if first:
-            self.totals, self.active = {}, True
         if last:
             self.active = False
 
