@@ -60,6 +60,7 @@ Shape legend: B batch, R resolution, L text tokens, C text width of G, S style (
 E CLIP embedding width, M images of a mode.
 """
 import argparse
+import concurrent.futures
 import importlib
 import itertools
 import json
@@ -377,15 +378,25 @@ def run_prompt_mix(G, clip, args, prompts, row):
     return images, rows, images, 3
 
 
+def png_pixels(images):
+    """(N, 3, R, R) in [-1, 1] -> (N, R, R, 3) uint8: the pixels data.save_image_grid writes for
+    each image (the same rounding, so the same PNG bytes), converted in one pass for the batch."""
+    return ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def write_outputs(out, images, rows, grid=None, ncol=1):
     """00000.png, 00001.png, ... and captions.jsonl (one row per image); grid.png if given."""
     os.makedirs(out, exist_ok=True)
-    images = images.float().cpu()
-    with open(os.path.join(out, "captions.jsonl"), "w") as f:
-        for i, (image, row) in enumerate(zip(images, rows)):
-            name = f"{i:05d}.png"
-            data.save_image_grid(image[None], os.path.join(out, name), ncol=1)  # a 1 x 1 grid is the image
-            f.write(json.dumps({"file": name, **row}) + "\n")
+    pixels = png_pixels(images)                                               # (N, R, R, 3) uint8
+    names = [f"{i:05d}.png" for i in range(len(rows))]
+
+    def save(i):
+        Image.fromarray(pixels[i]).save(os.path.join(out, names[i]))
+    # PNG compression and file writes release the GIL: a few threads write a batch 2x faster
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(save, range(len(names))))                               # re-raises any error
+    with open(os.path.join(out, "captions.jsonl"), "w") as f:                 # one write, after the images
+        f.write("".join(json.dumps({"file": name, **row}) + "\n" for name, row in zip(names, rows)))
     if grid is not None:
         data.save_image_grid(grid.float().cpu(), os.path.join(out, "grid.png"), ncol=ncol)
 

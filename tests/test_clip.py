@@ -5,7 +5,6 @@ open_clip's own encode_text / encode_image / forward_intermediates.
 """
 import math
 import os
-import time
 import warnings
 
 import pytest
@@ -226,12 +225,10 @@ def test_random_weights_spec_builds():
         [(c, 7, 7) for c in clip.feature_channels]
 
 
-def test_missing_pretrained_weights_fail_fast(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.time()
+def test_missing_pretrained_weights_fail_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # how fast it fails (target < 5 s) is a figure of bench.py
     with pytest.raises(RuntimeError) as err:
         clip_lib.load_clip("ViT-B-32/laion2b_s34b_b79k")
-    assert time.time() - start < 5
     message = str(err.value)
     assert "ViT-B-32/laion2b_s34b_b79k" in message and "--clip tiny" in message
     assert "--clip-pretrained none" in message and "\n" not in message

@@ -290,13 +290,6 @@ def test_infinite_batches_and_distributed_sampler(monkeypatch):
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
 
 
-def test_throughput_at_32px_with_two_workers():
-    rate = data.measure_images_per_second(data.ShapesDataset(32), num_workers=2, n_images=3000)
-    print(f"shapes 32 px, DataLoader with 2 workers: {rate:,.0f} images/s")
-    # Unloaded this machine does >10k images/s; 500/s is the target, with 20x headroom.
-    assert rate >= 500
-
-
 # -----------------------------------------------------------------------------
 # image folders
 

@@ -354,3 +354,21 @@ def test_resampling_functions_follow_the_input_to_the_gpu():
 
 def test_demo_runs():
     ks.demo()
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 3, 3), (4, 6, 5, 3, 3), (2, 4, 6, 5, 1, 1), (3, 2, 5, 5)])
+def test_transposed_rows_are_the_flipped_kernels_laid_out_as_rows(shape):
+    """Its one-copy form equals the literal one: each kernel flipped on both axes, then
+    (C_out, K, K, C_in) -> rows; exactly, and so are the gradients."""
+    w = torch.randn(shape, requires_grad=True)
+    *lead, C_out, C_in, K, _ = shape
+    literal = w.flip(-2, -1).movedim(-3, -1).reshape(*lead, C_out * K * K, C_in)
+    for b in range(C_out):                                   # row (o, k, l) holds w[o, :, K-1-k, K-1-l]
+        assert torch.equal(literal[..., b * K * K, :], w[..., b, :, K - 1, K - 1])
+    with torch.no_grad():                                    # the single-copy form
+        rows = ks.transposed_rows(w)
+    assert rows.is_contiguous() and torch.equal(rows, literal)
+    rows = ks.transposed_rows(w)                             # the form with autograd
+    assert rows.is_contiguous() and torch.equal(rows, literal)
+    g = torch.randn(rows.shape)
+    assert torch.equal(torch.autograd.grad(rows, w, g)[0], torch.autograd.grad(literal, w, g)[0])

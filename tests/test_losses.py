@@ -9,7 +9,6 @@ Every discriminator, CLIP and generator here is a toy written for the test (inde
 import dataclasses
 import inspect
 import math
-import time
 
 import pytest
 import torch
@@ -568,13 +567,11 @@ def test_lpips_matches_the_lpips_package():
         assert torch.allclose(ours(x, y), ref(x, y).flatten(), rtol=1e-4, atol=1e-6)
 
 
-def test_pretrained_lpips_fails_fast_and_names_the_flag_when_offline(tmp_path, monkeypatch):
+def test_pretrained_lpips_fails_and_names_the_flag_when_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: no weights on disk
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.time()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # how fast it fails (target < 5 s) is a figure of bench.py
     with pytest.raises(L.MissingWeightsError, match="--lpips random"):
         L.LPIPS("vgg")
-    assert time.time() - start < 5
     # online but unreachable: one attempt, then the same one-line error (no real network touched)
     for flag in L._OFFLINE_FLAGS:
         monkeypatch.delenv(flag, raising=False)

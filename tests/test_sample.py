@@ -337,3 +337,17 @@ def test_eval_fid_offline_is_one_line_naming_no_fid(run_dir, tmp_path, capsys, m
     monkeypatch.undo()
     out, _ = cli(run_dir, tmp_path / "ok", "--eval", "--no-fid", "--n", "4")
     assert "fid" not in json.load(open(out / "eval.json"))
+
+
+def test_written_pngs_are_the_bytes_of_save_image_grid(tmp_path):
+    """write_outputs converts the whole batch at once and writes in threads: each PNG must still be
+    byte for byte the 1 x 1 grid data.save_image_grid writes (rounding edges and clamping included)."""
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2   # beyond [-1, 1] too
+    images[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.5 / 127.5 - 1, 2.5 / 127.5 - 1])            # .5 rounding cases
+    rows = [{"caption": f"caption {i}", "seed": i} for i in range(5)]
+    sample.write_outputs(tmp_path / "new", images, rows)
+    for i in range(5):
+        data.save_image_grid(images[i:i + 1], tmp_path / f"ref{i}.png", ncol=1)
+        assert (tmp_path / "new" / f"{i:05d}.png").read_bytes() == (tmp_path / f"ref{i}.png").read_bytes(), i
+    assert [json.loads(line) for line in open(tmp_path / "new" / "captions.jsonl")] == \
+        [{"file": f"{i:05d}.png", **row} for i, row in enumerate(rows)]

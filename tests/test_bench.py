@@ -1,0 +1,86 @@
+"""bench.py: a --quick run writes every figure (no speed thresholds: figures, not assertions),
+its flags are checked, and the peer's figures are read and turned into ratios."""
+import json
+import sys
+
+import pytest
+
+import bench
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_figure(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    bench.main(["--quick", "--threads", "1", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["peak"]["float32_gflops"] > 0 and result["peak"]["bfloat16_gflops"] > 0
+    rows = {(r["config"], r["terms"], r["dtype"]): r for r in result["train"]}
+    assert set(rows) == {("tiny", t, d) for t in bench.TERMS for d in bench.DTYPES}
+    for r in rows.values():
+        for key in ("flops_per_step", "step_s", "img_s", "utilisation"):
+            assert r[key] > 0, (key, r)
+        assert r["batch"] == 16 and r["img_s"] == pytest.approx(r["batch"] / r["step_s"])
+    # a FLOP count depends on the shapes, not the dtype; the CLIP and vision-aided terms add
+    # frozen-CLIP image passes to the same G and D work
+    for terms in bench.TERMS:
+        assert rows[("tiny", terms, "float32")]["flops_per_step"] == rows[("tiny", terms, "bfloat16")]["flops_per_step"]
+    assert rows[("tiny", "all", "float32")]["flops_per_step"] > rows[("tiny", "no_clip", "float32")]["flops_per_step"]
+    assert [r["batch"] for r in result["sample"]] == [1, 4]
+    for r in result["sample"]:
+        assert r["g_s_per_img"] > 0 and r["end_to_end_s_per_img"] > 0
+    for key in ("data_img_s", "upsampler_tiny_fwd_bwd_s", "clip_missing_weights_s", "lpips_missing_weights_s"):
+        assert result["checks"][key] > 0
+    out = capsys.readouterr().out
+    assert "GFLOP/step" in out and "% of the float32 peak" in out and "end to end" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peer", sys.executable], "--peer and --peer-script go together"),
+    (["--peer", sys.executable, "--peer-script", "/no/such/file.py"], "no such file"),
+    (["--configs", "huge"], "choose from tiny, bench"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+FAKE_PEER = '''
+import json, sys
+size, threads = sys.argv[1], sys.argv[2]
+texts = ["a caption"] * 8
+calls = []
+def G(texts, batch_size):
+    assert len(texts) == batch_size
+    calls.append(batch_size)
+print(json.dumps(dict(size=int(size), threads=int(threads), train_img_per_s=4.0, sample_s_per_img=0.08)))
+'''
+
+
+def test_peer_script_runs_in_its_python_and_gives_ratios(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(FAKE_PEER)
+    peer = bench.run_peer(sys.executable, str(script), threads=1, batch=32)
+    assert peer["size"] == 32 and peer["threads"] == 1 and peer["sample_batch"] == 32
+    assert peer["train_img_per_s"] == 4.0 and peer["batched_sample_s_per_img"] >= 0
+    peers = [peer, dict(peer, train_img_per_s=6.0, sample_s_per_img=0.12, batched_sample_s_per_img=0.02)]
+    train_rows = [dict(config="bench", terms="no_clip", dtype="float32", img_s=10.0),
+                  dict(config="tiny", terms="no_clip", dtype="float32", img_s=99.0)]      # not the peer's size
+    sample_rows = [dict(config="bench", batch=1, g_s_per_img=0.01, end_to_end_s_per_img=0.02),
+                   dict(config="bench", batch=32, g_s_per_img=0.001, end_to_end_s_per_img=0.004)]
+    ratios = bench.peer_ratios(peers, train_rows, sample_rows)
+    assert ratios["train_img_s_no_clip_float32"] == pytest.approx(10.0 / 5.0)  # the mean of before and after
+    assert ratios["sample_s_per_img_batch1"] == pytest.approx(0.02 / 0.10)
+    assert ratios["sample_G_s_per_img_batch1"] == pytest.approx(0.01 / 0.10)
+    batched = (peer["batched_sample_s_per_img"] + 0.02) / 2
+    assert ratios["sample_s_per_img_batch32"] == pytest.approx(0.004 / batched)
+    assert len(ratios) == 5
+
+
+def test_a_failing_peer_is_one_line(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text("raise ImportError('no module named gigagan_pytorch')\n")
+    with pytest.raises(SystemExit, match="the peer failed.*gigagan_pytorch"):
+        bench.run_peer(sys.executable, str(script), threads=1, batch=2)
