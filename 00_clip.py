@@ -116,9 +116,12 @@ def text_tower(model: open_clip.CLIP, ids: torch.Tensor, eot: torch.Tensor):
         x = clip_block(block, x, causal=True)  # (B, n, D); CLIP's text mask is causal
     # Project choice: the final LayerNorm is applied to the penultimate output too (as Stable
     # Diffusion 2 does with OpenCLIP), so the features have a fixed scale whatever the model.
+    # EXERCISE: penultimate tokens through ln_final; then the last block, ln_final, and pool at EOT
+    ### BEGIN SOLUTION
     penultimate = model.ln_final(x)  # (B, n, D)
     x = model.ln_final(clip_block(blocks[-1], x, causal=True))  # (B, n, D) the usual final output
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, D) the EOT token sums up the prompt
+    ### END SOLUTION
     proj = model.text_projection  # (D, E) matrix, or a Linear in some configs
     embed = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # (B, E)
     return penultimate, embed
@@ -552,10 +555,13 @@ def contrastive_loss(image_embed, text_embed, logit_scale, groups, negative_embe
     only (hard negatives, NegCLIP of Yuksekgonul et al. 2023), with their groups (M,): one that
     happens to be some image's own caption counts as that image's positive.
     """
+    # EXERCISE: InfoNCE logits (scale capped at 100), same-group texts as positives, the text->image term
+    ### BEGIN SOLUTION
     logits = logit_scale.exp().clamp(max=100) * image_embed @ text_embed.t()  # (B, B) cosine / T
     positives = (groups[:, None] == groups[None, :]).float()  # (B, B), 1 on the diagonal at least
     targets = positives / positives.sum(dim=1, keepdim=True)  # each row a distribution over texts
     text_to_image = F.cross_entropy(logits.t(), targets)  # `positives` is symmetric: same targets
+    ### END SOLUTION
     if negative_embed is not None:
         extra = logit_scale.exp().clamp(max=100) * image_embed @ negative_embed.t()  # (B, M)
         logits = torch.cat([logits, extra], dim=1)  # (B, B + M)

@@ -245,10 +245,13 @@ def _modulated_conv2d_naive(x, weight, styles, demodulate, padding, eps):
     outs = []
     for b in range(x.shape[0]):
         wb = weight[b] if weight.dim() == 5 else weight      # (C_out, C_in, K, K) this sample's kernel
+        # EXERCISE: modulate, w' = s_i * w, and demodulate, w'' = w' / sqrt(sum_ikl w'^2 + eps)
+        ### BEGIN SOLUTION
         wb = wb * styles[b].view(1, -1, 1, 1)                # w'_oikl = s_i * w_oikl
         if demodulate:
             # w''_oikl = w'_oikl / sqrt(sum_ikl w'_oikl^2 + eps)
             wb = wb / torch.sqrt((wb ** 2).sum(dim=(1, 2, 3), keepdim=True) + eps)
+        ### END SOLUTION
         outs.append(F.conv2d(x[b : b + 1], wb, padding=padding))  # (1, C_out, H', W')
     return torch.cat(outs)                                   # (B, C_out, H', W')
 
@@ -440,8 +443,11 @@ class AdaptiveConv2d(nn.Module):
         assert w.shape[1:] == (self.w_dim,), w.shape
         if self.affine_select is None:                       # N = 1: softmax of one logit
             return w.new_ones(w.shape[0], 1)                 # (B, 1)
+        # EXERCISE: selection weights softmax(W_filter^T w + b_filter) over the N kernels (Eq. 2)
+        ### BEGIN SOLUTION
         logits = self.affine_select(w)                       # (B, N)
         return logits.softmax(dim=1)                         # (B, N), rows sum to 1
+        ### END SOLUTION
 
     def kernel(self, w):
         """Each sample's mixed kernel K = c * sum_i p_i K_i, before modulation: (B, C_out, C_in, K, K),

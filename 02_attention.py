@@ -109,10 +109,13 @@ def l2_logits(q, k, scale):
     including the diagonal q_i = k_i where torch.cdist's gradient is undefined.
     q (B, nh, L, hd), k (B, nh, M, hd) -> (B, nh, L, M).
     """
+    # EXERCISE: s_ij = -(|q_i|^2 - 2 q_i.k_j + |k_j|^2) * scale, matmuls only (no sqrt, no cdist)
+    ### BEGIN SOLUTION
     q_sq = q.pow(2).sum(-1, keepdim=True)                 # |q_i|^2          (B, nh, L, 1)
     k_sq = k.pow(2).sum(-1).unsqueeze(-2)                 # |k_j|^2          (B, nh, 1, M)
     qk = q @ k.transpose(-2, -1)                          # q_i . k_j        (B, nh, L, M)
     return -(q_sq - 2 * qk + k_sq) * scale                # (B, nh, L, M)
+    ### END SOLUTION
 
 
 def dot_logits(q, k, scale):
@@ -130,9 +133,12 @@ def masked_softmax(logits, key_mask=None):
     """
     if key_mask is None:
         return logits.softmax(dim=-1)
+    # EXERCISE: masked keys weigh exactly 0; an all-masked row is all 0 (no NaN, no -inf)
+    ### BEGIN SOLUTION
     keep = key_mask[:, None, None, :]                     # (B, 1, 1, M)
     logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
     return logits.softmax(dim=-1) * keep                  # all-masked rows -> all 0
+    ### END SOLUTION
 
 
 def fused_attention(q, k, v, scale, key_bias=None, key_mask=None):

@@ -417,7 +417,10 @@ def style_mixing(ws_a, ws_b, crossover):
     crossover 0 gives ws_b, crossover num_ws gives ws_a; see Synthesis.w_names for the rows.
     """
     assert ws_a.shape == ws_b.shape, (ws_a.shape, ws_b.shape)
+    # EXERCISE: rows [0, crossover) of ws from ws_a (coarse), the rest from ws_b (fine)
+    ### BEGIN SOLUTION
     return torch.cat([ws_a[:, :crossover], ws_b[:, crossover:]], dim=1)  # (B, num_ws, S)
+    ### END SOLUTION
 
 
 def prompt_mixing(a, b, crossover, num_blocks):
@@ -481,11 +484,14 @@ class Generator(nn.Module):
         assert target in ("prompt", "global"), target
         if psi == 1:
             return w                                            # exact identity, no mean needed
+        # EXERCISE: w' = w_mean + psi (w - w_mean); w_mean: mean_w ("prompt") or w_avg ("global")
+        ### BEGIN SOLUTION
         if target == "prompt":
             w_mean = self.mean_w(t_global, n=n, seed=seed)      # (B, S) w_c per prompt
         else:
             w_mean = self.mapping.w_avg.unsqueeze(0).expand_as(w)  # (B, S) global running mean
         return w_mean + psi * (w - w_mean)                      # (B, S)
+        ### END SOLUTION
 
     def forward(self, z, tokens, mask, eot, truncation_psi=1.0, truncation_target="prompt", noise_mode="random"):
         """z (B, z_dim), tokens (B, L, D), mask (B, L) bool, eot (B,) long -> pyramid finest first."""

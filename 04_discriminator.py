@@ -347,7 +347,10 @@ class Discriminator(nn.Module):
         # which (entry i, exit j) pairs exist; single-scale: only the finest in, the last out
         self.entries = list(range(levels)) if cfg.multi_scale else [0]
         self.exits = list(range(levels)) if cfg.multi_scale else [levels - 1]
+        # EXERCISE: MS-I/O pairs (i, j): every entry i exits at every j >= i, entry-major order
+        ### BEGIN SOLUTION
         self.pairs = [(i, j) for i in self.entries for j in self.exits if j >= i]
+        ### END SOLUTION
 
         # image branch phi: fromRGB per entry level, one Scale per resolution
         self.from_rgb = nn.ModuleDict({
@@ -460,8 +463,11 @@ class VisionAidedDiscriminator(nn.Module):
         assert len(features) == len(self.heads), f"expected {len(self.heads)} feature maps, got {len(features)}"
         for f, c in zip(features, self.feature_channels):
             assert f.dim() == 4 and f.shape[:2] == (B, c), f"feature {tuple(f.shape)} != (B={B}, C={c}, h, w)"
+        # EXERCISE: one logit per feature map; heads conditioned on the text embedding * sqrt(E)
+        ### BEGIN SOLUTION
         c = text_embed * math.sqrt(self.embed_dim)            # (B, E), unit-variance entries
         logits = [head(f, c) for head, f in zip(self.heads, features)]  # len(features) x (B,)
+        ### END SOLUTION
         assert all(l.shape == (B,) for l in logits)
         return logits
 

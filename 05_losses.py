@@ -219,7 +219,10 @@ def d_adversarial_loss(real_preds, fake_preds):
 
 def g_adversarial_loss(fake_preds):
     """G's non-saturating loss: sum_p mean softplus(-fake_p) = -log sigmoid(D(G(c), c))."""
+    # EXERCISE: non-saturating G loss: sum over predictions of mean softplus(-logit)
+    ### BEGIN SOLUTION
     return sum(F.softplus(-fake.float()).mean() for fake in fake_preds)
+    ### END SOLUTION
 
 
 
@@ -267,6 +270,8 @@ def clip_contrastive_loss(image_embed, text_embed, temperature, caption_ids=None
     """
     B, E = image_embed.shape
     assert text_embed.shape == (B, E), (text_embed.shape, image_embed.shape)
+    # EXERCISE: Eq. 9: cross-entropy of cosines / tau; with caption_ids, every copy a positive
+    ### BEGIN SOLUTION
     logits = image_embed.float() @ text_embed.float().t() / temperature  # (B, B) cosine / tau
     if caption_ids is None:
         return F.cross_entropy(logits, torch.arange(B, device=logits.device))  # target: the diagonal
@@ -275,6 +280,7 @@ def clip_contrastive_loss(image_embed, text_embed, temperature, caption_ids=None
     log_all = torch.logsumexp(logits, dim=1)  # (B,) log sum_j exp(l_ij)
     log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)  # (B,) over positives
     return (log_all - log_pos).mean()
+    ### END SOLUTION
 
 
 # -----------------------------------------------------------------------------
@@ -317,12 +323,15 @@ def mode_seeking_captions(captions):
 
 def r1_penalty(real_pyramid, preds):
     """sum_levels mean_b || d(sum_p mean_hw D_p(x_b)) / d x_level,b ||^2; levels must require grad."""
+    # EXERCISE: R1: sum over levels of E_b ||d score / d x_level||^2, differentiable (create_graph)
+    ### BEGIN SOLUTION
     score = sum(_row_means(p).sum() for p in preds)  # images are independent: one backward gives all
     grads = torch.autograd.grad(score, real_pyramid, create_graph=True, allow_unused=True)
     penalty = torch.zeros((), device=real_pyramid[0].device)
     for g in grads:
         if g is not None:  # a level the D does not read (single-scale ablation) has no gradient
             penalty = penalty + g.float().square().reshape(g.shape[0], -1).sum(1).mean()  # E_b ||grad||^2
+    ### END SOLUTION
     return penalty
 
 

@@ -396,11 +396,14 @@ class Upsampler(nn.Module):
 
     def encode(self, x_lr):
         """x_lr (B, 3, r, r) -> skips {side: (B, C, side, side)} for r, r/2, ..., b."""
+        # EXERCISE: stem, then each encoder scale; keep every side's features as a skip {side: features}
+        ### BEGIN SOLUTION
         x = self.stem(x_lr)                                  # (B, C_r, r, r)
         skips = {x.shape[-1]: x}
         for scale in self.encoder:
             x = scale(x)                                     # (B, C_{s/2}, s/2, s/2) halved
             skips[x.shape[-1]] = x
+        ### END SOLUTION
         return skips
 
     def decode(self, x_lr, skips, w, t_local, local_mask, noise_mode="random"):
@@ -467,9 +470,12 @@ def sharpness(images):
     keeps the sum of |dx| (k steps of h/k) but divides the sum of dx^2 by k (k (h/k)^2), so
     only the squared form sees blur on images of flat regions and edges (the shapes data).
     """
+    # EXERCISE: forward differences dx, dy on (H-1, W-1); the RMS of sqrt(dx^2 + dy^2)
+    ### BEGIN SOLUTION
     dx = images[..., :-1, 1:] - images[..., :-1, :-1]         # (B, C, H-1, W-1)
     dy = images[..., 1:, :-1] - images[..., :-1, :-1]         # (B, C, H-1, W-1)
     return (dx.square() + dy.square()).mean().sqrt().item()
+    ### END SOLUTION
 
 
 @torch.no_grad()
