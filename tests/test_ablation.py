@@ -97,40 +97,54 @@ def test_report_without_runs_is_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- a smoke run
 
-SMOKE = ["--seeds", "1", "--only", "all on", "no-clip-loss", "--clip-steps", "2", "--eval-images", "8",
+SMOKE = ["--seeds", "1", "--only", "all on", "no-clip-loss", "--eval-images", "8",
          "--spread-prompts", "2", "--spread-seeds", "3", "--",
-         "--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--snapshot-every", "100",
-         "--ckpt-every", "100", "--clip-batch-size", "8"]
+         "--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--snapshot-every", "100", "--ckpt-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny CLIP of 2 steps on 64 shapes images (the study's own, <out>/clip, renders 8192)."""
+    clip_lib = pytest.importorskip("conftest").load("00_clip")
+    path = tmp_path_factory.mktemp("clip") / "clip.pt"
+    clip_lib.train_tiny_clip(data.ShapesDataset(32), str(path), steps=2, batch_size=8, pool_size=64, vision="resnet")
+    return str(path)
 
 
 @pytest.mark.slow
-def test_smoke_study_trains_skips_finished_runs_and_resumes(tmp_path, capsys, monkeypatch):
+def test_smoke_study_trains_skips_finished_runs_and_resumes(tmp_path, capsys, monkeypatch, tiny_clip):
     out = tmp_path / "study"
     calls = []
     real_main = ablation.train.main
     monkeypatch.setattr(ablation.train, "main", lambda argv: (calls.append(argv), real_main(argv))[1])
-    found = ablation.main(["--steps", "2", "--out", str(out), *SMOKE])
-    assert [c[c.index("--out") + 1] for c in calls] == [str(out / "clip"), str(out / "all-on" / "seed0"),
+    found = ablation.main(["--steps", "2", "--out", str(out), "--clip", tiny_clip, *SMOKE])
+    assert [c[c.index("--out") + 1] for c in calls] == [str(out / "all-on" / "seed0"),
                                                        str(out / "no-clip-loss" / "seed0")]
-    assert "--resume" not in calls[1] and calls[2][-2:] == ["--clip-batch-size", "8"]
-    assert calls[2][calls[2].index("--loss.clip_weight") + 1] == "0"
+    assert "--resume" not in calls[0] and calls[1][-2:] == ["--ckpt-every", "100"]
+    assert calls[1][calls[1].index("--loss.clip_weight") + 1] == "0" and "--loss.clip_weight" not in calls[0]
+    assert calls[0][calls[0].index("--clip") + 1] == "tiny:" + tiny_clip
     assert set(found) == {"all on", "no CLIP loss"}
     for row in ("all-on", "no-clip-loss"):
         result = json.load(open(out / row / "seed0" / "result.json"))
         assert result["step"] == 2 and 0 <= result["align_shape"] <= 1 and result["img_s"] > 0
-        assert result["minutes"] > 0 and np.isfinite(result["clip_fd"])
+        assert result["minutes"] > 0 and np.isfinite(result["clip_fd"]) and result["spread_mean"] >= 0
     table = (out / "ablation.md").read_text()
     assert "| all on |" in table and "| no CLIP loss |" in table and (out / "ablation.png").exists()
     # the same command again: nothing is trained
     calls.clear()
     stamp = os.path.getmtime(out / "all-on" / "seed0" / "checkpoint.pt")
-    ablation.main(["--steps", "2", "--out", str(out), *SMOKE])
+    ablation.main(["--steps", "2", "--out", str(out), "--clip", tiny_clip, *SMOKE])
     assert calls == [] and os.path.getmtime(out / "all-on" / "seed0" / "checkpoint.pt") == stamp
     assert "result.json kept" in capsys.readouterr().out
     # more steps: each run goes on from its checkpoint
-    ablation.main(["--steps", "3", "--out", str(out), *SMOKE])
+    ablation.main(["--steps", "3", "--out", str(out), "--clip", tiny_clip, *SMOKE])
     assert len(calls) == 2 and all("--resume" in c for c in calls)
     assert json.load(open(out / "all-on" / "seed0" / "result.json"))["step"] == 3
     steps = [json.loads(line)["step"] for line in open(out / "all-on" / "seed0" / "log.jsonl")
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3]
+    # --report trains nothing and rewrites the table of what has run at these steps
+    calls.clear()
+    (out / "ablation.md").unlink()
+    assert set(ablation.main(["--steps", "3", "--out", str(out), "--report", *SMOKE])) == {"all on", "no CLIP loss"}
+    assert calls == [] and (out / "ablation.md").exists()
