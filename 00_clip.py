@@ -733,3 +733,27 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Penultimate or last layer. In text_tower, hand G and D the last block's tokens instead of the
+#    penultimate ones. Look for: test_text_tower_matches_open_clip fails. Why might the paper
+#    prefer the penultimate block (what is the last one trained to do with its tokens)?
+#    Check: pytest tests/test_clip.py -k text_tower
+# 2. The caption cache. Build FrozenCLIP(build_tiny_clip(TinyCLIPConfig()), "t", cache_size=2) and
+#    call text_features on three prompts twice: count cache_hits and cache_misses before and after.
+#    Look for: a repeated prompt costs nothing while it is cached; the oldest is dropped first.
+#    Check: pytest tests/test_clip.py -k cache; the demo's last assertion.
+# 3. Hard negatives. Train two tiny CLIPs with train_tiny_clip(data.ShapesDataset(32), PATH,
+#    steps=300, vision="resnet"), one with negatives=data.shapes_hard_negatives and one without, and
+#    compare zero_shot_attribute_accuracy(clip, data.ShapesDataset(32, seed=1)). Look for: which
+#    attributes a random batch rarely contrasts (position, shape) and what the negatives change.
+#    A few minutes on a CPU; check: pytest tests/test_clip.py -k hard_negatives
+# 4. Duplicate captions. In contrastive_loss pass groups=torch.arange(B) for a batch whose captions
+#    repeat (e.g. each caption twice, with equal text embeddings). Look for: the loss can no longer
+#    fall below log 2, however well the images match. Check: the explicit-formula test,
+#    pytest tests/test_clip.py -k contrastive

@@ -483,3 +483,26 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Dot product instead of L2. In SelfAttention.attention_weights use dot_logits(qk, qk,
+#    dot_logit_scale(self.head_dim)). In the demo, scale the input by t = 1, 4, 16 and print the
+#    slope |J v| / |v| of the layer (torch.autograd.functional.jvp, random v). Look for: with the
+#    dot product the slope grows several-fold with t; with L2 it stays about 1 (Kim et al.: L2 with
+#    tied q/k is Lipschitz). The demo's "self is the largest weight" assertion fails too.
+# 2. Untie q and k. Give SelfAttention separate to_q and to_k projections. Look for: a token's
+#    largest weight is no longer on itself. Check: pytest tests/test_attention.py -k
+#    "attends_to_itself or tied"
+# 3. The logit scale. Set l2_logit_scale to 1 / sqrt(head_dim) and print the demo's "mean weight on
+#    itself" for heads 8 and 64 wide. Look for: at init every token attends almost only to itself.
+#    Check: pytest tests/test_attention.py -k logit_scale
+# 4. -inf masks. In masked_softmax fill with float("-inf") instead of the most negative float. Look
+#    for: NaN rows where every key is masked (a prompt with no real word). Check: pytest
+#    tests/test_attention.py -k all_masked
+# 5. cdist. Write l2_logits as -torch.cdist(q, k) ** 2 * scale. Look for: NaN or missing second
+#    derivatives at q_i = k_i, which R1 needs. Check: pytest tests/test_attention.py -k double_backward

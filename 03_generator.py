@@ -548,3 +548,28 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Truncation. After `python train.py`, sample one prompt with --truncation 1, 0.7 and 0
+#    (python sample.py --ckpt runs/tiny --prompt "..." --n 8 --grid --truncation 0.7), then with
+#    --truncation-target global. Look for: less variety as psi falls; does the prompt survive
+#    psi 0 toward the per-prompt mean, and toward the global one? Check: pytest
+#    tests/test_generator.py -k truncation
+# 2. Style mixing. python sample.py --ckpt runs/tiny --prompt "..." --style-mix ROW with ROW at the
+#    8 px and at the 16 px rows (sample.py lists them). Look for: which attributes (position,
+#    size, colour) come with the coarse rows. Check: pytest tests/test_generator.py -k style_mixing
+# 3. Table 1's generator rows. For each row of table1_config(G_PRESETS["tiny"], row) build the
+#    Generator (text_dim 128) and print count_parameters. Look for: what attention and the kernel
+#    banks cost at this size, against the paper's 27.8M -> 59.0M -> 80.2M at 64 px.
+#    Check: pytest tests/test_generator.py -k table1
+# 4. Text only through w. Set cross_attention=False: the prompt now reaches the synthesis only
+#    through t_global -> M -> w (StyleGAN2 + text). Train it with python ablation.py --only
+#    "no cross-attention" --seeds 1 and compare its attribute accuracy with "all on".
+# 5. Noise inputs. Build the tiny G with noise=True and compare images for noise_mode "random",
+#    "const" and "none". Look for: what changes with the noise (texture, not layout). Check:
+#    pytest tests/test_generator.py -k noise

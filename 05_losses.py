@@ -761,3 +761,26 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Saturating or not. Write the minimax G loss, -softplus(logit) (= log(1 - sigmoid)), beside
+#    g_adversarial_loss and compare d loss / d logit at logits -6, -3, 0, 3. Look for: where D
+#    confidently rejects G's images, the minimax gradient vanishes and the non-saturating one does
+#    not. Check: pytest tests/test_losses.py -k "logistic or signs"
+# 2. The matching-aware loss. Run python ablation.py --only "all on" "no matching-aware loss"
+#    --seeds 1 --steps 1000 and compare the accuracy and CLIP-score columns. Look for: whether
+#    they drop without Eq. 8 (Table 1: adding it raised the CLIP score 0.235 -> 0.254).
+# 3. The CLIP temperature. With tests/test_losses.py's gradient-descent test as a template, run
+#    the descent with temperature 0.01 and 0.5. Look for: how fast the matching accuracy rises.
+#    Check: pytest tests/test_losses.py -k "clip_loss or gradient_descent"
+# 4. R1. Train python train.py --loss.r1-gamma 0 --max-steps 1000 --out runs/r1off and the default;
+#    compare D/real_logit and D/fake_logit in their logs (losses.png). Look for: how far apart D
+#    pushes them without the penalty. Check the formula: pytest tests/test_losses.py -k r1
+# 5. Duplicate captions. Call mismatched_permutation on ["a"] * 6 + ["b", "c"] with
+#    return_valid=True. Look for: how many rows can get a wrong caption, and why the rest must be
+#    masked. Check: pytest tests/test_losses.py -k mismatched_permutation

@@ -568,3 +568,25 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Skips. Make decode read only the bottleneck (no torch.cat of skips; DecoderScale's
+#    in_channels change to match). Look for: the output still starts at bicubic (the residual
+#    design); do the test's few L1 steps shrink the error as much? Check: pytest
+#    tests/test_upsampler.py -k residual_starts_at_bicubic
+# 2. Noise augmentation. In the demo, print the change of the output for noise_aug 0, 0.05, 0.2
+#    and check the measured noise std against sigma. Look for: eval mode adds nothing unless asked.
+#    Check: pytest tests/test_upsampler.py -k noise_augmentation
+# 3. Sharpness. Blur a shapes image with a Gaussian of sigma 0.5, 1, 2 px and print sharpness();
+#    then replace its root mean square by the plain mean of |grad|. Look for: which of the two
+#    falls with blur (the docstring's edge argument). Check: pytest tests/test_upsampler.py -k sharpness
+# 4. Aliasing. Make a one-pixel checkerboard at 128 px and compare make_lowres with x[..., ::4, ::4].
+#    Look for: the plain subsampling turns it into a flat, wrong colour. Check: pytest
+#    tests/test_upsampler.py -k anti_aliased
+# 5. The residual's start. Set rgb_init=1.0 in UpsamplerConfig and rerun the demo. Look for: the
+#    init distance to bicubic grows from near 0. Check: pytest tests/test_upsampler.py -k init_output
