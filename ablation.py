@@ -404,16 +404,25 @@ def parse_args(argv):
     if args.spread_seeds < 2:
         raise StudyError("--spread-seeds must be at least 2 (a standard deviation over z)")
     owned = {"--out", "--seed", "--max-steps", "--max-minutes", "--clip", "--resume", "--stage", "--data"}
-    clash = [f for f in extra if f.split("=")[0] in owned]
+    clash = [f for f in extra if f.split("=")[0].replace("_", "-") in owned]
     if clash:
         raise StudyError(f"{clash[0]} after --: ablation.py sets it for every run (use its own --steps, --out, --clip)")
     args.rows = pick_rows(args.only)
-    try:  # every run's flags, checked by train.py's own parser before minutes of training
-        for row in args.rows:
-            train.parse_flags(["--out", args.out, "--clip", "tiny:x", *ROWS[row], *extra])
-    except train.FlagError as err:
-        raise StudyError(f"train.py flags of row {row!r}: {err}") from None
+    for row in args.rows:  # every run's flags, checked before minutes of training
+        train_configs(["--out", args.out, "--clip", "tiny:x", *ROWS[row], *extra], row)
     return args
+
+
+def train_configs(argv, row=""):
+    """train.py's own reading of a command line (its parse_flags), or None where this train.py has
+    none (then its first run reports a bad flag); a bad flag -> StudyError."""
+    parse = getattr(train, "parse_flags", None)
+    if parse is None:
+        return None
+    try:
+        return parse(argv)
+    except getattr(train, "FlagError", ValueError) as err:
+        raise StudyError(f"train.py flags{f' of row {row!r}' if row else ''}: {err}") from None
 
 
 def shared_clip(args):

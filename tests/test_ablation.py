@@ -64,12 +64,11 @@ def test_every_row_has_flags_train_accepts_and_a_paper_line():
     assert list(ablation.ROWS)[0] == "all on" and ablation.ROWS["all on"] == []
     assert set(ablation.PAPER) == set(ablation.ROWS)
     assert len({ablation.slug(r) for r in ablation.ROWS}) == len(ablation.ROWS)
-    import train
-    base = train.parse_flags([])
+    base = ablation.train_configs([])
     for row, flags in ablation.ROWS.items():
-        cfg, g, d, loss = train.parse_flags(flags)
-        changed = [(a, b) for a, b in zip((cfg, g, d, loss), (base[0], base[1], base[2], base[3])) if a != b]
-        assert (len(changed) > 0) == (row != "all on"), row                # each row changes the run
+        configs = ablation.train_configs(flags, row)                       # train.py accepts the flags
+        changed = [a for a, b in zip(configs, base) if a != b]
+        assert (len(changed) > 0) == (row != "all on"), row                # and each row changes the run
 
 
 @pytest.mark.parametrize("argv,message", [
