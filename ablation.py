@@ -183,6 +183,9 @@ def run_train(argv):
     try:
         train.main(argv)
     except SystemExit as err:
+        if err.code == 130:  # Ctrl-C or SIGTERM: train.py saved the step it was in
+            raise StudyError(f"interrupted ({argv[argv.index('--out') + 1]} saved): run the same ablation.py "
+                             "command again to go on") from None
         if err.code not in (None, 0):
             raise StudyError(f"train.py {' '.join(argv)} stopped with status {err.code} (its message is above); "
                              "fix it, then run the same ablation.py command again to go on") from None
