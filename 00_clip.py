@@ -110,9 +110,12 @@ def text_tower(model: open_clip.CLIP, ids: torch.Tensor, eot: torch.Tensor):
         x = clip_block(block, x, causal=True)  # (B, n, D); CLIP's text mask is causal
     # Project choice: the final LayerNorm is applied to the penultimate output too (as Stable
     # Diffusion 2 does with OpenCLIP), so the features have a fixed scale whatever the model.
+    # EXERCISE: penultimate tokens through ln_final; then the last block, ln_final, and pool at EOT
+    ### BEGIN SOLUTION
     penultimate = model.ln_final(x)  # (B, n, D)
     x = model.ln_final(clip_block(blocks[-1], x, causal=True))  # (B, n, D) the usual final output
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, D) the EOT token sums up the prompt
+    ### END SOLUTION
     proj = model.text_projection  # (D, E) matrix, or a Linear in some configs
     embed = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # (B, E)
     return penultimate, embed
@@ -544,10 +547,13 @@ def contrastive_loss(image_embed, text_embed, logit_scale, groups, negative_embe
     only (hard negatives, NegCLIP of Yuksekgonul et al. 2023), with their groups (M,): one that
     happens to be some image's own caption counts as that image's positive.
     """
+    # EXERCISE: InfoNCE logits (scale capped at 100), same-group texts as positives, the text->image term
+    ### BEGIN SOLUTION
     logits = logit_scale.exp().clamp(max=100) * image_embed @ text_embed.t()  # (B, B) cosine / T
     positives = (groups[:, None] == groups[None, :]).float()  # (B, B), 1 on the diagonal at least
     targets = positives / positives.sum(dim=1, keepdim=True)  # each row a distribution over texts
     text_to_image = F.cross_entropy(logits.t(), targets)  # `positives` is symmetric: same targets
+    ### END SOLUTION
     if negative_embed is not None:
         extra = logit_scale.exp().clamp(max=100) * image_embed @ negative_embed.t()  # (B, M)
         logits = torch.cat([logits, extra], dim=1)  # (B, B + M)
@@ -719,3 +725,27 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Penultimate or last layer. In text_tower, hand G and D the last block's tokens instead of the
+#    penultimate ones. Look for: test_text_tower_matches_open_clip fails. Why might the paper
+#    prefer the penultimate block (what is the last one trained to do with its tokens)?
+#    Check: pytest tests/test_clip.py -k text_tower
+# 2. The caption cache. Build FrozenCLIP(build_tiny_clip(TinyCLIPConfig()), "t", cache_size=2) and
+#    call text_features on three prompts twice: count cache_hits and cache_misses before and after.
+#    Look for: a repeated prompt costs nothing while it is cached; the oldest is dropped first.
+#    Check: pytest tests/test_clip.py -k cache; the demo's last assertion.
+# 3. Hard negatives. Train two tiny CLIPs with train_tiny_clip(data.ShapesDataset(32), PATH,
+#    steps=300, vision="resnet"), one with negatives=data.shapes_hard_negatives and one without, and
+#    compare zero_shot_attribute_accuracy(clip, data.ShapesDataset(32, seed=1)). Look for: which
+#    attributes a random batch rarely contrasts (position, shape) and what the negatives change.
+#    A few minutes on a CPU; check: pytest tests/test_clip.py -k hard_negatives
+# 4. Duplicate captions. In contrastive_loss pass groups=torch.arange(B) for a batch whose captions
+#    repeat (e.g. each caption twice, with equal text embeddings). Look for: the loss can no longer
+#    fall below log 2, however well the images match. Check: the explicit-formula test,
+#    pytest tests/test_clip.py -k contrastive

@@ -245,10 +245,13 @@ def _modulated_conv2d_naive(x, weight, styles, demodulate, padding, eps):
     outs = []
     for b in range(x.shape[0]):
         wb = weight[b] if weight.dim() == 5 else weight      # (C_out, C_in, K, K) this sample's kernel
+        # EXERCISE: modulate, w' = s_i * w, and demodulate, w'' = w' / sqrt(sum_ikl w'^2 + eps)
+        ### BEGIN SOLUTION
         wb = wb * styles[b].view(1, -1, 1, 1)                # w'_oikl = s_i * w_oikl
         if demodulate:
             # w''_oikl = w'_oikl / sqrt(sum_ikl w'_oikl^2 + eps)
             wb = wb / torch.sqrt((wb ** 2).sum(dim=(1, 2, 3), keepdim=True) + eps)
+        ### END SOLUTION
         outs.append(F.conv2d(x[b : b + 1], wb, padding=padding))  # (1, C_out, H', W')
     return torch.cat(outs)                                   # (B, C_out, H', W')
 
@@ -446,8 +449,11 @@ class AdaptiveConv2d(nn.Module):
         assert w.shape[1:] == (self.w_dim,), w.shape
         if self.affine_select is None:                       # N = 1: softmax of one logit
             return w.new_ones(w.shape[0], 1)                 # (B, 1)
+        # EXERCISE: selection weights softmax(W_filter^T w + b_filter) over the N kernels (Eq. 2)
+        ### BEGIN SOLUTION
         logits = self.affine_select(w)                       # (B, N)
         return logits.softmax(dim=1)                         # (B, N), rows sum to 1
+        ### END SOLUTION
 
     def kernel(self, w):
         """Each sample's mixed kernel K = c * sum_i p_i K_i, before modulation: (B, C_out, C_in, K, K),
@@ -576,3 +582,28 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. N = 1 is StyleGAN2. Build AdaptiveConv2d(8, 16, 3, w_dim=32, n_kernels=1) and write the
+#    StyleGAN2 layer yourself: per sample, w' = s * K, demodulate, F.conv2d, + bias, lrelu * sqrt(2).
+#    Look for: the same output to float precision, and selection_weights exactly 1.
+#    Check: pytest tests/test_kernel_selection.py -k single_kernel; step 5 of the demo.
+# 2. Demodulation. In step 3 of the demo call modulated_conv2d(..., demodulate=False). Look for: the
+#    output std follows the styles (x10 there) instead of staying near 1: StyleGAN2 replaced
+#    AdaIN's normalisation of the activations with this. Check: the demo's `0.9 < std < 1.1`.
+# 3. Hard selection. Replace the softmax in selection_weights by a one-hot of its argmax. Look for:
+#    after layer(x, w).sum().backward(), affine_select.weight.grad is None: no gradient reaches
+#    W_filter, so a hard choice cannot be learned this way. Check: pytest
+#    tests/test_kernel_selection.py -k selection_weights (it compares with the softmax).
+# 4. Cost of the bank. For N = 1, 4, 8 count the layer's parameters and time layer(x, w) at B = 16,
+#    C = 64, 32 x 32 (torch.utils.benchmark). Look for: parameters grow N-fold; compare the time
+#    with the multiply-adds of the module docstring (the mixture is formed once per sample), and
+#    note that N = 1 runs as one shared-kernel conv, N > 1 as a grouped one. Check: the demo.
+# 5. Naive and fused. Run layer(x, w, fused=False) and fused=True for up=1 and up=2 and time both.
+#    Look for: equal outputs (the demo's step 4) and which path is faster at your batch size.
+#    Check: pytest tests/test_kernel_selection.py -k fused_equals_naive

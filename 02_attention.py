@@ -110,10 +110,13 @@ def l2_logits(q, k, scale):
     including the diagonal q_i = k_i where torch.cdist's gradient is undefined.
     q (B, nh, L, hd), k (B, nh, M, hd) -> (B, nh, L, M).
     """
+    # EXERCISE: s_ij = -(|q_i|^2 - 2 q_i.k_j + |k_j|^2) * scale, matmuls only (no sqrt, no cdist)
+    ### BEGIN SOLUTION
     q_sq = q.pow(2).sum(-1, keepdim=True)                 # |q_i|^2          (B, nh, L, 1)
     k_sq = k.pow(2).sum(-1).unsqueeze(-2)                 # |k_j|^2          (B, nh, 1, M)
     qk = q @ k.transpose(-2, -1)                          # q_i . k_j        (B, nh, L, M)
     return -(q_sq - 2 * qk + k_sq) * scale                # (B, nh, L, M)
+    ### END SOLUTION
 
 
 def dot_logits(q, k, scale):
@@ -131,9 +134,12 @@ def masked_softmax(logits, key_mask=None):
     """
     if key_mask is None:
         return logits.softmax(dim=-1)
+    # EXERCISE: masked keys weigh exactly 0; an all-masked row is all 0 (no NaN, no -inf)
+    ### BEGIN SOLUTION
     keep = key_mask[:, None, None, :]                     # (B, 1, 1, M)
     logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
     return logits.softmax(dim=-1) * keep                  # all-masked rows -> all 0
+    ### END SOLUTION
 
 
 def fused_attention(q, k, v, scale, key_bias=None, key_mask=None):
@@ -500,3 +506,26 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Dot product instead of L2. In SelfAttention.attention_weights use dot_logits(qk, qk,
+#    dot_logit_scale(self.head_dim)). In the demo, scale the input by t = 1, 4, 16 and print the
+#    slope |J v| / |v| of the layer (torch.autograd.functional.jvp, random v). Look for: with the
+#    dot product the slope grows several-fold with t; with L2 it stays about 1 (Kim et al.: L2 with
+#    tied q/k is Lipschitz). The demo's "self is the largest weight" assertion fails too.
+# 2. Untie q and k. Give SelfAttention separate to_q and to_k projections. Look for: a token's
+#    largest weight is no longer on itself. Check: pytest tests/test_attention.py -k
+#    "attends_to_itself or tied"
+# 3. The logit scale. Set l2_logit_scale to 1 / sqrt(head_dim) and print the demo's "mean weight on
+#    itself" for heads 8 and 64 wide. Look for: at init every token attends almost only to itself.
+#    Check: pytest tests/test_attention.py -k logit_scale
+# 4. -inf masks. In masked_softmax fill with float("-inf") instead of the most negative float. Look
+#    for: NaN rows where every key is masked (a prompt with no real word). Check: pytest
+#    tests/test_attention.py -k all_masked
+# 5. cdist. Write l2_logits as -torch.cdist(q, k) ** 2 * scale. Look for: NaN or missing second
+#    derivatives at q_i = k_i, which R1 needs. Check: pytest tests/test_attention.py -k double_backward

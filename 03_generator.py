@@ -419,7 +419,10 @@ def style_mixing(ws_a, ws_b, crossover):
     crossover 0 gives ws_b, crossover num_ws gives ws_a; see Synthesis.w_names for the rows.
     """
     assert ws_a.shape == ws_b.shape, (ws_a.shape, ws_b.shape)
+    # EXERCISE: rows [0, crossover) of ws from ws_a (coarse), the rest from ws_b (fine)
+    ### BEGIN SOLUTION
     return torch.cat([ws_a[:, :crossover], ws_b[:, crossover:]], dim=1)  # (B, num_ws, S)
+    ### END SOLUTION
 
 
 def prompt_mixing(a, b, crossover, num_blocks):
@@ -483,11 +486,14 @@ class Generator(nn.Module):
         assert target in ("prompt", "global"), target
         if psi == 1:
             return w                                            # exact identity, no mean needed
+        # EXERCISE: w' = w_mean + psi (w - w_mean); w_mean: mean_w ("prompt") or w_avg ("global")
+        ### BEGIN SOLUTION
         if target == "prompt":
             w_mean = self.mean_w(t_global, n=n, seed=seed)      # (B, S) w_c per prompt
         else:
             w_mean = self.mapping.w_avg.unsqueeze(0).expand_as(w)  # (B, S) global running mean
         return w_mean + psi * (w - w_mean)                      # (B, S)
+        ### END SOLUTION
 
     def forward(self, z, tokens, mask, eot, truncation_psi=1.0, truncation_target="prompt", noise_mode="random"):
         """z (B, z_dim), tokens (B, L, D), mask (B, L) bool, eot (B,) long -> pyramid finest first."""
@@ -544,3 +550,28 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Truncation. After `python train.py`, sample one prompt with --truncation 1, 0.7 and 0
+#    (python sample.py --ckpt runs/tiny --prompt "..." --n 8 --grid --truncation 0.7), then with
+#    --truncation-target global. Look for: less variety as psi falls; does the prompt survive
+#    psi 0 toward the per-prompt mean, and toward the global one? Check: pytest
+#    tests/test_generator.py -k truncation
+# 2. Style mixing. python sample.py --ckpt runs/tiny --prompt "..." --style-mix ROW with ROW at the
+#    8 px and at the 16 px rows (sample.py lists them). Look for: which attributes (position,
+#    size, colour) come with the coarse rows. Check: pytest tests/test_generator.py -k style_mixing
+# 3. Table 1's generator rows. For each row of table1_config(G_PRESETS["tiny"], row) build the
+#    Generator (text_dim 128) and print count_parameters. Look for: what attention and the kernel
+#    banks cost at this size, against the paper's 27.8M -> 59.0M -> 80.2M at 64 px.
+#    Check: pytest tests/test_generator.py -k table1
+# 4. Text only through w. Set cross_attention=False: the prompt now reaches the synthesis only
+#    through t_global -> M -> w (StyleGAN2 + text). Train it with python ablation.py --only
+#    "no cross-attention" --seeds 1 and compare its attribute accuracy with "all on".
+# 5. Noise inputs. Build the tiny G with noise=True and compare images for noise_mode "random",
+#    "const" and "none". Look for: what changes with the noise (texture, not layout). Check:
+#    pytest tests/test_generator.py -k noise

@@ -384,7 +384,10 @@ class Discriminator(nn.Module):
         # which (entry i, exit j) pairs exist; single-scale: only the finest in, the last out
         self.entries = list(range(levels)) if cfg.multi_scale else [0]
         self.exits = list(range(levels)) if cfg.multi_scale else [levels - 1]
+        # EXERCISE: MS-I/O pairs (i, j): every entry i exits at every j >= i, entry-major order
+        ### BEGIN SOLUTION
         self.pairs = [(i, j) for i in self.entries for j in self.exits if j >= i]
+        ### END SOLUTION
 
         # image branch phi: fromRGB per entry level, one Scale per resolution
         self.from_rgb = nn.ModuleDict({
@@ -498,8 +501,11 @@ class VisionAidedDiscriminator(nn.Module):
         assert len(features) == len(self.heads), f"expected {len(self.heads)} feature maps, got {len(features)}"
         for f, c in zip(features, self.feature_channels):
             assert f.dim() == 4 and f.shape[:2] == (B, c), f"feature {tuple(f.shape)} != (B={B}, C={c}, h, w)"
+        # EXERCISE: one logit per feature map; heads conditioned on the text embedding * sqrt(E)
+        ### BEGIN SOLUTION
         c = text_embed * math.sqrt(self.embed_dim)            # (B, E), unit-variance entries
         logits = [head(f, c) for head, f in zip(self.heads, features)]  # len(features) x (B,)
+        ### END SOLUTION
         assert all(l.shape == (B,) for l in logits)
         return logits
 
@@ -553,3 +559,26 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. The MS-I/O table. Print Discriminator(cfg, 128).pairs for cfg = D_PRESETS["tiny"], for
+#    resolution 64, and with multi_scale=False. Look for: L(L+1)/2 predictions (10, 15) against one.
+#    Check: pytest tests/test_discriminator.py -k "number_order or single_scale"
+# 2. Late entry. In forward, let every stream start from x_0 (pyramid[0] resized) instead of x_j.
+#    Look for: prediction (i, j) now has a gradient from x_0, not from x_i. Check: pytest
+#    tests/test_discriminator.py -k late_entry (it asks autograd which level each prediction reads).
+# 3. Where is the shape? Build Predictor(C, cond, 2) without `size` and feed it a feature map and
+#    the same map rolled sideways. Look for: the same logit: 1x1 convs and a mean are blind to
+#    position, so "on the left" could not be checked. Check: pytest tests/test_discriminator.py
+#    -k position_map
+# 4. The text in D. Replace t_D by zeros in forward. Look for: the demo's "some prediction ignores
+#    the text" assertion fails, and D could no longer tell a real image with a wrong caption (Eq. 8)
+#    from one with its own. Check: python 04_discriminator.py
+# 5. Downsampling. Train python train.py --d.downsample max --max-steps 1000 --out runs/max and the
+#    default to the same step; compare the shape accuracy of the eval lines (DownBlock's docstring
+#    says why max-pooling may help at 32 px).

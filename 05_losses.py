@@ -223,7 +223,10 @@ def d_adversarial_loss(real_preds, fake_preds):
 
 def g_adversarial_loss(fake_preds):
     """G's non-saturating loss: sum_p mean softplus(-fake_p) = -log sigmoid(D(G(c), c))."""
+    # EXERCISE: non-saturating G loss: sum over predictions of mean softplus(-logit)
+    ### BEGIN SOLUTION
     return sum(F.softplus(-fake.float()).mean() for fake in fake_preds)
+    ### END SOLUTION
 
 
 
@@ -294,6 +297,8 @@ def clip_contrastive_loss(image_embed, text_embed, temperature, caption_ids=None
     """
     B, E = image_embed.shape
     assert text_embed.shape == (B, E), (text_embed.shape, image_embed.shape)
+    # EXERCISE: Eq. 9: cross-entropy of cosines / tau; with caption_ids, every copy a positive
+    ### BEGIN SOLUTION
     logits = image_embed.float() @ text_embed.float().t() / temperature  # (B, B) cosine / tau
     if caption_ids is None:
         return F.cross_entropy(logits, torch.arange(B, device=logits.device))  # target: the diagonal
@@ -302,6 +307,7 @@ def clip_contrastive_loss(image_embed, text_embed, temperature, caption_ids=None
     log_all = torch.logsumexp(logits, dim=1)  # (B,) log sum_j exp(l_ij)
     log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)  # (B,) over positives
     return (log_all - log_pos).mean()
+    ### END SOLUTION
 
 
 # -----------------------------------------------------------------------------
@@ -344,12 +350,15 @@ def mode_seeking_captions(captions):
 
 def r1_penalty(real_pyramid, preds):
     """sum_levels mean_b || d(sum_p mean_hw D_p(x_b)) / d x_level,b ||^2; levels must require grad."""
+    # EXERCISE: R1: sum over levels of E_b ||d score / d x_level||^2, differentiable (create_graph)
+    ### BEGIN SOLUTION
     score = sum(_row_means(p).sum() for p in preds)  # images are independent: one backward gives all
     grads = torch.autograd.grad(score, real_pyramid, create_graph=True, allow_unused=True)
     penalty = torch.zeros((), device=real_pyramid[0].device)
     for g in grads:
         if g is not None:  # a level the D does not read (single-scale ablation) has no gradient
             penalty = penalty + g.float().square().reshape(g.shape[0], -1).sum(1).mean()  # E_b ||grad||^2
+    ### END SOLUTION
     return penalty
 
 
@@ -807,3 +816,26 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Saturating or not. Write the minimax G loss, -softplus(logit) (= log(1 - sigmoid)), beside
+#    g_adversarial_loss and compare d loss / d logit at logits -6, -3, 0, 3. Look for: where D
+#    confidently rejects G's images, the minimax gradient vanishes and the non-saturating one does
+#    not. Check: pytest tests/test_losses.py -k "logistic or signs"
+# 2. The matching-aware loss. Run python ablation.py --only "all on" "no matching-aware loss"
+#    --seeds 1 --steps 1000 and compare the accuracy and CLIP-score columns. Look for: whether
+#    they drop without Eq. 8 (Table 1: adding it raised the CLIP score 0.235 -> 0.254).
+# 3. The CLIP temperature. With tests/test_losses.py's gradient-descent test as a template, run
+#    the descent with temperature 0.01 and 0.5. Look for: how fast the matching accuracy rises.
+#    Check: pytest tests/test_losses.py -k "clip_loss or gradient_descent"
+# 4. R1. Train python train.py --loss.r1-gamma 0 --max-steps 1000 --out runs/r1off and the default;
+#    compare D/real_logit and D/fake_logit in their logs (losses.png). Look for: how far apart D
+#    pushes them without the penalty. Check the formula: pytest tests/test_losses.py -k r1
+# 5. Duplicate captions. Call mismatched_permutation on ["a"] * 6 + ["b", "c"] with
+#    return_valid=True. Look for: how many rows can get a wrong caption, and why the rest must be
+#    masked. Check: pytest tests/test_losses.py -k mismatched_permutation

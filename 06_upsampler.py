@@ -410,11 +410,14 @@ class Upsampler(nn.Module):
 
     def encode(self, x_lr):
         """x_lr (B, 3, r, r) -> skips {side: (B, C, side, side)} for r, r/2, ..., b."""
+        # EXERCISE: stem, then each encoder scale; keep every side's features as a skip {side: features}
+        ### BEGIN SOLUTION
         x = self.stem(x_lr)                                  # (B, C_r, r, r)
         skips = {x.shape[-1]: x}
         for scale in self.encoder:
             x = scale(x)                                     # (B, C_{s/2}, s/2, s/2) halved
             skips[x.shape[-1]] = x
+        ### END SOLUTION
         return skips
 
     def decode(self, x_lr, skips, w, t_local, local_mask, noise_mode="random"):
@@ -481,9 +484,12 @@ def sharpness(images):
     keeps the sum of |dx| (k steps of h/k) but divides the sum of dx^2 by k (k (h/k)^2), so
     only the squared form sees blur on images of flat regions and edges (the shapes data).
     """
+    # EXERCISE: forward differences dx, dy on (H-1, W-1); the RMS of sqrt(dx^2 + dy^2)
+    ### BEGIN SOLUTION
     dx = images[..., :-1, 1:] - images[..., :-1, :-1]         # (B, C, H-1, W-1)
     dy = images[..., 1:, :-1] - images[..., :-1, :-1]         # (B, C, H-1, W-1)
     return (dx.square() + dy.square()).mean().sqrt().item()
+    ### END SOLUTION
 
 
 @torch.no_grad()
@@ -576,3 +582,25 @@ def demo():
 
 if __name__ == "__main__":
     demo()
+
+
+# -----------------------------------------------------------------------------
+# Exercises. Each says what to change, what to look for, and which test or demo checks it.
+# (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+#
+# 1. Skips. Make decode read only the bottleneck (no torch.cat of skips; DecoderScale's
+#    in_channels change to match). Look for: the output still starts at bicubic (the residual
+#    design); do the test's few L1 steps shrink the error as much? Check: pytest
+#    tests/test_upsampler.py -k residual_starts_at_bicubic
+# 2. Noise augmentation. In the demo, print the change of the output for noise_aug 0, 0.05, 0.2
+#    and check the measured noise std against sigma. Look for: eval mode adds nothing unless asked.
+#    Check: pytest tests/test_upsampler.py -k noise_augmentation
+# 3. Sharpness. Blur a shapes image with a Gaussian of sigma 0.5, 1, 2 px and print sharpness();
+#    then replace its root mean square by the plain mean of |grad|. Look for: which of the two
+#    falls with blur (the docstring's edge argument). Check: pytest tests/test_upsampler.py -k sharpness
+# 4. Aliasing. Make a one-pixel checkerboard at 128 px and compare make_lowres with x[..., ::4, ::4].
+#    Look for: the plain subsampling turns it into a flat, wrong colour. Check: pytest
+#    tests/test_upsampler.py -k anti_aliased
+# 5. The residual's start. Set rgb_init=1.0 in UpsamplerConfig and rerun the demo. Look for: the
+#    init distance to bicubic grows from near 0. Check: pytest tests/test_upsampler.py -k init_output
