@@ -467,9 +467,11 @@ class AdaptiveConv2d(nn.Module):
             return bank[0] * self.weight_gain                # shared by the batch
         # the equalized-LR scale c goes onto the (B, N) weights, not onto the B kernels after mixing:
         # the same numbers, one pass less over B * C_out * C_in * K * K (10% of G's op time at 256 ch)
+        # EXERCISE: per-sample kernels K_b = sum_n (c * p_bn) * bank_n (Eq. 1), one matmul for the batch
+        ### BEGIN SOLUTION
         p = self.selection_weights(w) * self.weight_gain    # (B, N) c * p_bn
-        # one matmul over the bank for the whole batch: K_b = sum_n c * p_bn * K_n
-        return (p @ bank.flatten(1)).view(-1, *bank.shape[1:])  # (B, ...)
+        return (p @ bank.flatten(1)).view(-1, *bank.shape[1:])  # (B, N) @ (N, rest) -> (B, ...)
+        ### END SOLUTION
 
     def kernel_energy(self, w):
         """sum_kl K_oikl^2 of each sample's mixed kernel, for the demodulation, without forming

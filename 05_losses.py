@@ -262,10 +262,13 @@ def d_matching_loss(real_wrong_preds, fake_wrong_preds, valid=None):
     """
     assert fake_wrong_preds is None or len(fake_wrong_preds) == len(real_wrong_preds)
     loss = 0.0
+    # EXERCISE: Eq. 8 for D: per prediction, masked mean softplus(+logit) of (x, c^), plus (G(c), c^) if given
+    ### BEGIN SOLUTION
     for p, real_wrong in enumerate(real_wrong_preds):
         loss = loss + _masked_mean(_softplus_rows(real_wrong), valid)  # -log(1 - sigmoid(D(x, c^)))
         if fake_wrong_preds is not None:
             loss = loss + _masked_mean(_softplus_rows(fake_wrong_preds[p]), valid)  # -log(1 - sigmoid(D(G(c), c^)))
+    ### END SOLUTION
     return loss
 
 

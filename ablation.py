@@ -20,7 +20,10 @@ Per run, measured on G_ema at its last step (result.json in its directory):
     captions, judged from pixels by data.judge_shapes_image;
   - CLIP score and the CLIP-feature Frechet distance to real images (sample.evaluate);
   - seed spread: how much the images of one caption vary with z, relative to real images of
-    that caption (see seed_spread; 1 = as varied as the data, 0 = one image per caption);
+    that caption: sample.evaluate's spread_x, spread_y, spread_size (metrics.seed_spread on
+    sample.SPREAD_Z z of each of the first sample.SPREAD_CAPTIONS evaluation captions, as
+    sample.py --eval and train.py's eval lines report it) and their mean, spread_mean (1 = as
+    varied as the data, 0 = one image per caption; None when no caption had 3 right shapes);
   - img/s: train.py's logged training throughput, minutes: wall time of its train.py calls.
 Per row, ablation.md holds mean +- spread over the seeds (spread = half the range: with two
 seeds, each seed is at mean +- spread; a difference inside it is not a finding) next to the
@@ -29,7 +32,6 @@ paper's Table 1 numbers for the component, and ablation.png a bar chart of the s
 Bad input (an unknown row, a bad train.py flag) is one line on stderr and exit status 2.
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -53,7 +55,9 @@ ROWS = {
     "no self-attention": ["--g.self_attention", "false"],
     "no cross-attention": ["--g.cross_attention", "false"],
     "no kernel bank (N = 1)": ["--g.n_kernels", "1,1,1,1"],  # one entry per G scale (4 at 32 px)
-    "no matching-aware loss": ["--loss.match_d", "false", "--loss.match_g", "false"],
+    # Table 1's row before "+matching-aware G and D" (05_losses.table1_matching(cfg, "+attention")):
+    # no mismatched pair for D, real or generated, and none of the project's G-side term
+    "no matching-aware loss": ["--loss.match_d", "false", "--loss.match_fake", "false", "--loss.match_g", "false"],
     "no CLIP loss": ["--loss.clip_weight", "0"],
     "no multi-scale D (MS-I/O)": ["--d.multi_scale", "false"],
     "no vision-aided D": ["--loss.vision_weight", "0"],
@@ -70,7 +74,6 @@ PAPER = {
 }
 ATTRIBUTES = sample.SHAPES_ATTRIBUTES + ("mean",)   # per-attribute accuracy and their mean
 EVAL_DATA_SEED = 0         # real captions and images of the evaluation, the same for every run
-SPREAD_DATA_SEED = 1       # real images of the seed-spread prompts (another stream than the eval's)
 
 
 class StudyError(ValueError):
@@ -80,90 +83,6 @@ class StudyError(ValueError):
 def slug(row):
     """'no kernel bank (N = 1)' -> 'no-kernel-bank-n-1': the row's directory name."""
     return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
-
-
-# -----------------------------------------------------------------------------
-# Seed spread: do the images of one caption vary with z as real images of it do?
-#
-# The shapes data draws each image's centre x (+-0.04), centre y (+-0.10) and extent (+-10%)
-# uniformly around the caption's values, so real images of one caption vary in all three. A
-# conditional G can collapse to one image per caption, each image real-looking and right. We
-# measure the three from pixels, take their standard deviation over z for a fixed caption, and
-# divide by the same over real images of that caption.
-
-
-def shape_geometry(images):
-    """Geometry of the one shape in each shapes-style image, from its pixels.
-
-    images (B, 3, H, W) in [-1, 1] -> (B, 3) float64 numpy: the centre x and centre y of the
-    shape's box as fractions of the width and height, and its extent (box height / H). The
-    background is the median border colour; alpha is each pixel's colour distance from it
-    relative to the shape's (the 90th percentile of the pixels far from it), ramped from 0.25
-    to 0.75 as data.judge_shapes_image does; the box is the soft one of alpha's row and column
-    maxima (a pixel half inside counts half). The box, not the centroid: a triangle's mass sits
-    below its box centre, and its caption fixes the box. A blank image (nothing far from the
-    background) gives NaN.
-    """
-    rgb = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).numpy().astype(np.float64)  # (B, 3, H, W)
-    B, _, H, W = rgb.shape
-    out = np.full((B, 3), np.nan)
-    ys, xs = np.arange(H) + 0.5, np.arange(W) + 0.5                       # pixel centres
-    for b in range(B):
-        x = rgb[b]
-        border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # (3, 2H+2W)
-        bg = np.median(border, axis=1)                                    # (3,)
-        dist = np.sqrt(((x - bg[:, None, None]) ** 2).sum(0))             # (H, W)
-        far = dist > data._FAR
-        if not far.any():
-            continue
-        ref = np.percentile(dist[far], 90)                                # the shape's own distance
-        alpha = np.clip((dist / ref - 0.25) / 0.5, 0.0, 1.0)              # (H, W)
-        rows, cols = alpha.max(1), alpha.max(0)                           # (H,), (W,) soft box profiles
-        height, width = rows.sum(), cols.sum()
-        if height <= 0 or width <= 0:
-            continue
-        out[b] = ((cols * xs).sum() / width / W, (rows * ys).sum() / height / H, height / H)
-    return out
-
-
-def spread_ratio(fake_geometry, real_geometry):
-    """Per prompt, the std over samples of (x, y, extent) of generated images divided by that of
-    real ones. fake_geometry, real_geometry: lists (one entry per prompt) of (n, 3) arrays
-    (shape_geometry). -> {"x", "y", "extent": mean ratio over the prompts, "mean": of the three}."""
-    ratios = np.array([np.nanstd(f, axis=0) / np.nanstd(r, axis=0)
-                       for f, r in zip(fake_geometry, real_geometry)])    # (prompts, 3)
-    out = dict(zip(("x", "y", "extent"), np.nanmean(ratios, axis=0).tolist()))
-    out["mean"] = float(np.mean(list(out.values())))
-    return out
-
-
-@functools.lru_cache(maxsize=4)  # a study measures every run on the same prompts
-def real_images_of(prompts, n, resolution, seed=SPREAD_DATA_SEED, limit=2_000_000):
-    """n real shapes images for each of a tuple of prompts: the first samples of ShapesDataset(seed)
-    whose five attributes are the prompt's (any caption template). -> tuple of (n, 3, R, R) tensors."""
-    wanted = {}
-    for k, p in enumerate(prompts):
-        attrs = data.parse_shapes_caption(p)
-        assert all(v is not None for v in attrs.values()), f"{p!r} does not name all five attributes"
-        wanted.setdefault(tuple(sorted(attrs.items())), []).append(k)
-    found = [[] for _ in prompts]
-    ds = data.ShapesDataset(resolution, seed=seed, length=limit)
-    for i in range(limit):
-        for k in wanted.get(tuple(sorted(ds.attributes(i).items())), []):
-            if len(found[k]) < n:
-                found[k].append(i)
-        if all(len(f) == n for f in found):
-            break
-    return tuple(torch.stack([ds[i][0] for i in idx]) for idx in found)
-
-
-@torch.no_grad()
-def seed_spread(G, clip, prompts, n):
-    """The seed spread of G (see above) on `prompts`, n seeds each (seeds 0..n-1, as sample.py's
-    plain mode draws them). -> spread_ratio's dict."""
-    fakes = [sample.generate(G, clip, [p] * n, list(range(n))).cpu() for p in prompts]  # each (n, 3, R, R)
-    reals = real_images_of(tuple(prompts), n, G.cfg.resolution)
-    return spread_ratio([shape_geometry(x) for x in fakes], [shape_geometry(x) for x in reals])
 
 
 # -----------------------------------------------------------------------------
@@ -230,16 +149,23 @@ def throughput(run_dir):
     return float(np.mean(speeds)) if speeds else float("nan")
 
 
-def measure(run_dir, eval_images, spread_prompts, spread_seeds):
-    """G_ema of a finished run -> its metrics dict (written to <run_dir>/result.json)."""
+def measure(run_dir, eval_images):
+    """G_ema of a finished run -> its metrics dict (written to <run_dir>/result.json): sample.evaluate's
+    figures (the same as sample.py --eval's), spread_mean, img/s and minutes."""
     G, clip, ckpt = sample.load_generator(run_dir)
     dataset = data.ShapesDataset(G.cfg.resolution, seed=EVAL_DATA_SEED)
     metrics = sample.evaluate(G, clip, dataset, n=eval_images, shapes=True)
-    spread = seed_spread(G, clip, data.shapes_prompts_grid(n=spread_prompts), spread_seeds)
     seconds = json.load(open(os.path.join(run_dir, "ablation_time.json")))["seconds"]
-    return {"step": ckpt["step"], "eval_images": eval_images, "spread_prompts": spread_prompts,
-            "spread_seeds": spread_seeds, **metrics, **{f"spread_{k}": v for k, v in spread.items()},
-            "img_s": throughput(run_dir), "minutes": seconds / 60}
+    return {"step": ckpt["step"], "eval_images": eval_images, "spread_z": sample.SPREAD_Z, **metrics,
+            "spread_mean": spread_mean(metrics), "img_s": throughput(run_dir), "minutes": seconds / 60}
+
+
+def spread_mean(scores):
+    """The table's one seed-spread figure: the mean of sample.evaluate's spread_x, spread_y and
+    spread_size, or None where no caption counted (seed_spread then says 0, but measured nothing)."""
+    if scores["spread_captions"] == 0:
+        return None
+    return float(np.mean([scores[f"spread_{k}"] for k in ("x", "y", "size")]))
 
 
 def run_row_seed(row, seed, args, clip_spec):
@@ -249,15 +175,14 @@ def run_row_seed(row, seed, args, clip_spec):
             "--clip", clip_spec, *ROWS[row], *args.train_flags]
     trained = train_run(run_dir, argv, args.steps)
     path = os.path.join(run_dir, "result.json")
-    settings = {"step": args.steps, "eval_images": args.eval_images, "spread_prompts": args.spread_prompts,
-                "spread_seeds": args.spread_seeds}
+    settings = {"step": args.steps, "eval_images": args.eval_images, "spread_z": sample.SPREAD_Z}
     if not trained and os.path.isfile(path):
         result = json.load(open(path))
         if all(result.get(k) == v for k, v in settings.items()):
             print(f"[ablation] {run_dir}: done before, result.json kept", flush=True)
             return result
     print(f"[ablation] measuring {run_dir}", flush=True)
-    result = measure(run_dir, args.eval_images, args.spread_prompts, args.spread_seeds)
+    result = measure(run_dir, args.eval_images)
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -303,7 +228,8 @@ def markdown_table(found, steps, seeds):
     head = ["row"] + [title for _, title, _ in COLUMNS] + ["paper, Table 1 (adding it)"]
     lines = [f"Tiny GigaGAN on shapes, {steps} steps of 16 images; mean +- half the range over seeds "
              f"(a difference inside it is not a finding). Seed spread: std over z of the shape's x, y and "
-             f"extent for one caption / the same for real images (1 = as varied as the data).", "",
+             f"extent for one caption / the same for real images of it, median over captions, mean of the three "
+             f"(metrics.seed_spread; 1 = as varied as the data, 0 = one image per caption).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, results in found.items():
         cells = [row + (f" ({len(results)} of {seeds} seeds)" if len(results) < seeds else "")]
@@ -387,8 +313,6 @@ def build_parser():
     p.add_argument("--clip", default="", help="tiny:PATH of a tiny CLIP to share (default: <out>/clip/clip.pt, trained if missing)")
     p.add_argument("--clip-steps", type=int, default=1000, help="steps of the shared tiny CLIP when it is trained here")
     p.add_argument("--eval-images", type=int, default=256, help="real captions of the accuracy / CLIP / FD evaluation")
-    p.add_argument("--spread-prompts", type=int, default=8, help="prompts of the seed spread (data.shapes_prompts_grid)")
-    p.add_argument("--spread-seeds", type=int, default=16, help="z per prompt of the seed spread")
     p.add_argument("--report", action="store_true", help="train nothing: write the table and chart of the finished runs")
     return p
 
@@ -399,13 +323,11 @@ def parse_args(argv):
     own = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(own)
     args.train_flags = extra
-    for name in ("steps", "seeds", "clip_steps", "eval_images", "spread_prompts", "spread_seeds"):
+    for name in ("steps", "seeds", "clip_steps", "eval_images"):
         if getattr(args, name) < 1:
             raise StudyError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.eval_images < 2:
         raise StudyError("--eval-images must be at least 2 (a Frechet distance needs a covariance)")
-    if args.spread_seeds < 2:
-        raise StudyError("--spread-seeds must be at least 2 (a standard deviation over z)")
     owned = {"--out", "--seed", "--max-steps", "--max-minutes", "--clip", "--resume", "--stage", "--data"}
     clash = [f for f in extra if f.split("=")[0].replace("_", "-") in owned]
     if clash:

@@ -49,6 +49,7 @@ GRADING_TESTS = {
     "01_kernel_selection.py": [
         "tests/test_kernel_selection.py::test_selection_weights_softmax_and_depend_on_w",
         "tests/test_kernel_selection.py::test_modulated_conv2d_fused_equals_naive",
+        "tests/test_kernel_selection.py::test_adaptive_conv_fused_equals_naive",
         "tests/test_kernel_selection.py::test_single_kernel_equals_independent_stylegan2",
         "tests/test_kernel_selection.py::test_demo_runs",
     ],
@@ -72,6 +73,7 @@ GRADING_TESTS = {
     ],
     "05_losses.py": [
         "tests/test_losses.py::test_adversarial_losses_equal_the_logistic_formulas",
+        "tests/test_losses.py::test_matching_loss_masks_rows_without_a_wrong_caption",
         "tests/test_losses.py::test_clip_loss_is_minimised_by_matching_embeddings",
         "tests/test_losses.py::test_clip_loss_counts_every_copy_of_a_duplicated_caption_as_positive",
         "tests/test_losses.py::test_r1_equals_the_analytic_value_for_a_linear_d",

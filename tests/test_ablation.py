@@ -1,48 +1,24 @@
-"""ablation.py: the Table 1 study at toy scale. The measurements against known values, the report
-arithmetic, bad input, and a smoke run of two rows for a few steps (train, skip, resume)."""
+"""ablation.py: the Table 1 study at toy scale. The rows' flags, the report arithmetic, bad input,
+and a smoke run of two rows for a few steps (train, skip, resume). Its seed spread is
+metrics.seed_spread (tests/test_metrics.py)."""
 import json
 import os
 
 import numpy as np
 import pytest
-import torch
 
 import ablation
 import data
 
 
-# ---------------------------------------------------------------------------- seed spread
-
-
-def test_shape_geometry_reads_the_rendered_centre_and_extent():
-    ds = data.ShapesDataset(32, seed=3)
-    images = torch.stack([ds[i][0] for i in range(120)])
-    measured = ablation.shape_geometry(images)                           # (120, 3)
-    truth = np.array([[ds.render_params(i)[k] for k in ("cx", "cy", "extent")] for i in range(120)])
-    err = np.abs(measured - truth)
-    assert err.mean(0).max() < 0.012, err.mean(0)                         # about a third of a pixel
-    assert np.median(err, axis=0).max() < 0.01
-    blank = torch.zeros(1, 3, 32, 32)
-    assert np.isnan(ablation.shape_geometry(blank)).all()                 # nothing to measure
-
-
-def test_spread_ratio_is_one_for_real_images_and_zero_for_one_image_per_caption():
-    prompts = tuple(data.shapes_prompts_grid(n=3))
-    reals = ablation.real_images_of(prompts, 10, 32)
-    for p, x in zip(prompts, reals):                                      # they are the prompt's images
-        want = data.parse_shapes_caption(p)
-        assert all(data.judge_shapes_image(img) == want for img in x[:3])
-    others = ablation.real_images_of(prompts, 10, 32, seed=7)            # other draws of the same captions
-    geometry = [ablation.shape_geometry(x) for x in reals]
-    ratio = ablation.spread_ratio(geometry, [ablation.shape_geometry(x) for x in others])
-    assert 0.7 < ratio["mean"] < 1.4, ratio
-    collapsed = [ablation.shape_geometry(x[:1].expand(10, -1, -1, -1)) for x in reals]
-    assert ablation.spread_ratio(collapsed, geometry)["mean"] < 1e-6
-    half = [np.column_stack([g[:, 0] * 0.5, g[:, 1], g[:, 2]]) for g in geometry]  # x varies half as much
-    assert ablation.spread_ratio(half, geometry)["x"] == pytest.approx(0.5)
-
-
 # ---------------------------------------------------------------------------- report
+
+
+def test_spread_mean_is_the_mean_of_the_three_ratios_and_none_when_nothing_counted():
+    scores = {"spread_x": 0.5, "spread_y": 1.0, "spread_size": 1.5, "spread_captions": 3}
+    assert ablation.spread_mean(scores) == pytest.approx(1.0)
+    assert ablation.spread_mean({**scores, "spread_captions": 0}) is None   # not a collapse: not measured
+    assert ablation.summarise([None, 0.4]) == (0.4, 0.0)                     # a seed without it is left out
 
 
 def test_summarise_and_table_give_mean_and_half_range_over_seeds(tmp_path):
@@ -71,6 +47,14 @@ def test_every_row_has_flags_train_accepts_and_a_paper_line():
         assert (len(changed) > 0) == (row != "all on"), row                # and each row changes the run
 
 
+def test_matching_row_is_the_papers_row_without_the_matching_aware_loss():
+    losses = pytest.importorskip("conftest").load("05_losses")
+    base = ablation.train_configs([])[3]                                   # (cfg, g, d, loss)
+    row = ablation.train_configs(ablation.ROWS["no matching-aware loss"])[3]
+    assert base.match_d and base.match_fake and base.match_g              # "all on" has every term
+    assert row == losses.table1_matching(base, "+attention")              # Table 1 before "+matching-aware G and D"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--only", "no such row"], "unknown row"),
     (["--steps", "0"], "--steps must be at least 1"),
@@ -96,8 +80,7 @@ def test_report_without_runs_is_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- a smoke run
 
-SMOKE = ["--seeds", "1", "--only", "all on", "no-clip-loss", "--eval-images", "8",
-         "--spread-prompts", "2", "--spread-seeds", "3", "--",
+SMOKE = ["--seeds", "1", "--only", "all on", "no-clip-loss", "--eval-images", "8", "--",
          "--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--snapshot-every", "100", "--ckpt-every", "100"]
 
 
@@ -126,7 +109,9 @@ def test_smoke_study_trains_skips_finished_runs_and_resumes(tmp_path, capsys, mo
     for row in ("all-on", "no-clip-loss"):
         result = json.load(open(out / row / "seed0" / "result.json"))
         assert result["step"] == 2 and 0 <= result["align_shape"] <= 1 and result["img_s"] > 0
-        assert result["minutes"] > 0 and np.isfinite(result["clip_fd"]) and result["spread_mean"] >= 0
+        assert result["minutes"] > 0 and np.isfinite(result["clip_fd"])
+        assert {"spread_x", "spread_y", "spread_size", "spread_captions"} <= set(result)  # sample.evaluate's
+        assert result["spread_mean"] is None if result["spread_captions"] == 0 else result["spread_mean"] >= 0
     table = (out / "ablation.md").read_text()
     assert "| all on |" in table and "| no CLIP loss |" in table and (out / "ablation.png").exists()
     # the same command again: nothing is trained

@@ -165,3 +165,62 @@ def test_sample_reexports_the_metrics():
     for name in ("frechet_distance", "shapes_alignment", "SHAPES_ATTRIBUTES", "eval_pairs", "eval_metrics",
                  "clip_score", "embed_images", "EVAL_SEED"):
         assert getattr(sample, name) is getattr(metrics, name), name
+
+
+# ---------------------------------------------------------------------------- seed spread
+
+
+def spread_images(captions, n_z, seed):
+    """n_z fresh draws of the data's jitter for each caption: what a G as varied as the data makes."""
+    return torch.stack([data.jittered_shapes(data.parse_shapes_caption(c), n_z, 32, seed=seed + p)
+                        for p, c in enumerate(captions)])                  # (P, n_z, 3, 32, 32)
+
+
+def drawn(caption, cxs, cys, extents):
+    """Images of one caption's shape at the given centres and extents (no colour jitter). (n, 3, 32, 32)"""
+    attrs = data.parse_shapes_caption(caption)
+    fg, bg = (torch.tensor(data.COLORS[attrs[k]], dtype=torch.float32)[:, None, None] for k in ("color", "background"))
+    images = []
+    for cx, cy, extent in zip(cxs, cys, extents):
+        cov = torch.from_numpy(data.shape_coverage(attrs["shape"], extent, cx, cy, 32)).float()  # (32, 32)
+        images.append((bg + cov * (fg - bg)) / 127.5 - 1)
+    return torch.stack(images)
+
+
+def test_seed_spread_of_real_draws_is_near_one():
+    captions = data.shapes_prompts_grid(n=6)
+    out = metrics.seed_spread(spread_images(captions, 16, seed=100), captions)   # reference: seeds 0..5
+    assert out["spread_captions"] == 6
+    for k in ("spread_x", "spread_y", "spread_size"):
+        assert 0.75 < out[k] < 1.3, out
+
+
+def test_seed_spread_of_one_image_per_caption_is_zero():
+    captions = data.shapes_prompts_grid(n=4)
+    one = spread_images(captions, 1, seed=100).expand(-1, 8, -1, -1, -1)           # the same image 8 times
+    out = metrics.seed_spread(one, captions)
+    assert out == {"spread_x": 0.0, "spread_y": 0.0, "spread_size": 0.0, "spread_captions": 4}
+
+
+def test_seed_spread_reads_each_axis_on_its_own():
+    caption = "a large red circle in the middle of a green background"
+    n = 8
+    varied = torch.linspace(-0.04, 0.04, n).tolist()                              # the data's x jitter
+    only_x = drawn(caption, [0.5 + d for d in varied], [0.5] * n, [0.6] * n)
+    out = metrics.seed_spread(only_x[None], [caption])
+    assert out["spread_x"] > 0.5 and out["spread_y"] < 0.05 and out["spread_size"] < 0.25, out
+    only_y = drawn(caption, [0.5] * n, [0.5 + 2.5 * d for d in varied], [0.6] * n)
+    out = metrics.seed_spread(only_y[None], [caption])
+    assert out["spread_y"] > 0.5 and out["spread_x"] < 0.05 and out["spread_size"] < 0.25, out  # size: pixel phase
+
+
+def test_seed_spread_leaves_out_samples_of_the_wrong_shape():
+    caption = "a large red circle in the middle of a green background"
+    square = caption.replace("circle", "square")
+    right = drawn(caption, [0.5] * 6, [0.5] * 6, [0.6] * 6)                       # 6 identical circles
+    wrong = drawn(square, [0.4, 0.6], [0.4, 0.6], [0.45, 0.6])                     # 2 varied squares
+    out = metrics.seed_spread(torch.cat([right, wrong])[None], [caption])
+    assert out == {"spread_x": 0.0, "spread_y": 0.0, "spread_size": 0.0, "spread_captions": 1}
+    # fewer than 3 right shapes: the caption does not count
+    few = torch.cat([right[:2], drawn(square, [0.3, 0.5, 0.7] * 2, [0.5] * 6, [0.6] * 6)])
+    assert metrics.seed_spread(few[None], [caption])["spread_captions"] == 0
