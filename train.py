@@ -474,6 +474,39 @@ def sync_buffers(modules, rt):
                 b.div_(rt.world)
 
 
+class MicroBuffers:
+    """G's running buffers (the mapping network's w_avg), one chain of updates per micro-batch.
+
+    w_avg moves at every forward in training mode. Were a step's micro-batches to move it one after
+    the other, one process accumulating 2 micro-batches would end with another w_avg than 2
+    processes of one micro-batch each (which sync_buffers averages). So each micro-batch goes on
+    from the step's start value along its own chain, and the step ends with the mean of the chains
+    (then the mean over processes): w_avg depends on the batch, not on how it is split."""
+
+    def __init__(self, module):
+        self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.start, self.ends = None, {}
+
+    @torch.no_grad()
+    def enter(self, micro):
+        """Before a forward of micro-batch `micro`: its own chain (the step's start value at first)."""
+        if self.start is None:
+            self.start = [b.clone() for b in self.buffers]
+        for b, value in zip(self.buffers, self.ends.get(micro, self.start)):
+            b.copy_(value)
+
+    @torch.no_grad()
+    def leave(self, micro):
+        self.ends[micro] = [b.clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def merge(self):
+        """End of a step: every buffer <- the mean of its micro-batch chains."""
+        for i, b in enumerate(self.buffers):
+            b.copy_(sum(end[i] for end in self.ends.values()) / len(self.ends))
+        self.start, self.ends = None, {}
+
+
 @torch.no_grad()
 def update_ema(G_ema, G, cfg, nimg):
     """G_ema <- beta G_ema + (1 - beta) G with a half-life of ema_kimg thousand images,
@@ -947,6 +980,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     snap_prompts = snapshot_prompts(dataset)
     snap_z = torch.randn(4, g_cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     scale = batch_gpu / cfg.batch_size     # each micro-batch's share of the global-batch mean
+    w_avgs = MicroBuffers(G)               # w_avg: one chain per micro-batch, their mean per step
     stats, t_log, n_log = {}, time.time(), 0
 
     def condition(captions):
@@ -980,8 +1014,10 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     seed_for(cfg, step, micro, phase=0)
                     text, wrong, valid, embeds = condition(captions)
                     z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                    w_avgs.enter(micro)
                     with rt.autocast(), torch.no_grad():
                         fakes = G_fwd(z, *text)                               # pyramid, finest first
+                    w_avgs.leave(micro)
                     real_pyr = image_pyramid(reals, levels)
                     with rt.autocast():
                         loss, logs = losses.discriminator_loss(
@@ -1018,8 +1054,10 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         captions = losses.mode_seeking_captions(captions)
                     text, wrong, valid, embeds = condition(captions)
                     z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                    w_avgs.enter(micro)
                     with rt.autocast():
                         fakes = G_fwd(z, *text)
+                        w_avgs.leave(micro)
                         loss, logs = losses.generator_loss(
                             D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid, clip=clip, vd=VD,
                             text_embed=embeds[0], wrong_text_embed=embeds[1],
@@ -1030,6 +1068,7 @@ def train_base(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     add_stats(logs)
                 reduce_grads([G], rt)
                 opt_G.step()
+                w_avgs.merge()
                 sync_buffers([G], rt)
 
                 # ---- EMA of G: the weights we sample from
@@ -1166,6 +1205,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     eval_hr = eval_hr.to(device)                                   # (n, 3, R, R)
     eval_lr = upsampler.make_lowres(eval_hr, r)                    # (n, 3, r, r)
     scale = batch_gpu / cfg.batch_size
+    w_avgs = MicroBuffers(U)                                       # as in train_base
     stats, t_log, n_log = {}, time.time(), 0
 
     def condition(captions):
@@ -1195,14 +1235,17 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     for micro, reals, lowres, captions in work:
                         seed_for(cfg, step, micro, phase=1)
                         z = torch.randn(len(captions), u_cfg.z_dim, device=device)
+                        w_avgs.enter(micro)
                         with rt.autocast():
                             out = U_fwd(lowres, z, *clip.text_features(captions), noise_aug=0.0, noise_mode="none")
+                        w_avgs.leave(micro)
                         loss = (out[0].float() - reals).square().mean()          # the finest level, (b, 3, R, R)
                         check_finite(loss, "warm-up", step)
                         (loss * scale).backward()
                         add_stats({"W/mse": loss.detach()})
                     reduce_grads([U], rt)
                     opt_W.step()
+                    w_avgs.merge()
                     sync_buffers([U], rt)
                 else:
                     # ---- D step: (real, c) real; (U(x_lr), c), (real, c^), (U(x_lr), c^) fake.
@@ -1213,8 +1256,10 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         seed_for(cfg, step, micro, phase=0)
                         text, wrong, valid, _, _ = condition(captions)
                         z = torch.randn(len(captions), u_cfg.z_dim, device=device)
+                        w_avgs.enter(micro)
                         with rt.autocast(), torch.no_grad():
                             fakes = U_fwd(lowres, z, *text)                     # pyramid, finest first; noisy x_lr
+                        w_avgs.leave(micro)
                         with rt.autocast():
                             loss, logs = losses.discriminator_loss(D_fwd, image_pyramid(reals, levels), fakes,
                                                                    text, wrong, loss_cfg, wrong_valid=valid)
@@ -1246,8 +1291,10 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         text, wrong, valid, embed, wrong_embed = condition(captions)
                         z = torch.randn(len(captions), u_cfg.z_dim, device=device)
                         use_clip = loss_cfg.clip_weight > 0
+                        w_avgs.enter(micro)
                         with rt.autocast():
                             fakes = U_fwd(lowres, z, *text)
+                            w_avgs.leave(micro)
                             loss, logs = losses.generator_loss(
                                 D_fwd, fakes, text, wrong, loss_cfg, wrong_valid=valid,
                                 clip=clip if use_clip else None, text_embed=embed, wrong_text_embed=wrong_embed,
@@ -1257,6 +1304,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         add_stats(logs)
                     reduce_grads([U], rt)
                     opt_G.step()
+                    w_avgs.merge()
                     sync_buffers([U], rt)
 
                 # ---- EMA of U
