@@ -70,12 +70,14 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_clip, monkeypatch):
     D, VD), both optimiser states, step, nimg, the RNG after every step and the log rows (but
     their img/s). Everything random is drawn from seed_for(seed, step, ...), so no RNG state needs
     to be stored."""
-    rng_whole = record_rng(monkeypatch)
+    rng = record_rng(monkeypatch)
     whole = run(tmp_path, "--max-steps", "4", name="whole", clip=tiny_clip)
-    rng_part = record_rng(monkeypatch)
+    rng_whole = rng[:]
+    rng.clear()
     part = run(tmp_path, "--max-steps", "2", name="part", clip=tiny_clip)
     assert state(part)["step"] == 2
     run(tmp_path, "--max-steps", "4", "--resume", name="part", clip=tiny_clip)
+    rng_part = rng[:]
     a, b = state(whole), state(part)
     assert (b["step"], b["nimg"]) == (4, 16) and a["VD"] and a["opt_D"]["state"]
     keys = ("G", "G_ema", "D", "VD", "opt_G", "opt_D", "step", "nimg")
@@ -165,13 +167,13 @@ def leaf_parameters(loss):
 def test_gradient_accumulation_is_the_batch_mean_and_bf16_autocast_is_used(tmp_path, tiny_clip, monkeypatch):
     """--batch 4 --batch-gpu 2: the gradient G's optimiser steps with is the mean over the whole
     batch, (grad L_a + grad L_b) / 2 of its two micro-batches' mean losses, bit for bit (the
-    halving is exact); and --dtype bfloat16 runs G's forward under autocast, in bfloat16."""
+    halving is exact); and --dtype bfloat16 runs G's forward and loss under bfloat16 autocast."""
     micro_grads, step_grads, dtypes = [], [], []
     real_loss, real_step = train.losses.generator_loss, torch.optim.AdamW.step
 
     def spy_loss(D, fakes, *args, **kwargs):
         loss, logs = real_loss(D, fakes, *args, **kwargs)
-        dtypes.append((fakes[0].dtype, torch.is_autocast_enabled("cpu")))
+        dtypes.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         params = leaf_parameters(loss)
         micro_grads.append(dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True))))
         return loss, logs
@@ -185,7 +187,7 @@ def test_gradient_accumulation_is_the_batch_mean_and_bf16_autocast_is_used(tmp_p
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     out = run(tmp_path, "--max-steps", "1", "--batch-gpu", "2", "--dtype", "bfloat16", name="accum", clip=tiny_clip)
     assert state(out)["step"] == 1 and len(micro_grads) == 2
-    assert dtypes == [(torch.bfloat16, True)] * 2
+    assert dtypes == [(True, torch.bfloat16)] * 2                      # G's forward and its loss ran in bf16
     g_step = next(g for g in step_grads if g.keys() == micro_grads[0].keys())   # opt_G's step
     assert len(g_step) > 10
     for p, grad in g_step.items():
@@ -701,3 +703,45 @@ def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_pat
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "resume with the --vision-clip and --clip-tower of that run" in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- EMA and the real pyramid
+
+def test_update_ema_formula_and_ramp_up():
+    """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5 ** (batch / half-life): after half-life
+    images the old weights count half. The half-life is ema_kimg thousand images, but at most
+    ema_rampup times the images seen so far; buffers (w_avg) are copied, not averaged."""
+    def modules(value):
+        m = torch.nn.Linear(3, 2)
+        m.register_buffer("w_avg", torch.full((2,), value))
+        torch.nn.init.constant_(m.weight, value), torch.nn.init.constant_(m.bias, value)
+        return m
+
+    cfg = train.TrainConfig(batch_size=4, ema_kimg=0.1, ema_rampup=0.05)     # half-life 100 images
+    for nimg, half_life in ((40, 2.0), (1000, 50.0), (10_000, 100.0)):       # ramped up: 0.05 * nimg
+        G_ema, G = modules(1.0), modules(3.0)
+        beta = train.update_ema(G_ema, G, cfg, nimg)
+        assert beta == pytest.approx(0.5 ** (4 / half_life), rel=1e-12), nimg
+        torch.testing.assert_close(G_ema.weight, torch.full((2, 3), beta * 1.0 + (1 - beta) * 3.0))
+        assert torch.equal(G_ema.w_avg, G.w_avg)
+    # no ramp-up: the half-life from the first step; after half_life / batch steps, half of the gap is left
+    cfg = dataclasses.replace(cfg, ema_rampup=0.0)
+    G_ema, G = modules(1.0), modules(3.0)
+    for step in range(25):                                                    # 25 steps of 4 = 100 images
+        train.update_ema(G_ema, G, cfg, nimg=4 * (step + 1))
+    torch.testing.assert_close(G_ema.bias, torch.full((2,), 2.0))             # 3 - (3 - 1) / 2
+
+
+def test_image_pyramid_is_the_image_then_repeated_anti_aliased_halving():
+    """Finest first: the image itself, then each level the 2x downsampling of the one before;
+    a flat image stays flat, and the mean of an image is kept at every level."""
+    images = data.ShapesDataset(32, seed=1)[0][0][None].repeat(2, 1, 1, 1)    # (2, 3, 32, 32)
+    pyramid = train.image_pyramid(images, 4)
+    assert [x.shape[-1] for x in pyramid] == [32, 16, 8, 4] and pyramid[0] is images
+    for fine, coarse in zip(pyramid, pyramid[1:]):
+        assert torch.equal(coarse, train.kernels.downsample2x(fine))
+        blurred = torch.nn.functional.avg_pool2d(fine, 2)                     # the box filter: close, not equal
+        assert (coarse - blurred).abs().mean() < 0.1 and not torch.equal(coarse, blurred)
+        torch.testing.assert_close(coarse.mean(), fine.mean(), rtol=0, atol=2e-2)
+    flat = train.image_pyramid(torch.full((1, 3, 16, 16), 0.25), 3)
+    assert all(torch.allclose(x, torch.full_like(x, 0.25), atol=1e-6) for x in flat)
