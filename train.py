@@ -166,6 +166,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
         snap_prompts = snapshot_prompts(dataset)
         snap_z = torch.randn(4, g_cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     scale = batch_gpu / cfg.batch_size     # each micro-batch's share of the global-batch mean
+    w_avgs = MicroBuffers(G)               # w_avg: one chain per micro-batch, their mean per step
     stats, t_log, n_log = {}, time.time(), 0
 
     def condition(captions):
@@ -203,14 +204,17 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     for micro, reals, lowres, captions in work:
                         seed_for(cfg, step, micro, phase=1)
                         z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                        w_avgs.enter(micro)
                         with rt.autocast():
                             out = G_fwd(lowres, z, *clip.text_features(captions), noise_aug=0.0, noise_mode="none")
+                        w_avgs.leave(micro)
                         loss = (out[0].float() - reals).square().mean()          # the finest level, (b, 3, R, R)
                         check_finite(loss, "warm-up", step)
                         (loss * scale).backward()
                         add_stats({"W/mse": loss.detach()})
                     reduce_grads([G], rt)
                     opt_W.step()
+                    w_avgs.merge()
                     sync_buffers([G], rt)
                 else:
                     # ---- D step: real images with their own captions are real; generated images,
@@ -222,8 +226,10 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         seed_for(cfg, step, micro, phase=0)
                         cond = condition(captions)
                         z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                        w_avgs.enter(micro)
                         with rt.autocast(), torch.no_grad():                  # pyramid, finest first
                             fakes = G_fwd(lowres, z, *cond.text) if up else G_fwd(z, *cond.text)
+                        w_avgs.leave(micro)
                         real_pyr = image_pyramid(reals, levels)
                         with rt.autocast():
                             loss, logs = losses.discriminator_loss(
@@ -260,8 +266,11 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                             captions = losses.mode_seeking_captions(captions)
                         cond = condition(captions)
                         z = torch.randn(len(captions), g_cfg.z_dim, device=device)
+                        w_avgs.enter(micro)
                         with rt.autocast():
                             fakes = G_fwd(lowres, z, *cond.text) if up else G_fwd(z, *cond.text)
+                        w_avgs.leave(micro)
+                        with rt.autocast():
                             loss, logs = losses.generator_loss(
                                 D_fwd, fakes, cond.text, cond.wrong, loss_cfg, wrong_valid=cond.valid,
                                 clip=clip, text_embed=cond.embed, caption_ids=losses.caption_ids(captions).to(device),
@@ -271,6 +280,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         add_stats(logs)
                     reduce_grads([G], rt)
                     opt_G.step()
+                    w_avgs.merge()
                     sync_buffers([G], rt)
 
                 # ---- EMA of G: the weights we sample from
@@ -470,6 +480,39 @@ def sync_buffers(modules, rt):
             if b.is_floating_point():
                 dist.all_reduce(b)
                 b.div_(rt.world)
+
+
+class MicroBuffers:
+    """G's running buffers (the mapping network's w_avg), one chain of updates per micro-batch.
+
+    w_avg moves at every forward in training mode. Were a step's micro-batches to move it one after
+    the other, one process accumulating 2 micro-batches would end with another w_avg than 2
+    processes of one micro-batch each (which sync_buffers averages). So each micro-batch goes on
+    from the step's start value along its own chain, and the step ends with the mean of the chains
+    (then the mean over processes): w_avg depends on the batch, not on how it is split."""
+
+    def __init__(self, module):
+        self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.start, self.ends = None, {}
+
+    @torch.no_grad()
+    def enter(self, micro):
+        """Before a forward of micro-batch `micro`: its own chain (the step's start value at first)."""
+        if self.start is None:
+            self.start = [b.clone() for b in self.buffers]
+        for b, value in zip(self.buffers, self.ends.get(micro, self.start)):
+            b.copy_(value)
+
+    @torch.no_grad()
+    def leave(self, micro):
+        self.ends[micro] = [b.clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def merge(self):
+        """End of a step: every buffer <- the mean of its micro-batch chains."""
+        for i, b in enumerate(self.buffers):
+            b.copy_(sum(end[i] for end in self.ends.values()) / len(self.ends))
+        self.start, self.ends = None, {}
 
 
 @torch.no_grad()

@@ -4,9 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import load
+from conftest import double_backward, load
 
 dm = load("04_discriminator")
+gen = load("03_generator")
 
 TEXT_DIM = 32  # width of the random stand-in CLIP tokens
 
@@ -101,21 +102,11 @@ def test_modulated_1x1_equals_01_reference():
         torch.testing.assert_close(fast, layer(x, c), atol=1e-5, rtol=1e-5)
 
 
-def _r1_backward(logits, inputs, params):
-    """R1-style double backward: |grad of sum(logits) w.r.t. inputs|^2, then backward."""
-    grads = torch.autograd.grad(sum(l.sum() for l in logits), inputs, create_graph=True)
-    penalty = sum(g.square().sum() for g in grads)
-    penalty.backward()
-    got = [p.grad for p in params if p.grad is not None]
-    assert got and all(torch.isfinite(g).all() for g in got)
-    return len(got)
-
-
 def test_double_backward_ms_io():
     D = dm.Discriminator(tiny_cfg(), TEXT_DIM)
     pyramid, text = random_inputs(D)
     pyramid = [x.requires_grad_() for x in pyramid]
-    n = _r1_backward(D(pyramid, *text), pyramid, list(D.parameters()))
+    n = double_backward(D(pyramid, *text), pyramid, list(D.parameters()))
     assert n > len(list(D.parameters())) // 2                      # most weights receive an R1 gradient
 
 
@@ -128,7 +119,7 @@ def test_vision_aided_shapes_text_and_double_backward():
     a, b = VD(features, e1), VD(features, e2)
     assert len(a) == 3 and all(l.shape == (B,) for l in a)
     assert all((la - lb).abs().min() > 1e-4 for la, lb in zip(a, b)), "a head ignores the text"
-    _r1_backward(a, features, list(VD.parameters()))
+    double_backward(a, features, list(VD.parameters()))
     # CLIP is not a submodule: only the heads are stored
     assert all(name.startswith("heads.") for name in VD.state_dict())
 
@@ -141,11 +132,18 @@ def test_full_parameter_count_on_meta_device():
 
 
 def test_presets_build_and_match_generator_names():
-    assert set(dm.D_PRESETS) == {"tiny", "small", "full"}
+    """One D preset per G preset of 03, reading G's pyramid: the same names, resolution, and one
+    level per scale of G (finest first on both sides)."""
+    assert set(dm.D_PRESETS) == set(gen.G_PRESETS) == {"tiny", "small", "full"}
+    for name, d_cfg in dm.D_PRESETS.items():
+        g_cfg = gen.G_PRESETS[name]
+        assert d_cfg.resolution == g_cfg.resolution, name
+        assert d_cfg.levels == len(g_cfg.scales), name
+        with torch.device("meta"):
+            D = dm.Discriminator(d_cfg, 128)
+        assert list(D.resolutions) == sorted(g_cfg.scales, reverse=True), name
     tiny = dm.Discriminator(dm.D_PRESETS["tiny"], 128)
     assert 0.3e6 < sum(p.numel() for p in tiny.parameters()) < 1.5e6
-    assert dm.D_PRESETS["tiny"].resolution == 32 and dm.D_PRESETS["tiny"].levels == 4
-    assert dm.D_PRESETS["small"].resolution == 64 and dm.D_PRESETS["small"].levels == 5
     for cfg in dm.D_PRESETS.values():                               # vision-aided heads from the config
         with torch.device("meta"):
             dm.VisionAidedDiscriminator([768] * 3, 512, hidden=cfg.vision_hidden, psi_layers=cfg.vision_psi_layers)
@@ -252,7 +250,7 @@ def test_downsample_and_projection_options_keep_ms_io_properties(downsample, pro
         for k, g in enumerate(grads):
             seen = g is not None and torch.count_nonzero(g) > 0
             assert seen == (k == i), f"prediction {(i, j)}: level {k} seen={seen}"
-    assert _r1_backward(preds, pyramid, list(D.parameters())) > len(list(D.parameters())) // 2
+    assert double_backward(preds, pyramid, list(D.parameters())) > len(list(D.parameters())) // 2
     if projection:
         assert all(p.project is not None for p in D.predictors.values())
 

@@ -4,9 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from conftest import load
+from conftest import CountOps, load
 
 gen = load("03_generator")
 
@@ -230,21 +228,6 @@ def test_batch_consistency(tiny):
             assert torch.allclose(x[i:i + 1], y, atol=1e-5), (x[i:i + 1] - y).abs().max()
 
 
-class CountOps(TorchDispatchMode):
-    """Counts the tensor ops dispatched, except views and copies (reshape of a batch of 1
-    is a view, of a larger batch a copy: those counts legitimately differ)."""
-
-    LAYOUT_OPS = {"aten.view.default", "aten._unsafe_view.default", "aten.clone.default"}
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += str(func) not in self.LAYOUT_OPS
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_python_loop_over_the_batch(tiny):
     """The number of tensor ops run does not grow with the batch size."""
     counts = []
@@ -325,14 +308,50 @@ def test_self_attention_reads_the_blocks_own_w_as_a_token(tiny):
     assert gen.count_parameters(plain) < gen.count_parameters(tiny)
 
 
-def test_single_switches():
+@pytest.mark.parametrize("over", [dict(self_attention=False), dict(cross_attention=False), dict(n_kernels=(1, 1, 1, 1)),
+                                  dict(blocks_per_scale=(2, 3, 2, 2)), dict(attn_resolutions=()), dict(text_depth=0),
+                                  dict(attention_w_token=False)],
+                         ids=lambda over: next(iter(over)))
+def test_single_switches(over):
+    """Each Table 1 switch, alone, changes the model: its parameters (names or shapes) and its image
+    for the same z and text. Both G start from one seed; a switch that did nothing would build the
+    same G, bit for bit, and draw the same image."""
+    def build(cfg):
+        torch.manual_seed(0)
+        G = gen.Generator(cfg, text_dim=D).eval()
+        for p in G.parameters():                     # some weights start at 0 (gains, noise strengths): move them
+            p.data.add_(0.01 * torch.randn_like(p))
+        return G
     base = gen.G_PRESETS["tiny"]
-    for over in [dict(self_attention=False), dict(cross_attention=False), dict(n_kernels=(1, 1, 1, 1)),
-                 dict(blocks_per_scale=(2, 3, 2, 2)), dict(attn_resolutions=()), dict(text_depth=0),
-                 dict(attention_w_token=False)]:
-        G = gen.Generator(dataclasses.replace(base, **over), text_dim=D).eval()
-        tokens, mask, eot = text(1)
-        assert run(G, torch.randn(1, 128), tokens, mask, eot)[0].shape == (1, 3, 32, 32), over
+    G0, G1 = build(base), build(dataclasses.replace(base, **over))
+    tokens, mask, eot = text(2)
+    z = torch.randn(2, 128)
+    a, b = run(G0, z, tokens, mask, eot, noise_mode="const"), run(G1, z, tokens, mask, eot, noise_mode="const")
+    shapes = lambda G: {k: tuple(v.shape) for k, v in G.state_dict().items()}
+    assert shapes(G0) != shapes(G1), over
+    assert b[0].shape == (2, 3, 32, 32) and (a[0] - b[0]).abs().max() > 1e-3, over
+
+
+def test_normalize_2nd_moment_gives_unit_rms_rows():
+    x = torch.randn(5, 7) * torch.tensor([[0.1], [1.0], [3.0], [10.0], [1e3]])
+    y = gen.normalize_2nd_moment(x)
+    torch.testing.assert_close(y.square().mean(dim=1), torch.ones(5))            # unit RMS per row
+    torch.testing.assert_close(y, x / x.norm(dim=1, keepdim=True) * 7 ** 0.5)   # the direction is kept
+    assert torch.equal(gen.normalize_2nd_moment(torch.zeros(2, 3)), torch.zeros(2, 3))  # eps: no NaN
+
+
+def test_mean_w_is_the_mean_of_the_mapping_over_seeded_z(tiny):
+    """mean_w(t) = mean over n z (from the seed) of M(z, t), for each prompt alone, w_avg untouched."""
+    tokens, mask, eot = text(3)
+    with torch.no_grad():
+        _, _, t_global = tiny.text_encoder(tokens, mask, eot)
+        w_avg = tiny.mapping.w_avg.clone()
+        got = tiny.mean_w(t_global, n=16, seed=5)                                  # (3, S)
+        z = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
+        for b in range(3):
+            expected = tiny.mapping(z, t_global[b:b + 1].expand(16, -1), update_w_avg=False).mean(0)
+            torch.testing.assert_close(got[b], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(tiny.mapping.w_avg, w_avg)
 
 
 def test_config_from_plain_dict_and_bad_inputs(tiny):

@@ -1,9 +1,12 @@
-"""sample.py end to end on CPU: a tiny run trained for 2 steps, then every mode of the command
-line (files, captions, sizes, determinism, mixing, interpolation, eval), every bad input
-(exit 2, one line), and the metrics against independent formulations."""
+"""sample.py end to end on CPU: the session's tiny run (2 steps, conftest.py), then every mode of
+the command line (files, captions, sizes, determinism, mixing, interpolation, eval), every bad
+input of sample.py, upsampler modes included (exit 2, one line), and the metrics against
+independent formulations."""
 import json
 import math
+import shutil
 
+import matplotlib.cbook
 import numpy as np
 import pytest
 import scipy.linalg
@@ -12,21 +15,18 @@ from PIL import Image
 
 import data
 import sample
-import train
+from conftest import bad
 
 A = "a large red circle on the left of a blue background"   # A and B: same token count,
 B = "a small blue square on the right of a red background"  # so interpolation endpoints are exact
 C = "small yellow triangle, right side, purple backdrop"
+PHOTO = str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny CLIP (4 steps) and a tiny GAN (2 steps): these tests check plumbing, not quality."""
-    out = tmp_path_factory.mktemp("run")
-    train.main(["--stage", "clip", "--out", str(out), "--clip-steps", "4", "--clip-batch-size", "16"])
-    train.main(["--out", str(out), "--clip", f"tiny:{out}/clip.pt", "--max-steps", "2", "--batch-size", "4",
-                "--log-every", "1", "--snapshot-every", "1000", "--eval-every", "0", "--ckpt-every", "1000"])
-    return out
+@pytest.fixture
+def run_dir(tiny_run):
+    """The session's tiny run (its CLIP beside it): these tests check plumbing, not quality."""
+    return tiny_run
 
 
 def cli(run_dir, out, *argv):
@@ -65,7 +65,8 @@ def test_plain_files_captions_grid_and_last_line(run_dir, tmp_path, capsys):
     assert str(out) in last and "captions.jsonl" in last and "grid.png" in last
 
 
-def test_default_out_is_run_samples(run_dir):
+def test_default_out_is_run_samples(run_dir, tmp_path):
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")                   # not into the shared run
     sample.main(["--ckpt", str(run_dir / "checkpoint.pt"), "--prompt", A, "--device", "cpu"])
     assert (run_dir / "samples" / "00000.png").is_file() and (run_dir / "samples" / "captions.jsonl").is_file()
 
@@ -250,7 +251,21 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A], "not an upsampler run"),
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "-0.1"], "a std in [0, 1]"),
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "nan"], "a std in [0, 1]"),
+    (["--ckpt", "TMP/truncated", "--prompt", A], "could not read"),
+    (["--ckpt", "TMP/other_g", "--prompt", A], "G_ema does not fit the generator its config describes"),
+    pytest.param(["--ckpt", "RUN", "--prompt", A, "--device", "cuda"], "--device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")),
+    # the upsampler's modes
     (["--ckpt", "RUN", "--prompt", A, "--noise-aug", "0.1"], "give --upsampler"),
+    (["--upsampler", "UP", "--lowres", "PHOTO", "--noise-aug", "-1"], "a std in [0, 1]"),
+    (["--upsampler", "UP", "--lowres", "TMP/missing.png"], "no such file"),
+    (["--upsampler", "UP", "--lowres", "UP/log.jsonl"], "not an image"),
+    (["--upsampler", "UP", "--lowres", "PHOTO", "--prompt", A, "--prompt", A], "at most one prompt"),
+    (["--upsampler", "UP", "--lowres", "PHOTO", "--ckpt", "RUN"], "drop --ckpt"),
+    (["--upsampler", "UP", "--ckpt", "RUN", "--style-mix", "--prompt", A], "plain sampling"),
+    (["--ckpt", "UP", "--prompt", A], "pass it with --upsampler"),
+    (["--upsampler", "TMP/truncated", "--lowres", "PHOTO"], "could not read"),
+    (["--upsampler", "TMP/other_u", "--lowres", "PHOTO"], "G_ema does not fit the upsampler its config describes"),
 ]
 
 
@@ -286,23 +301,31 @@ def test_upsampler_chain_adds_moderate_input_noise_by_default():
     assert sample.build_parser().parse_args([]).noise_aug is None     # the CLI default: the module's
 
 
-@pytest.mark.parametrize("argv,hint", BAD, ids=[f"{i}:{h}" for i, (_, h) in enumerate(BAD)])
-def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv, hint):
+def damaged_runs(tmp, run_dir, up_dir):
+    """TMP/truncated: a checkpoint cut short; TMP/other_g and TMP/other_u: a G_ema that does not fit
+    the configuration stored beside it (a weight of another shape)."""
+    (tmp / "truncated").mkdir()
+    (tmp / "truncated" / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:5000])
+    for name, src in (("other_g", run_dir), ("other_u", up_dir)):
+        shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("*.png", "samples*"))
+        ckpt = torch.load(tmp / name / "checkpoint.pt", weights_only=True)
+        key = next(k for k, v in ckpt["G_ema"].items() if v.dim() == 2)
+        ckpt["G_ema"][key] = ckpt["G_ema"][key][:, :-1]
+        ckpt["clip"] = f"tiny:{run_dir / 'clip.pt'}"              # the CLIP is where it was
+        torch.save(ckpt, tmp / name / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("argv,hint", BAD, ids=[f"{i}:{case[1] if isinstance(case, tuple) else case.values[1]}"
+                                                for i, case in enumerate(BAD)])
+def test_bad_input_is_one_line_and_exit_2(run_dir, tiny_upsampler, tmp_path, capsys, argv, hint):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\n")
-    argv = [a.replace("RUN", str(run_dir)).replace("EMPTY", str(empty)) for a in argv]
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and hint in err[0] and err[0].startswith("sample.py: "), err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
-def test_cuda_without_a_gpu_is_a_clear_error(run_dir, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--ckpt", str(run_dir), "--prompt", A, "--device", "cuda"])
-    assert exit_info.value.code == 2 and "--device cpu" in capsys.readouterr().err
+    if any("TMP/" in a for a in argv):
+        damaged_runs(tmp_path, run_dir, tiny_upsampler)
+    argv = [a.replace("RUN", str(run_dir)).replace("EMPTY", str(empty)).replace("UP", str(tiny_upsampler))
+            .replace("PHOTO", PHOTO).replace("TMP", str(tmp_path)) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "o")]
+    assert hint in bad(sample.main, [*argv, *out], capsys, "sample.py")
 
 
 def test_a_tiny_clip_trained_anew_under_the_run_is_refused(run_dir, tmp_path, capsys):

@@ -6,28 +6,18 @@ import signal
 import subprocess
 import sys
 
+import dataclasses
+import shutil
+import socket
+
 import pytest
 import torch
 
+import data
 import train
+from conftest import FAST, assert_same, bad, log_rows, state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Small and fast: batch 4, no snapshots/evals unless a test asks, the tiny presets.
-FAST = ["--batch-size", "4", "--log-every", "1", "--snapshot-every", "1000", "--eval-every", "0",
-        "--ckpt-every", "1000"]
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory):
-    """One tiny ViT CLIP (and its ResNet-tower sibling) for the whole session (a few steps: these
-    tests check plumbing, not accuracy); the tiny default's single ResNet CLIP has its own test."""
-    out = tmp_path_factory.mktemp("clip")
-    train.main(["--stage", "clip", "--out", str(out), "--clip-tower", "vit", "--clip-steps", "4",
-                "--clip-batch-size", "16"])
-    path = out / "clip.pt"
-    assert path.is_file()
-    return f"tiny:{path}"
 
 
 def run(tmp_path, *extra, name="run", clip=None):
@@ -39,8 +29,16 @@ def run(tmp_path, *extra, name="run", clip=None):
     return out
 
 
-def state(out):
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+def record_rng(monkeypatch):
+    """A list that gets torch's RNG state at the end of every step (update_ema runs once a step)."""
+    states, real_update = [], train.update_ema
+
+    def recording(*args, **kwargs):
+        states.append(torch.get_rng_state())
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train, "update_ema", recording)
+    return states
 
 
 def test_base_stage_writes_everything(tmp_path, tiny_clip, capsys):
@@ -67,16 +65,26 @@ def test_base_stage_writes_everything(tmp_path, tiny_clip, capsys):
     assert "img_s" in printed and "done: 3 steps" in printed
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_clip):
+def test_resume_equals_uninterrupted(tmp_path, tiny_clip, monkeypatch):
+    """2 steps, then --resume to 4, equals 4 steps in one go bit for bit: every module (G, G_ema,
+    D, VD), both optimiser states, step, nimg, the RNG after every step and the log rows (but
+    their img/s). Everything random is drawn from seed_for(seed, step, ...), so no RNG state needs
+    to be stored."""
+    rng = record_rng(monkeypatch)
     whole = run(tmp_path, "--max-steps", "4", name="whole", clip=tiny_clip)
+    rng_whole = rng[:]
+    rng.clear()
     part = run(tmp_path, "--max-steps", "2", name="part", clip=tiny_clip)
     assert state(part)["step"] == 2
     run(tmp_path, "--max-steps", "4", "--resume", name="part", clip=tiny_clip)
+    rng_part = rng[:]
     a, b = state(whole), state(part)
-    assert b["step"] == 4
-    for key in ("G", "G_ema", "D"):
-        for name in a[key]:
-            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-5, msg=f"{key}.{name}")
+    assert (b["step"], b["nimg"]) == (4, 16) and a["VD"] and a["opt_D"]["state"]
+    keys = ("G", "G_ema", "D", "VD", "opt_G", "opt_D", "step", "nimg")
+    assert_same({k: a[k] for k in keys}, {k: b[k] for k in keys})
+    assert len(rng_whole) == len(rng_part) == 4 and all(map(torch.equal, rng_whole, rng_part))
+    rows = [[{k: v for k, v in r.items() if k != "img_s"} for r in log_rows(out)] for out in (whole, part)]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4] and rows[0] == rows[1]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_clip, monkeypatch, capsys):
@@ -142,11 +150,48 @@ def test_tiny_preset_budget_is_15_minutes_and_the_upsampler_has_none():
     assert train.parse_flags(["--stage", "upsampler"])[0].max_minutes == 0
 
 
-def test_gradient_accumulation_and_bf16_autocast_run(tmp_path, tiny_clip):
+def leaf_parameters(loss):
+    """The trainable leaves a loss depends on, found through its autograd graph."""
+    leaves, todo, seen = [], [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):                       # AccumulateGrad: a leaf tensor
+            leaves.append(node.variable)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+def test_gradient_accumulation_is_the_batch_mean_and_bf16_autocast_is_used(tmp_path, tiny_clip, monkeypatch):
+    """--batch 4 --batch-gpu 2: the gradient G's optimiser steps with is the mean over the whole
+    batch, (grad L_a + grad L_b) / 2 of its two micro-batches' mean losses, bit for bit (the
+    halving is exact); and --dtype bfloat16 runs G's forward and loss under bfloat16 autocast."""
+    micro_grads, step_grads, dtypes = [], [], []
+    real_loss, real_step = train.losses.generator_loss, torch.optim.AdamW.step
+
+    def spy_loss(D, fakes, *args, **kwargs):
+        loss, logs = real_loss(D, fakes, *args, **kwargs)
+        dtypes.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        params = leaf_parameters(loss)
+        micro_grads.append(dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True))))
+        return loss, logs
+
+    def spy_step(opt, *args, **kwargs):
+        step_grads.append({p: p.grad.clone() for group in opt.param_groups for p in group["params"]
+                           if p.grad is not None})
+        return real_step(opt, *args, **kwargs)
+
+    monkeypatch.setattr(train.losses, "generator_loss", spy_loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     out = run(tmp_path, "--max-steps", "1", "--batch-gpu", "2", "--dtype", "bfloat16", name="accum", clip=tiny_clip)
-    ckpt = state(out)
-    assert ckpt["step"] == 1
-    assert all(torch.isfinite(v).all() for v in ckpt["G"].values() if v.is_floating_point())
+    assert state(out)["step"] == 1 and len(micro_grads) == 2
+    assert dtypes == [(True, torch.bfloat16)] * 2                      # G's forward and its loss ran in bf16
+    g_step = next(g for g in step_grads if g.keys() == micro_grads[0].keys())   # opt_G's step
+    assert len(g_step) > 10
+    for p, grad in g_step.items():
+        assert torch.equal(grad, micro_grads[0][p] / 2 + micro_grads[1][p] / 2)
 
 
 @pytest.mark.parametrize("stage", ["base", "upsampler"])
@@ -177,23 +222,31 @@ def test_compile_keeps_r1_on_the_eager_discriminator(tmp_path, tiny_clip, monkey
     assert state(out)["step"] == 1
 
 
+def free_port():
+    """A TCP port no one listens on now: the one the system picks for a bind to port 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path, tiny_clip):
     """torchrun with 2 CPU processes (gloo): the weights stay identical across ranks, and equal
-    those of one process accumulating the same two micro-batches."""
+    those of one process accumulating the same two micro-batches bit for bit: G, G_ema, D, VD,
+    w_avg (each micro-batch keeps its own chain of it, see train.MicroBuffers) and the optimisers.
+    (a + b in one process and in gloo's all-reduce of two ranks is the same float sum.)"""
     common = [*FAST, "--max-steps", "2", "--batch-gpu", "2", "--clip", tiny_clip, "--seed", "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "ddp"), *common]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "weights identical across 2 processes" in proc.stdout
     train.main(["--out", str(tmp_path / "single"), *common])
     a, b = state(tmp_path / "ddp"), state(tmp_path / "single")
-    for key in ("G", "D"):
-        for name in a[key]:
-            if name.endswith("w_avg"):  # a running mean updated per micro-batch: same batch, another order
-                continue
-            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-5, msg=f"{key}.{name}")
+    keys = ("G", "G_ema", "D", "VD", "opt_G", "opt_D", "step", "nimg")
+    assert a["VD"] and any(k.endswith("w_avg") for k in a["G_ema"])
+    assert_same({k: a[k] for k in keys}, {k: b[k] for k in keys})
     # the log lines describe the global batch: the loss terms are averaged over the processes
     logs = [[r for r in map(json.loads, open(tmp_path / name / "log.jsonl")) if r["kind"] == "train"]
             for name in ("ddp", "single")]
@@ -258,8 +311,35 @@ def test_flags_take_dashes_or_underscores_key_equals_value_and_win_over_the_pres
     assert cfg.preset == "small" and cfg.ema_kimg == 20.0          # the rest: the small preset's
 
 
-@pytest.mark.parametrize("argv, message", [
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+
+# Every one-line error of train.py (exit status 2), base and upsampler stages. In argv, CLIP is the
+# session's tiny CLIP spec and DATA/ a folder bad_data() writes; --max-steps 1 is added if missing.
+BAD = [
     (["--bogus", "1"], "unknown flag --bogus"),
+    (["--stage", "gan"], "unknown --stage 'gan': choose clip | base | upsampler"),
+    pytest.param(["--device", "cuda"], "--device cuda but no GPU is visible: use --device cpu", marks=NO_GPU),
+    (["--preset"], "--preset: expected one argument"),
+    (["--max-steps"], "--max-steps: expected one argument"),
+    (["--batch-gpu", "-1"], "--batch-gpu must be >= 0"),
+    (["--clip", "ViT-B-32/openai", "--clip-pretrained", "openai"], "--clip-pretrained goes with a bare model name"),
+    (["--clip", "tiny:/no/such/clip.pt"], "no tiny CLIP at /no/such/clip.pt"),
+    (["--full"], "--data is required for this preset"),
+    (["--data", "DATA/no_header"], "expected a header row with columns file,caption"),
+    (["--data", "DATA/bad_jsonl"], "line 1: expected a JSON object"),
+    (["--data", "DATA/empty"], "no images"),
+    (["--data", "DATA/no_header/a.png"], "is a file"),
+    (["--data", "DATA/shards/{00000..00001}.tar"], "2 of 2 shards"),
+    # the upsampler stage
+    (["--stage", "upsampler", "--lpips", "squeeze"], "unknown --lpips"),
+    (["--stage", "upsampler", "--g.z-dim", "64"], "--u.*"),
+    (["--u.z-dim", "64"], "add --stage upsampler"),
+    (["--stage", "upsampler", "--preset", "small"], "no upsampler preset"),
+    (["--stage", "upsampler", "--u.in-resolution", "48"], "bad upsampler configuration"),
+    (["--stage", "upsampler", "--d.resolution", "64"], "must equal"),
+    (["--warmup-steps", "5"], "add --stage upsampler"),
+    (["--stage", "upsampler", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--stage", "upsampler", "--lpips", "vgg", "--clip", "CLIP"], "--lpips random"),  # no VGG weights offline
     (["--max-steps", "ten"], "bad value for --max-steps"),
     (["--max-steps", "0"], "must be positive"),
     (["--preset", "huge"], "unknown preset"),
@@ -285,27 +365,43 @@ def test_flags_take_dashes_or_underscores_key_equals_value_and_win_over_the_pres
     (["--clip", "ViT-B-32/openai"], "--clip-pretrained none"),  # offline: no weights, one line
     (["--batch-size", "6", "--batch-gpu", "4"], "multiple of --batch-gpu"),
     (["stray"], "unexpected argument"),
-    (["--max-steps"], "--max-steps: expected one argument"),
     (["--full", "--preset", "small"], "--full is --preset full"),
-    (["--u.z-dim", "8"], "--u.* configures the upsampler; add --stage upsampler"),
-])
-def test_bad_input_is_one_clear_line(tmp_path, argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--out", str(tmp_path / "bad"), "--max-steps", "1", *argv] if argv[0] != "--max-steps"
-                   else ["--out", str(tmp_path / "bad"), *argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+]
 
 
-def test_resume_of_another_preset_is_refused(tmp_path, tiny_clip, capsys):
-    run(tmp_path, "--max-steps", "1", name="a", clip=tiny_clip)
-    with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path, "--max-steps", "2", "--resume", "--g.channels", "[32, 32, 32, 16]", name="a", clip=tiny_clip)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+def bad_data(root):
+    """Image folders train.py must refuse in one line: captions.csv without a header, a broken
+    captions.jsonl, no images at all."""
+    from PIL import Image
+    for name, captions in (("no_header", ("captions.csv", "a.png,a red circle\n")),
+                           ("bad_jsonl", ("captions.jsonl", "not json\n"))):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "a.png")
+        (root / name / captions[0]).write_text(captions[1])
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+
+
+@pytest.mark.parametrize("argv, message", BAD)
+def test_bad_input_is_one_clear_line(tmp_path, tiny_clip, argv, message, capsys):
+    bad_data(tmp_path / "data")
+    argv = [a.replace("CLIP", tiny_clip).replace("DATA", str(tmp_path / "data")) for a in argv]
+    steps = [] if "--max-steps" in argv else ["--max-steps", "1"]
+    assert message in bad(train.main, ["--out", str(tmp_path / "bad"), *steps, *argv], capsys, "train.py")
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_resume_of_another_preset_or_g_configuration_is_refused(tiny_run, capsys):
+    """The tiny run resumed as --preset small, or with other --g.* flags: one line each, and the run
+    is left as it was (refused before anything is written)."""
+    config, ckpt = (tiny_run / "config.json").read_bytes(), (tiny_run / "checkpoint.pt").read_bytes()
+    argv = ["--out", str(tiny_run), "--clip", f"tiny:{tiny_run / 'clip.pt'}", *FAST, "--max-steps", "3", "--resume"]
+    err = bad(train.main, [*argv, "--preset", "small"], capsys, "train.py")
+    assert "is a 'tiny' run, not a 'small' one: resume it with --preset tiny" in err
+    err = bad(train.main, [*argv, "--g.channels", "[32, 32, 32, 16]"], capsys, "train.py")
     assert "another G configuration (channels (64, 64, 64, 32) -> (32, 32, 32, 16))" in err
-    assert "resume it with the same --g.* flags" in err and len(err.strip().splitlines()) == 1
+    assert "resume it with the same --g.* flags" in err
+    assert (tiny_run / "config.json").read_bytes() == config and (tiny_run / "checkpoint.pt").read_bytes() == ckpt
 
 
 def test_resume_checks_everything_before_training_a_clip_or_writing_config(tmp_path, capsys):
@@ -432,39 +528,106 @@ def test_hard_negatives_change_one_word_of_their_own_caption():
     assert 16 <= n_edited <= 48 and len(changed) >= 4, (n_edited, changed)
 
 
-def test_base_stage_trains_with_hard_negatives(tmp_path, tiny_clip):
-    out = run(tmp_path, "--max-steps", "2", "--hard-negatives", "0.5", name="base", clip=tiny_clip)
-    assert state(out)["step"] == 2
-    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
-    assert all(r["D/match"] > 0 for r in rows)
+def test_base_stage_trains_with_hard_negatives(tmp_path, tiny_clip, monkeypatch):
+    """--hard-negatives 1 --hard-attribute shape: the wrong captions of every D and G step are the
+    rows' own captions with the shape word changed, and those are the captions whose CLIP tokens
+    D's matching-aware term reads."""
+    wrong_seen, real_discriminator_loss = [], train.losses.discriminator_loss
+
+    def spy(D, real_pyr, fake_pyr, text, wrong_text, *args, **kwargs):
+        wrong_seen.append(wrong_text[0].clone())                     # the wrong captions' tokens
+        return real_discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, *args, **kwargs)
+
+    edits = []
+    real_wrong = train.wrong_captions
+    monkeypatch.setattr(train, "wrong_captions", lambda c, p, cfg: edits.append((c, real_wrong(c, p, cfg))) or edits[-1][1])
+    monkeypatch.setattr(train.losses, "discriminator_loss", spy)
+    out = run(tmp_path, "--max-steps", "2", "--hard-negatives", "1", "--hard-attribute", "shape", name="base",
+              clip=tiny_clip)
+    assert state(out)["step"] == 2 and len(edits) == 4 and len(wrong_seen) == 2    # D and G step, 2 steps
+    clip = train.clip_lib.load_clip(tiny_clip)
+    for (captions, (wrong, valid)), tokens in zip(edits[::2], wrong_seen):         # the D steps' calls
+        assert valid.all()
+        for right, w in zip(captions, wrong):
+            a, b = data.parse_shapes_caption(right), data.parse_shapes_caption(w)
+            assert a["shape"] != b["shape"] and {**a, "shape": 0} == {**b, "shape": 0}
+        expected = clip.text_features(captions + wrong)[0][len(captions):]        # as caption_pairs pads them
+        torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)            # another CLIP instance, batch
 
 
 def test_base_stage_trains_with_mode_seeking_on_paired_captions(tmp_path, tiny_clip, monkeypatch):
     seen = []  # the caption ids of every G step: rows i and P + i must share a caption
+    terms = []  # (G loss, G loss without mode seeking, finest images, z) of every G step
     original = train.losses.generator_loss
 
-    def recording(*args, caption_ids=None, z=None, **kwargs):
+    def recording(D, fakes, text, wrong, cfg, *args, caption_ids=None, z=None, **kwargs):
         seen.append((caption_ids.clone(), z.clone()))
-        return original(*args, caption_ids=caption_ids, z=z, **kwargs)
+        loss, logs = original(D, fakes, text, wrong, cfg, *args, caption_ids=caption_ids, z=z, **kwargs)
+        with torch.no_grad():
+            without, _ = original(D, fakes, text, wrong, dataclasses.replace(cfg, mode_seeking_weight=0.0), *args,
+                                  caption_ids=caption_ids, z=z, **kwargs)
+        terms.append((loss.item(), without.item(), fakes[0].detach().float(), z.clone()))
+        return loss, logs
 
     monkeypatch.setattr(train.losses, "generator_loss", recording)
-    out = run(tmp_path, "--max-steps", "2", "--loss.mode-seeking-weight", "1", name="base", clip=tiny_clip)
+    out = run(tmp_path, "--max-steps", "2", "--loss.mode-seeking-weight", "0.5", name="base", clip=tiny_clip)
     assert state(out)["step"] == 2 and len(seen) == 2
     for ids, z in seen:
         P = len(ids) // 2
         assert torch.equal(ids[:P], ids[P:2 * P]) and not torch.equal(z[:P], z[P:2 * P])
-    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
-    assert all(r["G/mode_seeking"] > 0 for r in rows)
+    # the term is in G's loss with its weight: (total - total without it) / 0.5 is the logged
+    # G/mode_seeking, and that is MSGAN's 1 / (mean |image_i - image_P+i| / mean |z_i - z_P+i| + eps)
+    for (total, without, images, z), row in zip(terms, log_rows(out)):
+        P = len(z) // 2
+        ratio = ((images[:P] - images[P:]).abs().flatten(1).mean(1) / (z[:P] - z[P:]).abs().mean(1)).mean()
+        assert row["G/mode_seeking"] == pytest.approx(1 / (ratio.item() + 1e-5), rel=1e-5)
+        assert (total - without) / 0.5 == pytest.approx(row["G/mode_seeking"], rel=1e-4)
 
 
-def test_base_stage_with_a_resnet_tiny_clip_for_the_vision_aided_d(tmp_path, tiny_clip):
-    rn = tmp_path / "clip_rn"
-    train.main(["--stage", "clip", "--out", str(rn), "--clip-tower", "resnet", "--clip-steps", "2",
-                "--clip-batch-size", "16"])
-    spec = f"tiny:{rn / 'clip.pt'}"
-    out = run(tmp_path, "--max-steps", "2", "--vision-clip", spec, name="split", clip=tiny_clip)
-    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
-    assert all(r["D/vision"] > 0 and "G/vision" in r and "G/clip" in r for r in rows)
+def spy_weighted_terms(monkeypatch):
+    """Records, for every D and G loss of a run: (the loss, the loss again with one term's weight
+    set to 0, that term's logged value), for D/vision (--loss.vision-weight) and G/clip
+    (--loss.clip-weight). -> {"D/vision": [...], "G/clip": [...]}."""
+    seen = {"D/vision": [], "G/clip": []}
+
+    def spying(name, key, field):
+        real = getattr(train.losses, name)
+
+        def spy(*args, **kwargs):
+            loss, logs = real(*args, **kwargs)
+            i = next(i for i, a in enumerate(args) if isinstance(a, train.losses.LossConfig))
+            cfg = args[i]
+            with torch.no_grad():
+                without, _ = real(*args[:i], dataclasses.replace(cfg, **{field: 0.0}), *args[i + 1:], **kwargs)
+            seen[key].append((loss.item(), without.item(), getattr(cfg, field), logs.get(key)))
+            return loss, logs
+        monkeypatch.setattr(train.losses, name, spy)
+
+    spying("discriminator_loss", "D/vision", "vision_weight")
+    spying("generator_loss", "G/clip", "clip_weight")
+    return seen
+
+
+def assert_terms_count(seen, n_steps):
+    """Each term was computed at every step, and G's or D's loss moves by exactly weight * term."""
+    for key, calls in seen.items():
+        assert len(calls) == n_steps, key
+        for total, without, weight, term in calls:
+            assert weight > 0 and term is not None and term != 0, key
+            assert (total - without) / weight == pytest.approx(term, rel=1e-4, abs=1e-6), key
+
+
+def test_base_stage_with_a_resnet_tiny_clip_for_the_vision_aided_d(tmp_path, tiny_clip, monkeypatch):
+    """--vision-clip tiny:PATH gives the vision-aided D its own (ResNet-tower) CLIP: here the text
+    CLIP has no sibling beside it (so `auto` would use it for both), and the flag names one."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tiny_clip[len("tiny:"):], alone / "clip.pt")
+    spec = "tiny:" + os.path.join(os.path.dirname(tiny_clip[len("tiny:"):]), "vision_clip.pt")
+    seen = spy_weighted_terms(monkeypatch)
+    out = run(tmp_path, "--max-steps", "2", "--vision-clip", spec, name="split", clip=f"tiny:{alone / 'clip.pt'}")
+    assert_terms_count(seen, 2)
+    assert state(out)["vision_clip"] == spec
     # the vision-aided D reads the ResNet CLIP's feature maps, not the text CLIP's
     def shapes(state_dict):
         return {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -510,7 +673,8 @@ def test_clip_tower_auto_is_resnet_for_the_base_stage_at_multiples_of_32_px():
     assert tower("--clip-tower", "vit") == "vit"
 
 
-def test_default_tiny_clip_is_one_resnet_clip_for_every_role(tmp_path, capsys):
+@pytest.mark.slow
+def test_default_tiny_clip_is_one_resnet_clip_for_every_role(tmp_path, capsys, monkeypatch):
     """`--stage clip` as `python train.py` runs it: one ResNet-tower clip.pt and no sibling; the base
     stage then reads text, the CLIP loss and the vision-aided D's features from that one model."""
     clip_out = tmp_path / "clip"
@@ -518,6 +682,7 @@ def test_default_tiny_clip_is_one_resnet_clip_for_every_role(tmp_path, capsys):
     assert (clip_out / "clip.pt").is_file() and not (clip_out / "vision_clip.pt").exists()
     spec = f"tiny:{clip_out / 'clip.pt'}"
     rn = train.clip_lib.load_clip(spec)
+    seen = spy_weighted_terms(monkeypatch)
     out = run(tmp_path, "--max-steps", "2", name="one", clip=spec)
     printed = capsys.readouterr().out
     assert f", CLIP {spec} (" in printed and " on CLIP " not in printed  # no second CLIP named
@@ -525,8 +690,7 @@ def test_default_tiny_clip_is_one_resnet_clip_for_every_role(tmp_path, capsys):
     assert ckpt["vision_clip"] == ckpt["clip"] and ckpt["config"]["loss"]["clip_weight"] == 0.1
     head = next(v for k, v in ckpt["VD"].items() if k.endswith("stem.0.weight"))
     assert head.shape[1] == rn.feature_channels[0]              # VD reads the ResNet's feature maps
-    rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
-    assert all(r["D/vision"] > 0 and r["G/clip"] > 0 for r in rows)
+    assert_terms_count(seen, 2)
     # `--clip tiny` caches <out>/clip.pt; a cached CLIP of another tower is refused in one line
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--out", str(clip_out), *FAST, "--max-steps", "1", "--clip-tower", "vit"])
@@ -554,3 +718,45 @@ def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_pat
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "resume with the --vision-clip and --clip-tower of that run" in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- EMA and the real pyramid
+
+def test_update_ema_formula_and_ramp_up():
+    """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5 ** (batch / half-life): after half-life
+    images the old weights count half. The half-life is ema_kimg thousand images, but at most
+    ema_rampup times the images seen so far; buffers (w_avg) are copied, not averaged."""
+    def modules(value):
+        m = torch.nn.Linear(3, 2)
+        m.register_buffer("w_avg", torch.full((2,), value))
+        torch.nn.init.constant_(m.weight, value), torch.nn.init.constant_(m.bias, value)
+        return m
+
+    cfg = train.TrainConfig(batch_size=4, ema_kimg=0.1, ema_rampup=0.05)     # half-life 100 images
+    for nimg, half_life in ((40, 2.0), (1000, 50.0), (10_000, 100.0)):       # ramped up: 0.05 * nimg
+        G_ema, G = modules(1.0), modules(3.0)
+        beta = train.update_ema(G_ema, G, cfg, nimg)
+        assert beta == pytest.approx(0.5 ** (4 / half_life), rel=1e-12), nimg
+        torch.testing.assert_close(G_ema.weight, torch.full((2, 3), beta * 1.0 + (1 - beta) * 3.0))
+        assert torch.equal(G_ema.w_avg, G.w_avg)
+    # no ramp-up: the half-life from the first step; after half_life / batch steps, half of the gap is left
+    cfg = dataclasses.replace(cfg, ema_rampup=0.0)
+    G_ema, G = modules(1.0), modules(3.0)
+    for step in range(25):                                                    # 25 steps of 4 = 100 images
+        train.update_ema(G_ema, G, cfg, nimg=4 * (step + 1))
+    torch.testing.assert_close(G_ema.bias, torch.full((2,), 2.0))             # 3 - (3 - 1) / 2
+
+
+def test_image_pyramid_is_the_image_then_repeated_anti_aliased_halving():
+    """Finest first: the image itself, then each level the 2x downsampling of the one before;
+    a flat image stays flat, and the mean of an image is kept at every level."""
+    images = data.ShapesDataset(32, seed=1)[0][0][None].repeat(2, 1, 1, 1)    # (2, 3, 32, 32)
+    pyramid = train.image_pyramid(images, 4)
+    assert [x.shape[-1] for x in pyramid] == [32, 16, 8, 4] and pyramid[0] is images
+    for fine, coarse in zip(pyramid, pyramid[1:]):
+        assert torch.equal(coarse, train.kernels.downsample2x(fine))
+        blurred = torch.nn.functional.avg_pool2d(fine, 2)                     # the box filter: close, not equal
+        assert (coarse - blurred).abs().mean() < 0.1 and not torch.equal(coarse, blurred)
+        torch.testing.assert_close(coarse.mean(), fine.mean(), rtol=0, atol=2e-2)
+    flat = train.image_pyramid(torch.full((1, 3, 16, 16), 0.25), 3)
+    assert all(torch.allclose(x, torch.full_like(x, 0.25), atol=1e-6) for x in flat)

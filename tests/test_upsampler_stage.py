@@ -1,7 +1,7 @@
-"""train.py --stage upsampler and sample.py's upsampler modes end to end on CPU: a tiny CLIP
-(4 steps), a tiny base GAN (1 step), the tiny 32 -> 128 upsampler (2 steps of batch 2, random
-LPIPS backbone); checkpoint, resume, dry run, the base -> upsampler chain, --lowres on a photo,
-and bad input (exit 2, one line). Plumbing only, not quality."""
+"""train.py --stage upsampler and sample.py's upsampler modes end to end on CPU: the session's
+tiny CLIP and tiny base run (conftest.py), the tiny 32 -> 128 upsampler (2 steps of batch 2,
+random LPIPS backbone); checkpoint, resume, dry run, the base -> upsampler chain, --lowres on a
+photo. (Bad input: the tables of test_train.py and test_sample.py.) Plumbing only, not quality."""
 import json
 import os
 
@@ -12,34 +12,21 @@ from PIL import Image
 
 import sample
 import train
+from conftest import UP_FAST, assert_same, bad, log_rows, state
 
 A = "a large red circle on the left of a blue background"
-FAST = ["--batch-size", "2", "--log-every", "1", "--snapshot-every", "1000", "--eval-every", "0",
-        "--ckpt-every", "1000", "--lpips", "random",
-        "--warmup-steps", "1", "--loss.r1-interval", "1"]   # step 1 warm-up, then GAN steps with R1 each
 PHOTO = str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
 def upsampler_run(out, clip, *extra):
-    train.main(["--stage", "upsampler", "--out", str(out), "--clip", clip, *FAST, *extra])
+    train.main(["--out", str(out), "--clip", clip, *UP_FAST, *extra])
     return out
 
 
-def state(out):
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture
+def runs(tiny_run, tiny_upsampler):
     """(tiny CLIP spec, base run dir, upsampler run dir trained 2 steps with a snapshot and an eval)."""
-    root = tmp_path_factory.mktemp("up")
-    train.main(["--stage", "clip", "--out", str(root / "base"), "--clip-steps", "4", "--clip-batch-size", "16"])
-    clip = f"tiny:{root / 'base' / 'clip.pt'}"
-    train.main(["--out", str(root / "base"), "--clip", clip, "--max-steps", "1", "--batch-size", "2",
-                "--log-every", "1", "--snapshot-every", "1000", "--eval-every", "0", "--ckpt-every", "1000"])
-    up = upsampler_run(root / "up", clip, "--max-steps", "2", "--snapshot-every", "2", "--eval-every", "2",
-                       "--eval-images", "4")
-    return clip, root / "base", up
+    return f"tiny:{tiny_run / 'clip.pt'}", tiny_run, tiny_upsampler
 
 
 # ----------------------------------------------------------------------------- train.py
@@ -66,19 +53,26 @@ def test_upsampler_stage_writes_everything(runs):
     assert ckpt["config"]["stage"] == "upsampler" and ckpt["config"]["U"]["out_resolution"] == 128
     assert ckpt["config"]["D"]["resolution"] == 128 and ckpt["config"]["train"]["lpips"] == "random"
     assert any(k.startswith("decoder.") for k in ckpt["G"])          # the upsampler, not a base G
-    assert ckpt["clip"] == "tiny:../base/clip.pt"                   # the base run's CLIP, beside it
+    assert ckpt["clip"] == "tiny:../run/clip.pt"                    # the base run's CLIP, beside it
 
 
-def test_resume_equals_uninterrupted(runs, tmp_path):
-    clip, _, whole = runs                         # 2 steps in one go (its snapshot and eval draw no training noise)
-    # stopped after the warm-up step, resumed into the GAN step
+def test_resume_equals_uninterrupted(runs, tmp_path, monkeypatch):
+    """Stopped after the warm-up step, resumed into the GAN step: bit for bit the run of 2 steps
+    in one go (its snapshot and eval draw no training noise): U, U_ema, D, the three optimiser
+    states, step, nimg, the log rows (but img/s) and the RNG at the end of the resumed step."""
+    clip, _, whole = runs
+    rng, real_update = [], train.update_ema
+    monkeypatch.setattr(train, "update_ema", lambda *a, **k: rng.append(torch.get_rng_state()) or real_update(*a, **k))
     part = upsampler_run(tmp_path / "part", clip, "--max-steps", "1")
     upsampler_run(tmp_path / "part", clip, "--max-steps", "2", "--resume")
     a, b = state(whole), state(part)
-    assert b["step"] == 2
-    for key in ("G", "G_ema", "D"):
-        for name in a[key]:
-            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-5, msg=f"{key}.{name}")
+    assert (b["step"], b["nimg"]) == (2, 4) and b["opt_W"]["state"] and b["opt_G"]["state"]
+    keys = ("G", "G_ema", "D", "opt_G", "opt_D", "opt_W", "step", "nimg")
+    assert_same({k: a[k] for k in keys}, {k: b[k] for k in keys})
+    rows = [[{k: v for k, v in r.items() if k != "img_s"} for r in log_rows(out)] for out in (whole, part)]
+    assert [r["step"] for r in rows[1]] == [1, 2] and rows[0] == rows[1]
+    rng_whole = torch.load(whole.parent / "up_rng.pt")          # recorded by the tiny_upsampler fixture
+    assert len(rng) == len(rng_whole) == 2 and all(map(torch.equal, rng, rng_whole))
 
 
 def test_warm_up_trains_u_alone_on_pixel_mse(runs, tmp_path):
@@ -93,11 +87,18 @@ def test_warm_up_trains_u_alone_on_pixel_mse(runs, tmp_path):
     assert train.parse_flags([])[0].warmup_steps == 0                          # the base stage has none
 
 
-def test_upsampler_stage_trains_with_hard_negatives(runs, tmp_path):
+def test_upsampler_stage_trains_with_hard_negatives(runs, tmp_path, monkeypatch):
+    """--hard-negatives 1: at the GAN step, D's and G's wrong captions are all one-word edits of
+    the rows' own captions (the warm-up step has no wrong captions)."""
+    import data
     clip, _, _ = runs
+    calls, real = [], train.wrong_captions
+    monkeypatch.setattr(train, "wrong_captions", lambda c, p, cfg: calls.append((c, real(c, p, cfg))) or calls[-1][1])
     out = upsampler_run(tmp_path / "hard", clip, "--max-steps", "2", "--hard-negatives", "1")
-    (gan_row,) = [json.loads(line) for line in open(out / "log.jsonl") if '"D/match"' in line]
-    assert gan_row["step"] == 2 and gan_row["D/match"] > 0
+    (gan_row,) = [r for r in log_rows(out) if "D/match" in r]
+    assert gan_row["step"] == 2 and len(calls) == 2                  # the D and the G step of step 2
+    for captions, (wrong, valid) in calls:
+        assert valid.all() and all(w in sum(data.shapes_hard_negatives(c), []) for c, w in zip(captions, wrong))
 
 
 def test_dry_run_prints_upsampler_counts(capsys):
@@ -127,39 +128,15 @@ def test_a_tiny_clip_is_named_relative_to_the_run_when_beside_it():
     assert train.stored_clip_spec("ViT-B-32/openai", "runs/up") == "ViT-B-32/openai"
 
 
-def bad(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("train.py: "), err
-    return err[0]
-
-
-def test_resuming_another_stage_or_config_is_one_line(runs, tmp_path, capsys):
+def test_resuming_another_stage_or_config_is_one_line(runs, capsys):
     clip, base, up = runs
-    assert "is a base-stage run" in bad(["--stage", "upsampler", "--out", str(base), "--clip", clip, *FAST,
-                                         "--max-steps", "3", "--resume"], capsys)
-    assert "is an upsampler-stage run" in bad(["--out", str(up), "--clip", clip, "--max-steps", "3",
-                                              "--batch-size", "2", "--resume"], capsys)
-    assert "(rgb_init 0.001 -> 0.5): resume it with the same --u.* flags" in bad(["--stage", "upsampler", "--out", str(up), "--clip", clip, *FAST, "--max-steps", "3",
-                                "--resume", "--u.rgb-init", "0.5"], capsys)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--stage", "upsampler", "--lpips", "squeeze"], "unknown --lpips"),
-    (["--stage", "upsampler", "--g.z-dim", "64"], "--u.*"),
-    (["--u.z-dim", "64"], "add --stage upsampler"),
-    (["--stage", "upsampler", "--preset", "small"], "no upsampler preset"),
-    (["--stage", "upsampler", "--u.in-resolution", "48"], "bad upsampler configuration"),
-    (["--stage", "upsampler", "--d.resolution", "64"], "must equal"),
-    (["--warmup-steps", "5"], "add --stage upsampler"),
-    (["--stage", "upsampler", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
-    (["--stage", "upsampler", "--lpips", "vgg", "--clip", "CLIP"], "--lpips random"),  # no VGG weights offline
-])
-def test_bad_input_is_one_clear_line(runs, tmp_path, capsys, argv, message):
-    argv = [a.replace("CLIP", runs[0]) for a in argv]
-    assert message in bad(["--out", str(tmp_path / "bad"), "--max-steps", "1", *argv], capsys)
+    assert "is a base-stage run" in bad(train.main, ["--out", str(base), "--clip", clip, *UP_FAST,
+                                                     "--max-steps", "3", "--resume"], capsys, "train.py")
+    assert "is an upsampler-stage run" in bad(train.main, ["--out", str(up), "--clip", clip, "--max-steps", "3",
+                                                           "--batch-size", "2", "--resume"], capsys, "train.py")
+    assert "(rgb_init 0.001 -> 0.5): resume it with the same --u.* flags" in bad(
+        train.main, ["--out", str(up), "--clip", clip, *UP_FAST, "--max-steps", "3", "--resume", "--u.rgb-init", "0.5"],
+        capsys, "train.py")
 
 
 # ----------------------------------------------------------------------------- sample.py
@@ -198,33 +175,6 @@ def test_lowres_noise_aug_is_seeded_and_changes_the_output(runs, tmp_path):
     clean, noisy, again = png("clean"), png("noisy", "--noise-aug", "0.3"), png("again", "--noise-aug", "0.3")
     assert torch.equal(noisy, again)                                    # the noise comes from the seed
     assert (noisy - clean).abs().mean() > 0.5                           # and it reaches the output
-
-
-BAD = [
-    (["--lowres", "PHOTO", "--prompt", A], "needs --upsampler"),
-    (["--ckpt", "BASE", "--prompt", A, "--noise-aug", "0.1"], "give --upsampler"),
-    (["--upsampler", "UP", "--lowres", "PHOTO", "--noise-aug", "-1"], "a std in [0, 1]"),
-    (["--upsampler", "UP", "--lowres", "TMP/missing.png"], "no such file"),
-    (["--upsampler", "UP", "--lowres", "UP/log.jsonl"], "not an image"),
-    (["--upsampler", "UP", "--lowres", "PHOTO", "--prompt", A, "--prompt", A], "at most one prompt"),
-    (["--upsampler", "UP", "--lowres", "PHOTO", "--ckpt", "BASE"], "drop --ckpt"),
-    (["--upsampler", "UP", "--prompt", A], "--ckpt is required"),
-    (["--upsampler", "BASE", "--ckpt", "BASE", "--prompt", A], "not an upsampler run"),
-    (["--ckpt", "UP", "--prompt", A], "pass it with --upsampler"),
-    (["--upsampler", "UP", "--ckpt", "BASE", "--style-mix", "--prompt", A], "plain sampling"),
-]
-
-
-@pytest.mark.parametrize("argv,hint", BAD, ids=[h for _, h in BAD])
-def test_bad_sample_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, hint):
-    _, base, up = runs
-    argv = [a.replace("UP", str(up)).replace("BASE", str(base)).replace("PHOTO", PHOTO).replace("TMP", str(tmp_path))
-            for a in argv]
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main([*argv, "--device", "cpu", "--out", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and hint in err[0] and err[0].startswith("sample.py: "), err
 
 
 def test_chain_with_mismatched_resolution_is_one_line(runs, tmp_path, capsys, monkeypatch):
