@@ -187,9 +187,10 @@ def test_evaluate_generates_once_and_matches_the_cli(run_dir, tmp_path, monkeypa
     monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
     ds = data.ShapesDataset(32, seed=0)
     metrics = sample.evaluate(G, clip, ds, n=8, shapes=True)            # the call train.py makes
-    assert len(calls) == 1
+    assert len(calls) == 2      # the alignment images, then SPREAD_Z per caption for the seed spread
     assert set(metrics) == {"clip_score", "clip_score_real", "clip_fd", "align_mean",
-                            *(f"align_{a}" for a in sample.SHAPES_ATTRIBUTES)}
+                            *(f"align_{a}" for a in sample.SHAPES_ATTRIBUTES),
+                            "spread_x", "spread_y", "spread_size", "spread_captions"}
     out, _ = cli(run_dir, tmp_path / "e", "--eval", "--n", "8")
     cli_metrics = json.load(open(out / "eval.json"))
     assert all(cli_metrics[k] == pytest.approx(v, abs=1e-6) for k, v in metrics.items())
