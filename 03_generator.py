@@ -78,6 +78,7 @@ class GeneratorConfig:
     cross_attention: bool = True              # Table 1 switch: cross-attention to t_local after it
     kernel_size: int = 3                      # K of the synthesis convs
     noise: bool = True                        # StyleGAN2's per-pixel noise inputs in every conv (off in "tiny", see there)
+    synthesis_input: str = "const"            # 4 px input: const (StyleGAN2, the paper's base) | fourier (moved and scaled by w)
 
     def __post_init__(self):
         # tuples may arrive as lists (from a checkpoint's plain-dict config or a CLI flag)
@@ -247,6 +248,56 @@ class MappingNetwork(nn.Module):
 
 
 NOISE_MODES = ("random", "const", "none")
+SYNTHESIS_INPUTS = ("const", "fourier")
+
+
+class FourierInput(nn.Module):
+    """The 4 px input as Fourier features of pixel coordinates, moved and scaled per sample by w.
+
+        p' = (p - t) * exp(-s)                  p: a pixel centre in [-1/2, 1/2]^2, (t, s) = A(w)
+        f_c(p) = sin(2 pi <omega_c, p'> + phi_c)  fixed random frequencies omega_c, phases phi_c
+        x = W f                                 a learned 1x1 mixing to C_4 channels
+
+    Why (project's choice, not the paper's: GigaGAN's G starts from a learned constant): a
+    conv stack that starts from one constant can only move or resize what it draws by
+    learning that from the modulations, so every z of a caption tends to put the shape in
+    the same place. Here one affine of w translates (t) and scales (s) the whole input field,
+    as StyleGAN3's and StyleGAN-T's synthesis inputs do (they translate and rotate), so
+    placement and extent have a direct path from z and the text. A starts at zero: the
+    input begins as a fixed pattern, like the constant.
+    """
+
+    def __init__(
+        self,
+        channels,        # C_4, output channels
+        w_dim,           # S, width of w
+        size=4,          # side of the input grid (px)
+        features=64,     # C_f, number of sinusoids
+        bandwidth=2.0,   # largest |omega| in cycles per image side (Nyquist of a 4 px grid)
+    ):
+        super().__init__()
+        self.size, self.channels = size, channels
+        g = torch.Generator().manual_seed(0)                  # fixed, saved with the model as buffers
+        radius = bandwidth * torch.rand(features, generator=g).sqrt()  # uniform over the disc
+        angle = 2 * math.pi * torch.rand(features, generator=g)
+        self.register_buffer("omega", torch.stack([radius * angle.cos(), radius * angle.sin()], 1))  # (C_f, 2)
+        self.register_buffer("phi", 2 * math.pi * torch.rand(features, generator=g))               # (C_f,)
+        ticks = (torch.arange(size) + 0.5) / size - 0.5      # pixel centres in [-1/2, 1/2]
+        yy, xx = torch.meshgrid(ticks, ticks, indexing="ij")
+        self.register_buffer("grid", torch.stack([xx, yy], -1))  # (size, size, 2), (x, y) per pixel
+        self.affine = EqualLinear(w_dim, 3)                   # w -> (t_x, t_y, s)
+        nn.init.zeros_(self.affine.weight)                    # starts unmoved: t = 0, s = 0
+        self.mix = nn.Parameter(torch.randn(channels, features))  # W, unit-normal, scaled at run time
+
+    def forward(self, w):
+        """w (B, S) -> x (B, C_4, size, size)."""
+        B = w.shape[0]
+        a = self.affine(w)                                    # (B, 3)
+        t, s = a[:, None, None, :2], a[:, None, None, 2:]     # (B, 1, 1, 2), (B, 1, 1, 1)
+        p = (self.grid - t) * torch.exp(-s)                   # (B, size, size, 2) moved, scaled
+        f = torch.sin(2 * math.pi * p @ self.omega.T + self.phi)  # (B, size, size, C_f)
+        x = f @ (self.mix / math.sqrt(self.mix.shape[1])).T  # (B, size, size, C_4) equalized 1x1
+        return x.permute(0, 3, 1, 2)                          # (B, C_4, size, size)
 
 
 class SynthesisBlock(nn.Module):
@@ -343,7 +394,11 @@ class Synthesis(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.scales = cfg.scales                                # [4, 8, ..., R]
-        self.const = nn.Parameter(torch.randn(cfg.channels[0], 4, 4))  # (C_4, 4, 4) learned input
+        assert cfg.synthesis_input in SYNTHESIS_INPUTS, cfg.synthesis_input
+        if cfg.synthesis_input == "const":
+            self.const = nn.Parameter(torch.randn(cfg.channels[0], 4, 4))  # (C_4, 4, 4) learned input
+        else:
+            self.fourier = FourierInput(cfg.channels[0], cfg.w_dim)        # (B, C_4, 4, 4) from ws[:, 0]
         blocks, torgbs, names, scale_blocks = [], [], [], []
         for s, res in enumerate(self.scales):
             scale_blocks.append([])
@@ -395,7 +450,10 @@ class Synthesis(nn.Module):
         masks = self._per_block(local_mask, "local_mask")
         for t, m in zip(t_locals, masks):
             assert t.shape[0] == B and t.shape[2] == self.cfg.text_width and m.shape == t.shape[:2], (t.shape, m.shape)
-        x = self.const.unsqueeze(0).expand(B, -1, -1, -1)       # (B, C_4, 4, 4)
+        if self.cfg.synthesis_input == "const":
+            x = self.const.unsqueeze(0).expand(B, -1, -1, -1)   # (B, C_4, 4, 4)
+        else:
+            x = self.fourier(ws[:, 0])                          # (B, C_4, 4, 4), placed by the first style
         img, pyramid = None, []
         for s, res in enumerate(self.scales):
             for i in self.scale_blocks[s]:
