@@ -43,8 +43,8 @@ class TrainConfig:
     lr_d: float = 0.0025          # AdamW learning rate of D (paper: 0.0025)
     beta1: float = 0.0            # Adam beta1 (paper: 0)
     beta2: float = 0.99           # Adam beta2 (paper: 0.99)
-    ema_kimg: float = 10.0        # EMA half-life of G_ema in thousands of images (project choice per preset)
-    ema_rampup: float = 0.05      # half-life <= this fraction of images seen so far (StyleGAN2's ramp-up)
+    ema_kimg: float = 10.0        # EMA half-life of G_ema in thousands of images (project's choice per preset; full: the paper's)
+    ema_rampup: float = 0.05      # half-life <= this fraction of images seen so far (StyleGAN2's ramp-up; project's choice)
     seed: int = 0                 # seeds every random draw (per step and micro-batch)
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
@@ -61,30 +61,37 @@ class TrainConfig:
     snapshot_every: int = 250     # steps between sample grids of fixed prompts and z
     eval_every: int = 500         # steps between alignment / CLIP-score evaluations (0: off)
     eval_images: int = 128        # images generated per evaluation
+    eval_fid: bool = False        # also Inception FID at each eval (torchmetrics; weights download once; reference stats cached next to the data)
     ckpt_every: int = 250         # steps between checkpoints
     dry_run: bool = False         # build the models on the meta device, print sizes, exit
+    gpu_memory: float = 0.0       # --dry-run: the GPU's memory in GB -> the largest --batch-gpu that fits and the accumulation (0: off)
     lpips: str = "vgg"            # upsampler stage: LPIPS backbone vgg (paper) | alex | random (no download)
-    warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D) [U]
+    warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D; project's choice)
     warmup_lr: float = 0.01       # their AdamW learning rate (beta1 0.9, beta2 0.99)
-    hard_negatives: float = 0.0   # share of Eq. 8's wrong captions that are one-word edits (shapes) [U]
+    hard_negatives: float = 0.0   # share of Eq. 8's wrong captions that are one-word edits (shapes; project's choice)
     hard_attribute: str = "any"   # the word they change: any | shape | color | background | size | position
 
 
 # Training-side presets: sizes and a few settings, never code. G and D sizes come from 03/04's
 # registries under the same names, the loss weights from 05's.
 TRAIN_PRESETS = {
-    # tiny: twice the paper's learning rate (project's choice), a 15-minute budget; why: NOTES.md, "tiny preset"
+    # tiny: twice the paper's learning rate (project's choice), a 15-minute budget
+    # (NOTES.md, "Learning rate of G and D" and "15-minute budget")
     "tiny": dict(lr_g=0.005, lr_d=0.005, max_steps=3500, max_minutes=15.0),
     "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip_batch_size=256,
                   clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
-    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=500.0, dtype="bfloat16",
+    # full: the paper's G EMA, decay 0.9999 per step at batch 1024 (update_ema's beta = 0.5 ** (batch /
+    # (ema_kimg * 1000))): ema_kimg = 1024 ln 0.5 / (1000 ln 0.9999) = 7097.47; the ramp-up over the
+    # first images (ema_rampup) is StyleGAN2's, the project's choice (the paper gives none)
+    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=7097.47, dtype="bfloat16",
                  clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
                  snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
 }
 
-# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice [U]).
-# tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up (ESRGAN's recipe, not
-# the paper's), then GAN steps at the paper's 0.0025; why: NOTES.md, "upsampler recipe"
+# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice; the
+# paper leaves them open). tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up
+# (ESRGAN's recipe, not the paper's), then GAN steps at the paper's 0.0025 (NOTES.md, "Tiny upsampler
+# default", "What lets U learn on MSE" and "Upsampler warm-up")
 UPSAMPLER_TRAIN_PRESETS = {
     "tiny": dict(max_steps=1500, max_minutes=0.0, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
                  eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
@@ -353,8 +360,8 @@ def vision_clip_spec(cfg):
     trains itself (as --stage clip does); `--clip tiny:PATH` uses that sibling when it is there;
     any other --clip, and the tiny default's ResNet-tower CLIP, serve both roles (`same`).
     Why (project's choice; the paper, too, gives the vision-aided D its own CLIP, ViT-B/32 beside
-    the ViT-L/14 of the text): the tiny ResNet tower reads shape, the tiny ViT poorly; the
-    numbers: NOTES.md, "CLIP towers"."""
+    the ViT-L/14 of the text): the tiny ResNet tower reads shape, the tiny ViT poorly
+    (NOTES.md, "Vision-aided D: which ResNet stages")."""
     if cfg.vision_clip == "same":
         return None
     if cfg.vision_clip != "auto":

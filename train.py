@@ -21,7 +21,7 @@ The order of one optimisation step, written out below (Sec. 3 and Appendix of th
     -> logs, snapshots, evaluation, checkpoint.
 (--loss.mode-seeking-weight W > 0 adds MSGAN's diversity term to the G step, ours, not the paper's:
 its rows P..2P-1 then take the captions of rows 0..P-1, so each caption is drawn with two z.)
-The upsampler stage (06_upsampler.py, paper Sec. 3.5) runs the same loop with U(make_lowres(real))
+The upsampler stage (06_upsampler.py, paper Sec. 3.4) runs the same loop with U(make_lowres(real))
 in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
 Its first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstruction warm-up:
@@ -80,7 +80,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     """Train the base GAN G (g_cfg: 03's GeneratorConfig) or, with --stage upsampler, the upsampler U
     (g_cfg: 06's UpsamplerConfig) on `dataset`; ckpt: the checkpoint to continue (open_resume), or None.
 
-    One loop, step for step the same; the upsampler (06_upsampler.py, paper Sec. 3.5) differs in:
+    One loop, step for step the same; the upsampler (06_upsampler.py, paper Sec. 3.4) differs in:
     its generator reads a real image made small, U(make_lowres(real), z, c) in place of G(z, c), and
     `dataset` holds real images at U's output size; it has no vision-aided D; its G step adds
     lpips_weight * LPIPS (and pixel_weight * MSE) to the real image; it begins with --warmup-steps
@@ -195,7 +195,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     work.append((micro, reals, lowres, list(captions)))
 
                 if step < cfg.warmup_steps:
-                    # ---- the upsampler's reconstruction warm-up (ESRGAN-style, this project's choice [U]):
+                    # ---- the upsampler's reconstruction warm-up (ESRGAN-style; project's choice, the paper leaves it open):
                     # U alone, pixel MSE to the real image, its own Adam; no input noise and no noise inputs
                     # (a pixel loss cannot predict random detail: it would teach U to switch it off)
                     G.requires_grad_(True)
@@ -515,11 +515,11 @@ def sample_lib():
 #
 # The paper pairs each image with another caption of the batch. Two random shapes captions
 # almost always differ in several words, so D can reject most such pairs by their colour words
-# and need not read the shape word (NOTES.md, "why shape is slow"). With
-# --hard-negatives F a share F of the rows instead gets its own caption with one attribute
-# word changed (data.shapes_hard_negatives, the tiny CLIP's negatives): a pair D can only
-# reject by checking that one attribute. This project's addition [U]; 0 (the default) is the paper's.
-# Whether it helps: NOTES.md, "why shape is slow".
+# and need not read the shape word. With --hard-negatives F a share F of the rows instead gets
+# its own caption with one attribute word changed (data.shapes_hard_negatives, the tiny CLIP's
+# negatives): a pair D can only reject by checking that one attribute. This project's addition
+# (the paper leaves the choice of wrong captions open); 0, the default, is the paper's
+# (whether it helps: NOTES.md, "Hard negatives in Eq. 8").
 
 
 @functools.lru_cache(maxsize=100_000)
