@@ -90,8 +90,8 @@ TRAIN_PRESETS = {
 
 # The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice; the
 # paper leaves them open). tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up
-# (ESRGAN's recipe, not the paper's), then GAN steps at the paper's 0.0025 (NOTES.md, "Tiny upsampler
-# default", "What lets U learn on MSE" and "Upsampler warm-up")
+# (ESRGAN's recipe, not the paper's), then GAN steps at the paper's 0.0025
+# (NOTES.md, "Tiny upsampler default", "What lets U learn on MSE" and "Upsampler warm-up")
 UPSAMPLER_TRAIN_PRESETS = {
     "tiny": dict(max_steps=1500, max_minutes=0.0, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
                  eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
