@@ -55,9 +55,10 @@ import torch
 import torch.distributed as dist
 
 import data
+import metrics
 # config.py: TrainConfig, the presets and flags; rundir.py: checkpoints, logs, snapshots, stopping
-from config import (HARD_ATTRIBUTES, VISION_CLIP, FlagError, TrainConfig, check_mode_seeking, clip_spec,  # noqa: F401
-                    parse_flags, print_help, vision_clip_spec)
+from config import (HARD_ATTRIBUTES, UPSAMPLER_TRAIN_PRESETS, VISION_CLIP, FlagError, TrainConfig,  # noqa: F401
+                    check_mode_seeking, check_models, clip_spec, parse_flags, print_help, vision_clip_spec)
 from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, exit_interrupted, exit_nonfinite,
                     log_eval_row, log_train_row, mean_stats, open_resume, out_of_time, plot_losses, progress_bar,
                     save_checkpoint, save_snapshot, save_upsampler_snapshot, say, snapshot_prompts,
@@ -89,6 +90,9 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     device = rt.device
     lpips = build_lpips(cfg, rt) if up else None                       # fails fast, before CLIP training
     spec, clip, vspec, vclip = frozen_clips(cfg, g_cfg, loss_cfg, rt, dataset)
+    os.makedirs(cfg.out, exist_ok=True)     # config.json once the CLIPs load: a missing pretrained
+    if rt.main:                             # CLIP leaves no stray run directory behind
+        write_config(cfg, g_cfg, d_cfg, loss_cfg)
 
     # ---- models and optimisers (seeded: every process starts from the same weights)
     torch.manual_seed(cfg.seed)
@@ -165,6 +169,9 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     else:   # fixed snapshot prompts and z
         snap_prompts = snapshot_prompts(dataset)
         snap_z = torch.randn(4, g_cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    fid = None  # Inception FID at each eval (--eval-fid): its reference statistics once, cached next to the data
+    if not up and rt.main and cfg.eval_fid and cfg.eval_every:
+        fid = metrics.prepare_fid(dataset, cfg.data, cfg.out, cfg.eval_images, device=device, flag="--eval-fid false")
     scale = batch_gpu / cfg.batch_size     # each micro-batch's share of the global-batch mean
     stats, t_log, n_log = {}, time.time(), 0
 
@@ -296,12 +303,12 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                 if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                     bar.set_postfix_str("evaluating")
                     if up:
-                        metrics = upsampler.upsampling_metrics(G_ema, eval_lr, eval_hr,
-                                                               *clip.text_features(eval_captions))
+                        scores = upsampler.upsampling_metrics(G_ema, eval_lr, eval_hr,
+                                                              *clip.text_features(eval_captions))
                     else:
-                        metrics = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
-                                                        shapes=cfg.data == "shapes")
-                    log_eval_row(cfg, step, metrics)
+                        scores = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
+                                                       shapes=cfg.data == "shapes", fid=fid)
+                    log_eval_row(cfg, step, scores)
                     bar.set_postfix_str("")
                 if rt.main and (step % cfg.ckpt_every == 0 or last):
                     checkpoint()
@@ -382,7 +389,7 @@ def setup_runtime(cfg):
 
 def seed_for(cfg, step, micro, phase):
     """The seed of one micro-batch of one phase of one step: independent of the rank."""
-    torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro) * 17 + phase)
+    torch.manual_seed((((cfg.seed * 1_000_003 + step) * 1009 + micro) * 17 + phase) % 2**63)  # < 2**64 (torch's limit)
 
 
 def micro_batches(cfg, rt):
@@ -403,8 +410,9 @@ class StepSampler(torch.utils.data.Sampler):
     perm_epoch[k % n], with a fresh seeded permutation per epoch, so the data order depends on
     (seed, step) only: the same for 1 or N processes and after --resume."""
 
-    def __init__(self, n_items, cfg, batch_gpu, micros, start_step):
+    def __init__(self, n_items, cfg, batch_gpu, micros, start_step, with_epoch=False):
         self.n, self.cfg, self.batch_gpu, self.micros, self.start = n_items, cfg, batch_gpu, micros, start_step
+        self.with_epoch = with_epoch  # yield (index, epoch): data sets that draw per epoch (CocoCaptions' caption)
         self._epoch, self._perm = -1, None
 
     def _index(self, k):
@@ -419,7 +427,8 @@ class StepSampler(torch.utils.data.Sampler):
         while True:
             for micro in self.micros:
                 first = step * self.cfg.batch_size + micro * self.batch_gpu
-                yield [self._index(first + j) for j in range(self.batch_gpu)]
+                ks = range(first, first + self.batch_gpu)
+                yield [(self._index(k), k // self.n) if self.with_epoch else self._index(k) for k in ks]
             step += 1
 
 
@@ -434,7 +443,7 @@ def make_batches(dataset, cfg, rt, batch_gpu, micros, start_step):
         for epoch in itertools.count():
             dataset.set_epoch(epoch)  # a new, still seeded, shard order every pass
             yield from loader
-    sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step)
+    sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step, with_epoch=hasattr(dataset, "set_epoch"))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=rt.device.type == "cuda",
                                          persistent_workers=workers > 0)
@@ -638,8 +647,10 @@ def build_lpips(cfg, rt):
     """The LPIPS module of the G step; a missing pretrained backbone raises MissingWeightsError
     (one line naming --lpips random). Seeded: a random backbone is the same in every run."""
     if cfg.lpips == "random" and rt.main:
-        print("note: --lpips random: LPIPS on a randomly initialised AlexNet backbone (a distance, not a "
-              "perceptual one), because pretrained weights cannot be downloaded here; --lpips vgg is the paper's")
+        why = ("the tiny upsampler's preset: no download" if UPSAMPLER_TRAIN_PRESETS[cfg.preset].get("lpips") == "random"
+               else "as asked")
+        print(f"note: --lpips random ({why}): LPIPS on a randomly initialised AlexNet backbone, a distance but "
+              "not a perceptual one; --lpips vgg is the paper's")
     torch.manual_seed(cfg.seed)
     return losses.LPIPS(cfg.lpips).to(rt.device).eval()
 
@@ -654,26 +665,37 @@ def main(argv=None):
         return print_help(__doc__)
     rt = None
     try:  # bad input, found before or during the run, is one line and exit status 2
+        # The checks, in one pass before any CLIP training, file writing or model building: every
+        # flag's range (config.TRAIN_RULES, SUB_RULES), what combines flags, G and D built on the
+        # meta device, the CLIP spec, the micro-batches.
         cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
-        rt = setup_runtime(cfg)
-        check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])  # check now, before minutes of
-        clip_spec(cfg)                                                # CLIP training
-        if cfg.dry_run:
+        check_models(cfg, g_cfg, d_cfg)
+        clip_spec(cfg)
+        if cfg.dry_run:  # a plan for any machine: no device is touched, nothing is loaded or written
+            planned = Runtime(torch.device("meta"), 0, 1, None, time.time())
+            check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, planned)[0])
             return dry_run(cfg, g_cfg, d_cfg, loss_cfg)
+        rt = setup_runtime(cfg)
+        check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])
         if not cfg.data:
             raise FlagError("--data is required for this preset: an image folder or 'shards/{00000..00099}.tar'")
+        if cfg.eval_fid and rt.main:  # the Inception weights first: offline, one line in about a second
+            try:
+                metrics.inception_weights("--eval-fid false")
+            except metrics.FIDUnavailable as err:
+                raise FlagError(str(err)) from None
         up = cfg.stage == "upsampler"
         try:  # the upsampler learns from real images at its OUTPUT size (made small on the fly)
             dataset = data.build_dataset(cfg.data, g_cfg.out_resolution if up else g_cfg.resolution, seed=cfg.seed)
         except (FileNotFoundError, ValueError) as err:
             raise FlagError(str(err)) from None
         ckpt = open_resume(cfg, g_cfg, d_cfg, loss_cfg)  # before any CLIP is trained or config.json rewritten
-        os.makedirs(cfg.out, exist_ok=True)
-        if rt.main:
-            write_config(cfg, g_cfg, d_cfg, loss_cfg)
         if cfg.stage == "clip":
+            os.makedirs(cfg.out, exist_ok=True)
+            if rt.main:
+                write_config(cfg, g_cfg, d_cfg, loss_cfg)
             return train_clip_stage(cfg, g_cfg.resolution, rt, dataset)
-        return train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt)
+        return train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt)  # writes config.json once its CLIPs load
     except (FlagError, FileNotFoundError, losses.MissingWeightsError, clip_lib.CLIPLoadError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -1,9 +1,10 @@
-"""gpu_memory.py: the largest --batch-gpu that fits, checked against a brute-force search."""
+"""dry_run.py: the largest --batch-gpu that fits (against a brute-force search), the bytes autograd saves,
+the launch line read back by the parser, --gpu-memory."""
 import itertools
 
 import pytest
 
-import gpu_memory
+import dry_run
 
 GIB = 2 ** 30
 
@@ -22,27 +23,27 @@ def test_fit_matches_a_brute_force_search():
         best = brute_force(gpu, state, act, clip, batch_size, world, 1.0)
         if best is None:
             with pytest.raises(ValueError, match="even --batch-gpu 1"):
-                gpu_memory.fit_batch_gpu(gpu, state, act, clip, batch_size, world)
+                dry_run.fit_batch_gpu(gpu, state, act, clip, batch_size, world)
             continue
-        b, accumulation = gpu_memory.fit_batch_gpu(gpu, state, act, clip, batch_size, world)
+        b, accumulation = dry_run.fit_batch_gpu(gpu, state, act, clip, batch_size, world)
         assert b == best and b * accumulation * world == batch_size, (gpu, batch_size, world, act_mib)
 
 
 def test_the_small_preset_numbers():
     """--preset small's dry run: 0.8 GiB state, 53.6 MiB activations per image (fp32), tiny CLIP."""
     state, act = int(0.83 * GIB), int(53.6 * 2 ** 20)
-    assert gpu_memory.fit_batch_gpu(8, state, act, 0, 64) == (64, 1)     # 4.2 GiB at 64
-    assert gpu_memory.fit_batch_gpu(4, state, act, 0, 64) == (32, 2)     # 2.5 GiB at 32
-    line = gpu_memory.describe_fit(4, state, act, 0, 64)
+    assert dry_run.fit_batch_gpu(8, state, act, 0, 64) == (64, 1)     # 4.2 GiB at 64
+    assert dry_run.fit_batch_gpu(4, state, act, 0, 64) == (32, 2)     # 2.5 GiB at 32
+    line = dry_run.describe_fit(4, state, act, 0, 64)
     assert "--batch-gpu 32" in line and "2 accumulation steps" in line and "\n" not in line
 
 
 def test_nothing_fits_is_one_line():
     with pytest.raises(ValueError) as err:
-        gpu_memory.fit_batch_gpu(2, 2 * GIB, GIB, 0, 64)
+        dry_run.fit_batch_gpu(2, 2 * GIB, GIB, 0, 64)
     assert "\n" not in str(err.value) and "--gpu-memory 2" in str(err.value)
     with pytest.raises(ValueError, match="give the GPU's memory"):
-        gpu_memory.fit_batch_gpu(0, GIB, GIB, 0, 64)
+        dry_run.fit_batch_gpu(0, GIB, GIB, 0, 64)
 
 
 def test_saved_bytes_of_a_small_net_by_hand():
@@ -51,7 +52,7 @@ def test_saved_bytes_of_a_small_net_by_hand():
     torch = pytest.importorskip("torch")
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     x = torch.randn(5, 8)
-    got = gpu_memory.saved_activation_bytes(lambda: net(x), net.parameters())
+    got = dry_run.saved_activation_bytes(lambda: net(x), net.parameters())
     assert got == 5 * (8 + 16) * 4
 
 
@@ -69,6 +70,6 @@ def test_saved_bytes_on_the_meta_device_equal_those_on_the_cpu():
             tokens, mask = torch.randn(2, 7, 32), torch.ones(2, 7, dtype=torch.bool)
             eot, z = torch.full((2,), 6, dtype=torch.long), torch.randn(2, g_cfg.z_dim)
             params = [*G.parameters(), *D.parameters()]
-            counts.append(gpu_memory.saved_activation_bytes(lambda: D(G(z, tokens, mask, eot), tokens, mask, eot),
+            counts.append(dry_run.saved_activation_bytes(lambda: D(G(z, tokens, mask, eot), tokens, mask, eot),
                                                             params))
     assert counts[0] == counts[1] > 0
