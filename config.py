@@ -491,12 +491,12 @@ def print_help(usage):
 
 def clip_spec(cfg):
     """--clip/--clip-pretrained -> a load_clip spec. `tiny` is the run's own <out>/clip.pt."""
-    if cfg.clip == "tiny":
-        return "tiny:" + os.path.join(cfg.out, "clip.pt")
     if cfg.clip_pretrained:
         if "/" in cfg.clip or cfg.clip.startswith("tiny"):
-            raise FlagError(f"--clip-pretrained goes with a bare model name, not --clip {cfg.clip}")
+            raise FlagError(f"--clip-pretrained goes with a bare model name (e.g. --clip ViT-B-32), not --clip {cfg.clip}")
         return f"{cfg.clip}/{cfg.clip_pretrained}"
+    if cfg.clip == "tiny":
+        return "tiny:" + os.path.join(cfg.out, "clip.pt")
     if "/" not in cfg.clip and not cfg.clip.startswith("tiny:"):
         raise FlagError(f"--clip {cfg.clip} needs a weights tag: --clip {cfg.clip}/TAG, or "
                         "--clip-pretrained none for random weights, or --clip tiny")
