@@ -414,7 +414,7 @@ def check_models(cfg, g_cfg, d_cfg):
         return
     import torch
     dim = text_width(cfg)
-    what = "upsampler (--u.*)" if cfg.stage == "upsampler" else "generator (--g.*)"
+    what = "upsampler configuration (--u.*)" if cfg.stage == "upsampler" else "generator configuration (--g.*)"
     try:
         with torch.device("meta"):
             tokens, mask = torch.zeros(1, 4, dim), torch.ones(1, 4, dtype=torch.bool)
@@ -427,7 +427,7 @@ def check_models(cfg, g_cfg, d_cfg):
                 G = generator.Generator(g_cfg, text_dim=dim)
                 pyramid = G(torch.zeros(1, g_cfg.z_dim), tokens, mask, eot)
     except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
-        raise FlagError(f"bad {what} configuration: {str(err).splitlines()[0] or type(err).__name__}") from None
+        raise FlagError(f"bad {what}: {str(err).splitlines()[0] or type(err).__name__}") from None
     try:
         with torch.device("meta"):
             discriminator.Discriminator(d_cfg, text_dim=dim)(pyramid, tokens, mask, eot)
