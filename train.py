@@ -3,9 +3,10 @@ train.py - one flat, readable training loop for every stage of GigaGAN.
 
     python train.py                                  # a tiny CLIP, then a tiny text-to-image GAN on `shapes` (CPU, 15 minutes)
     python train.py --stage clip --out runs/clip     # only the tiny CLIP -> runs/clip/clip.pt
-    python train.py --preset small --device cuda     # 64 px on one GPU
+    python train.py --preset small --device cuda     # 64 px on one GPU, OpenAI's ViT-B/32 CLIP (downloads once)
     torchrun --nproc_per_node=8 train.py --full --data 'shards/{00000..09999}.tar'
-    python train.py --full --dry-run                 # parameter counts and memory estimate, no training
+    python train.py --full --dry-run                 # parameter counts, memory estimate, launch line, no training
+    python train.py --preset small --dry-run --gpu-memory 12   # the --batch-gpu that fits a 12 GB GPU
     python train.py --stage upsampler                # tiny 32 -> 128 upsampler on `shapes` -> runs/tiny-upsampler
     python train.py --stage upsampler --full --lpips vgg --data 'shards/{00000..09999}.tar'   # 64 -> 512
 
@@ -13,6 +14,8 @@ Flags are `--key value` or `--key=value` for every field of TrainConfig (config.
 generator, discriminator and loss configs are `--g.FIELD`, `--d.FIELD`, `--loss.FIELD`
 (e.g. `--g.attention false`, `--loss.clip_weight 0`), of the upsampler `--u.FIELD` (with
 --stage upsampler, where --d.* and --loss.* configure its D and losses). Unknown flags are an error.
+Every flag is checked (its range beside its field in config.py, then what combines flags, then G and D
+built on the meta device) before any CLIP is trained, any file written or any model built.
 Checkpoints, logs, snapshots and how a run stops: rundir.py. `--dry-run`: dry_run.py.
 
 The order of one optimisation step, written out below (Sec. 3 and Appendix of the paper):

@@ -553,7 +553,7 @@ def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_pat
         run(tmp_path, "--max-steps", "3", "--resume", "--vision-clip", "same", name="auto", clip=tiny_clip)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "resume with the --vision-clip and --clip-tower of that run" in err and len(err.splitlines()) == 1, err
+    assert f"resume with --vision-clip tiny:{sibling}" in err and len(err.splitlines()) == 1, err
 
 
 def test_resume_names_the_clip_the_run_used_and_refuses_max_steps_it_passed(tmp_path, tiny_clip, capsys):

@@ -203,7 +203,7 @@ def test_lowres_noise_aug_is_seeded_and_changes_the_output(runs, tmp_path):
 BAD = [
     (["--lowres", "PHOTO", "--prompt", A], "needs --upsampler"),
     (["--ckpt", "BASE", "--prompt", A, "--noise-aug", "0.1"], "give --upsampler"),
-    (["--upsampler", "UP", "--lowres", "PHOTO", "--noise-aug", "-1"], "a std in [0, 1]"),
+    (["--upsampler", "UP", "--lowres", "PHOTO", "--noise-aug", "-1"], "--noise-aug must be in [0, 1], got -1.0"),
     (["--upsampler", "UP", "--lowres", "TMP/missing.png"], "no such file"),
     (["--upsampler", "UP", "--lowres", "UP/log.jsonl"], "not an image"),
     (["--upsampler", "UP", "--lowres", "PHOTO", "--prompt", A, "--prompt", A], "at most one prompt"),
