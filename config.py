@@ -43,8 +43,8 @@ class TrainConfig:
     lr_d: float = 0.0025          # AdamW learning rate of D (paper: 0.0025)
     beta1: float = 0.0            # Adam beta1 (paper: 0)
     beta2: float = 0.99           # Adam beta2 (paper: 0.99)
-    ema_kimg: float = 10.0        # EMA half-life of G_ema in thousands of images (project choice per preset)
-    ema_rampup: float = 0.05      # half-life <= this fraction of images seen so far (StyleGAN2's ramp-up)
+    ema_kimg: float = 10.0        # EMA half-life of G_ema in thousands of images (project's choice per preset; full: the paper's)
+    ema_rampup: float = 0.05      # half-life <= this fraction of images seen so far (StyleGAN2's ramp-up; project's choice)
     seed: int = 0                 # seeds every random draw (per step and micro-batch)
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
@@ -61,30 +61,38 @@ class TrainConfig:
     snapshot_every: int = 250     # steps between sample grids of fixed prompts and z
     eval_every: int = 500         # steps between alignment / CLIP-score evaluations (0: off)
     eval_images: int = 128        # images generated per evaluation
+    eval_fid: bool = False        # also Inception FID at each eval (torchmetrics; weights download once; reference stats cached next to the data)
     ckpt_every: int = 250         # steps between checkpoints
     dry_run: bool = False         # build the models on the meta device, print sizes, exit
+    gpu_memory: float = 0.0       # --dry-run: the GPU's memory in GB -> the largest --batch-gpu that fits and the accumulation (0: off)
     lpips: str = "vgg"            # upsampler stage: LPIPS backbone vgg (paper) | alex | random (no download)
-    warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D) [U]
+    warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D; project's choice)
     warmup_lr: float = 0.01       # their AdamW learning rate (beta1 0.9, beta2 0.99)
-    hard_negatives: float = 0.0   # share of Eq. 8's wrong captions that are one-word edits (shapes) [U]
+    hard_negatives: float = 0.0   # share of Eq. 8's wrong captions that are one-word edits (shapes; project's choice)
     hard_attribute: str = "any"   # the word they change: any | shape | color | background | size | position
 
 
 # Training-side presets: sizes and a few settings, never code. G and D sizes come from 03/04's
 # registries under the same names, the loss weights from 05's.
 TRAIN_PRESETS = {
-    # tiny: twice the paper's learning rate (project's choice), a 15-minute budget; why: NOTES.md, "tiny preset"
+    # tiny: twice the paper's learning rate (project's choice), a 15-minute budget
+    # (NOTES.md, "Learning rate of G and D" and "15-minute budget")
     "tiny": dict(lr_g=0.005, lr_d=0.005, max_steps=3500, max_minutes=15.0),
-    "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip_batch_size=256,
+    # small: OpenAI's ViT-B/32 for the text and the vision-aided D (downloads once; --clip tiny trains one here)
+    "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip="ViT-B-32/openai", clip_batch_size=256,
                   clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
-    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=500.0, dtype="bfloat16",
+    # full: the paper's G EMA, decay 0.9999 per step at batch 1024 (update_ema's beta = 0.5 ** (batch /
+    # (ema_kimg * 1000))): ema_kimg = 1024 ln 0.5 / (1000 ln 0.9999) = 7097.47; the ramp-up over the
+    # first images (ema_rampup) is StyleGAN2's, the project's choice (the paper gives none)
+    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=7097.47, dtype="bfloat16",
                  clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
                  snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
 }
 
-# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice [U]).
-# tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up (ESRGAN's recipe, not
-# the paper's), then GAN steps at the paper's 0.0025; why: NOTES.md, "upsampler recipe"
+# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice; the
+# paper leaves them open). tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up
+# (ESRGAN's recipe, not the paper's), then GAN steps at the paper's 0.0025
+# (NOTES.md, "Tiny upsampler default", "What lets U learn on MSE" and "Upsampler warm-up")
 UPSAMPLER_TRAIN_PRESETS = {
     "tiny": dict(max_steps=1500, max_minutes=0.0, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
                  eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
@@ -94,6 +102,131 @@ UPSAMPLER_TRAIN_PRESETS = {
 LPIPS_NETS = ("vgg", "alex", "random")
 
 HARD_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # data.shapes_hard_negatives' order
+
+# -----------------------------------------------------------------------------
+# The valid values of every flag: one rule per dataclass field, beside the dataclasses, checked by
+# check_values on the flags given, before anything runs (no CLIP training, no file, no model).
+# A rule is
+#   "[1, inf)"  an interval: [ ] includes its end, ( ) excludes it, inf is unbounded (so nan and inf
+#               are refused); for a tuple field, every entry;
+#   ("a", "b")  the words allowed;
+#   a function  value -> None if valid, else the whole one-line message;
+#   ANY         every value of the field's type (coerce checks the type); the comment says where the
+#               value itself is checked.
+# Every field must have a rule (asserted below, at import): a new flag cannot skip the checks.
+ANY = "any"
+SEED_MAX = 2**32 - 1  # seeds of train.py and sample.py: 0 .. 4294967295 (torch.manual_seed takes < 2**64)
+
+
+def device_rule(value):
+    ok = value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    return None if ok else f"unknown --device {value!r}: choose auto | cpu | cuda | cuda:N"
+
+
+def vision_clip_rule(value):
+    if value in ("auto", "same") or value.startswith("tiny:") or "/" in value:
+        return None
+    return (f"bad --vision-clip {value!r}: choose auto | same | tiny:PATH | NAME/TAG "
+            "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
+
+
+def out_rule(value):
+    return f"--out {value} is a file: give a run directory" if os.path.isfile(value) else None
+
+
+TRAIN_RULES = {
+    "preset": tuple(TRAIN_PRESETS),
+    "full": ANY, "resume": ANY, "compile": ANY, "dry_run": ANY, "eval_fid": ANY,
+    "stage": ("clip", "base", "upsampler"),
+    "data": ANY,                   # main: data.build_dataset, before anything is written
+    "out": out_rule,
+    "max_steps": "[1, inf)", "max_minutes": "[0, inf)",
+    "batch_size": "[1, inf)", "batch_gpu": "[0, inf)",   # and micro_batches: batch_gpu divides batch_size
+    "lr_g": "(0, inf)", "lr_d": "(0, inf)",
+    "beta1": "[0, 1)", "beta2": "[0, 1)",                  # AdamW's
+    "ema_kimg": "[0, inf)", "ema_rampup": "[0, inf)",
+    "seed": f"[0, {SEED_MAX}]",
+    "device": device_rule,
+    "dtype": ("float32", "bfloat16"),
+    "clip": ANY, "clip_pretrained": ANY,                  # clip_spec
+    "vision_clip": vision_clip_rule,
+    "clip_steps": "[1, inf)",
+    "clip_tower": ("auto", "vit", "resnet"),
+    "clip_batch_size": "[2, inf)",                         # a contrastive batch needs two pairs
+    "workers": "[-1, inf)",
+    "log_every": "[1, inf)", "snapshot_every": "[1, inf)", "eval_every": "[0, inf)", "ckpt_every": "[1, inf)",
+    "eval_images": "[2, inf)",                             # a Frechet distance needs two images
+    "gpu_memory": "[0, inf)",
+    "lpips": LPIPS_NETS,
+    "warmup_steps": "[0, inf)", "warmup_lr": "(0, inf)",
+    "hard_negatives": "[0, 1]",
+    "hard_attribute": ("any",) + HARD_ATTRIBUTES,
+}
+
+# --g.*, --d.*, --loss.*, --u.*: the ranges of single fields; what depends on several fields
+# (lengths per scale, powers of 2) is the configs' own __post_init__, and check_models builds them.
+WIDTH, COUNT, DEPTH = "[1, inf)", "[1, inf)", "[0, inf)"
+SUB_RULES = {
+    "g.": dict(resolution="[8, inf)", z_dim=WIDTH, w_dim=WIDTH, mapping_layers=COUNT, mapping_lr_mul="(0, inf)",
+               w_avg_beta="[0, 1]", text_width=WIDTH, text_depth=DEPTH, text_heads=COUNT, channels=WIDTH,
+               blocks_per_scale=COUNT, n_kernels=COUNT, attn_resolutions="[4, inf)", attn_heads=COUNT,
+               self_attention=ANY, attention_w_token=ANY, cross_attention=ANY, kernel_size="[1, inf)", noise=ANY),
+    "d.": dict(resolution="[8, inf)", channel_base=WIDTH, channel_max=WIDTH, blocks_per_scale=COUNT, attention=ANY,
+               attn_resolutions="[4, inf)", attn_heads=COUNT, multi_scale=ANY, text_width=WIDTH, text_depth=DEPTH,
+               text_heads=COUNT, t_dim=WIDTH, psi_layers=COUNT, downsample=("blur", "max"), projection=ANY,
+               vision_hidden=WIDTH, vision_psi_layers=COUNT),
+    "loss.": dict(match_d=ANY, match_fake=ANY, match_g=ANY, match_weight="[0, inf)", clip_weight="[0, inf)",
+                  clip_temperature="(0, inf)", vision_weight="[0, inf)", vision_match=ANY, r1_gamma="[0, inf)",
+                  r1_interval="[1, inf)", lpips_weight="[0, inf)", pixel_weight="[0, inf)",
+                  mode_seeking_weight="[0, inf)"),
+    "u.": dict(in_resolution="[4, inf)", out_resolution="[8, inf)", z_dim=WIDTH, w_dim=WIDTH, mapping_layers=COUNT,
+               mapping_lr_mul="(0, inf)", w_avg_beta="[0, 1]", text_width=WIDTH, text_depth=DEPTH, text_heads=COUNT,
+               channels=WIDTH, down_blocks=COUNT, up_blocks=COUNT, n_kernels=COUNT, attn_resolutions="[4, inf)",
+               attn_heads=COUNT, self_attention=ANY, cross_attention=ANY, kernel_size="[1, inf)",
+               noise_aug_sigma="[0, 1]", rgb_init="[0, inf)"),
+}
+
+
+def interval_words(rule):
+    """"[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", "[0, 1)" -> "in [0, 1)": how a message says it."""
+    low, high = (x.strip() for x in rule[1:-1].split(","))
+    if high == "inf":
+        return f"{'>=' if rule[0] == '[' else '>'} {low}"
+    return f"in {rule}"
+
+
+def in_interval(value, rule):
+    """Is the number `value` inside the interval `rule` ("[0, 1)", "(0, inf)", ...)? nan never is."""
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return bool(above and below)
+
+
+def rule_error(flag, value, rule):
+    """The one-line message of `--flag value` breaking `rule`, or None when it keeps it."""
+    if rule is ANY:
+        return None
+    if callable(rule):
+        return rule(value)
+    if isinstance(rule, tuple):
+        return None if value in rule else f"unknown {flag} {value!r}: choose {' | '.join(rule)}"
+    entries = value if isinstance(value, (tuple, list)) else [value]
+    bad = [v for v in entries if not in_interval(v, rule)]
+    if not bad:
+        return None
+    if isinstance(value, (tuple, list)):
+        return f"every entry of {flag} must be {interval_words(rule)}, got {bad[0]} in {list(value)}"
+    return f"{flag} must be {interval_words(rule)}, got {value}"
+
+
+def check_values(given, rules, prefix=""):
+    """Every flag given ({field: coerced value}) against its field's rule: the first broken one is a
+    FlagError (one line, exit status 2)."""
+    for name, value in given.items():
+        message = rule_error(f"--{prefix}{name.replace('_', '-')}", value, rules[name])
+        if message:
+            raise FlagError(message)
 
 # -----------------------------------------------------------------------------
 # Flags: argparse, generated from the dataclass fields
@@ -123,15 +256,19 @@ def coerce(value, annotation, flag):
             return annotation(value)
         if origin in (tuple, list, dict) or annotation in (tuple, list, dict):
             kind = origin or annotation
-            if kind is not dict and not value.lstrip().startswith(("[", "{")):
-                value = f"[{value}]"  # --g.channels 64,64,64,32 as well as '[64, 64, 64, 32]'
-            parsed = json.loads(value)  # e.g. --g.channels '[64, 64, 64, 32]'
+            text = value
+            if kind is not dict and not text.lstrip().startswith(("[", "{")):
+                text = f"[{text}]"  # --g.channels 64,64,64,32 as well as '[64, 64, 64, 32]'
+            parsed = json.loads(text)  # e.g. --g.channels '[64, 64, 64, 32]'
             if not isinstance(parsed, dict if kind is dict else list):
+                raise ValueError
+            # every tuple field of the configs holds whole numbers (channels, blocks, resolutions)
+            if kind is not dict and not all(type(v) is int for v in parsed):
                 raise ValueError
             return tuple(parsed) if kind is tuple else parsed
     except (ValueError, json.JSONDecodeError):
         what = getattr(annotation, '__name__', annotation)
-        hint = " such as 64,64,64,32 or '[64, 64, 64, 32]'" if what in ("tuple", "list") else ""
+        hint = " of whole numbers, such as 64,64,64,32 or '[64, 64, 64, 32]'" if what in ("tuple", "list") else ""
         raise FlagError(f"bad value for {flag}: {value!r} (expected {what}{hint})") from None
     return value
 
@@ -168,6 +305,11 @@ def dashed(arg):
 
 SUB_CONFIGS = {"g.": generator.GeneratorConfig, "d.": discriminator.DiscriminatorConfig,
                "loss.": losses.LossConfig, "u.": upsampler.UpsamplerConfig}
+# every field of every config has its rule (a new field without one fails here, at import)
+for _prefix, _cls in (("", TrainConfig), *SUB_CONFIGS.items()):
+    _rules = SUB_RULES[_prefix] if _prefix else TRAIN_RULES
+    assert set(_rules) == {f.name for f in dataclasses.fields(_cls)}, (
+        f"{_cls.__name__}: fields and rules differ: {set(_rules) ^ {f.name for f in dataclasses.fields(_cls)}}")
 
 
 def read_flags(argv):
@@ -195,6 +337,8 @@ def parse_flags(argv):
     Order: dataclass defaults < preset < flags, wherever the flags stand on the command line:
     `--batch-size 8 --preset small` keeps the 8."""
     values = read_flags(argv)
+    for prefix, given in values.items():  # each flag's own range first, then what combines them
+        check_values(given, SUB_RULES[prefix] if prefix else TRAIN_RULES, prefix)
     flags = values[""]
     preset, stage = flags.get("preset", "tiny"), flags.get("stage", "base")
     if flags.get("full"):  # --full is --preset full
@@ -243,36 +387,53 @@ def parse_flags(argv):
 
 
 def check_train_config(cfg):
-    """The TrainConfig fields that take one of a few words, or a range."""
-    if cfg.stage not in ("clip", "base", "upsampler"):
-        raise FlagError(f"unknown --stage {cfg.stage!r}: choose clip | base | upsampler")
-    if cfg.lpips not in LPIPS_NETS:
-        raise FlagError(f"unknown --lpips {cfg.lpips!r}: choose vgg (paper) | alex | random (no download)")
-    if cfg.clip_tower not in ("auto", "vit", "resnet"):
-        raise FlagError(f"unknown --clip-tower {cfg.clip_tower!r}: choose auto (default) | vit | resnet")
-    if cfg.vision_clip not in ("auto", "same") and not cfg.vision_clip.startswith("tiny:") and "/" not in cfg.vision_clip:
-        raise FlagError(f"bad --vision-clip {cfg.vision_clip!r}: choose auto | same | tiny:PATH | NAME/TAG "
-                        "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise FlagError(f"unknown --dtype {cfg.dtype!r}: choose float32 | bfloat16")
-    for name in ("max_steps", "batch_size", "log_every", "snapshot_every", "ckpt_every", "clip_steps"):
-        if getattr(cfg, name) <= 0:
-            raise FlagError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.batch_gpu < 0:
-        raise FlagError(f"--batch-gpu must be >= 0, got {cfg.batch_gpu}")
-    if cfg.max_minutes < 0:
-        raise FlagError(f"--max-minutes must be >= 0 (0: no time budget), got {cfg.max_minutes:g}")
-    if cfg.warmup_steps < 0 or cfg.warmup_lr <= 0:
-        raise FlagError(f"--warmup-steps must be >= 0 and --warmup-lr positive, got {cfg.warmup_steps}, {cfg.warmup_lr}")
+    """What combines several TrainConfig fields (each field's own range: check_values)."""
     if cfg.warmup_steps and cfg.stage != "upsampler":
         raise FlagError("--warmup-steps: only the upsampler stage has a warm-up; add --stage upsampler")
-    if not 0.0 <= cfg.hard_negatives <= 1.0:
-        raise FlagError(f"--hard-negatives is a share of the wrong captions, 0..1, got {cfg.hard_negatives}")
-    if cfg.hard_attribute not in ("any",) + HARD_ATTRIBUTES:
-        raise FlagError(f"unknown --hard-attribute {cfg.hard_attribute!r}: choose any | {' | '.join(HARD_ATTRIBUTES)}")
     if cfg.hard_negatives and (cfg.data != "shapes" or cfg.stage == "clip"):
         raise FlagError("--hard-negatives edits captions of the shapes grammar: use it with --data shapes "
                         "and --stage base or upsampler")
+    if cfg.eval_fid and (cfg.stage != "base" or not cfg.eval_every):
+        raise FlagError("--eval-fid scores the base stage's periodic evals: use it with --stage base and "
+                        "--eval-every > 0, or drop it")
+    if cfg.gpu_memory and not cfg.dry_run:
+        raise FlagError("--gpu-memory plans a run: add --dry-run (it prints the --batch-gpu that fits)")
+
+
+def text_width(cfg):
+    """Width of the CLIP text tower's token features: a known open_clip model's, else the tiny CLIP's
+    (the real width comes from the loaded CLIP; this one builds models on the meta device)."""
+    return {"ViT-L-14": 768, "ViT-B-32": 512, "ViT-B-16": 512, "ViT-H-14": 1024}.get(cfg.clip.split("/")[0], 128)
+
+
+def check_models(cfg, g_cfg, d_cfg):
+    """Build G (or U) and D on the meta device and run one forward pass: settings that each keep
+    their range but do not fit together (heads that do not divide a width, an even kernel) fail
+    here, in one line, in a second and with no memory, not after minutes of CLIP training."""
+    if cfg.stage == "clip":
+        return
+    import torch
+    dim = text_width(cfg)
+    what = "upsampler configuration (--u.*)" if cfg.stage == "upsampler" else "generator configuration (--g.*)"
+    try:
+        with torch.device("meta"):
+            tokens, mask = torch.zeros(1, 4, dim), torch.ones(1, 4, dtype=torch.bool)
+            eot = torch.full((1,), 3, dtype=torch.long)
+            if cfg.stage == "upsampler":
+                G = upsampler.Upsampler(g_cfg, text_dim=dim)
+                lowres = torch.zeros(1, 3, g_cfg.in_resolution, g_cfg.in_resolution)
+                pyramid = G(lowres, torch.zeros(1, g_cfg.z_dim), tokens, mask, eot)
+            else:
+                G = generator.Generator(g_cfg, text_dim=dim)
+                pyramid = G(torch.zeros(1, g_cfg.z_dim), tokens, mask, eot)
+    except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
+        raise FlagError(f"bad {what}: {str(err).splitlines()[0] or type(err).__name__}") from None
+    try:
+        with torch.device("meta"):
+            discriminator.Discriminator(d_cfg, text_dim=dim)(pyramid, tokens, mask, eot)
+    except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
+        raise FlagError(f"bad discriminator configuration (--d.*): "
+                        f"{str(err).splitlines()[0] or type(err).__name__}") from None
 
 
 def configured(preset_cfg, changes, what, prefix):
@@ -330,12 +491,12 @@ def print_help(usage):
 
 def clip_spec(cfg):
     """--clip/--clip-pretrained -> a load_clip spec. `tiny` is the run's own <out>/clip.pt."""
-    if cfg.clip == "tiny":
-        return "tiny:" + os.path.join(cfg.out, "clip.pt")
     if cfg.clip_pretrained:
         if "/" in cfg.clip or cfg.clip.startswith("tiny"):
-            raise FlagError(f"--clip-pretrained goes with a bare model name, not --clip {cfg.clip}")
+            raise FlagError(f"--clip-pretrained goes with a bare model name (e.g. --clip ViT-B-32), not --clip {cfg.clip}")
         return f"{cfg.clip}/{cfg.clip_pretrained}"
+    if cfg.clip == "tiny":
+        return "tiny:" + os.path.join(cfg.out, "clip.pt")
     if "/" not in cfg.clip and not cfg.clip.startswith("tiny:"):
         raise FlagError(f"--clip {cfg.clip} needs a weights tag: --clip {cfg.clip}/TAG, or "
                         "--clip-pretrained none for random weights, or --clip tiny")
@@ -353,8 +514,8 @@ def vision_clip_spec(cfg):
     trains itself (as --stage clip does); `--clip tiny:PATH` uses that sibling when it is there;
     any other --clip, and the tiny default's ResNet-tower CLIP, serve both roles (`same`).
     Why (project's choice; the paper, too, gives the vision-aided D its own CLIP, ViT-B/32 beside
-    the ViT-L/14 of the text): the tiny ResNet tower reads shape, the tiny ViT poorly; the
-    numbers: NOTES.md, "CLIP towers"."""
+    the ViT-L/14 of the text): the tiny ResNet tower reads shape, the tiny ViT poorly
+    (NOTES.md, "Vision-aided D: which ResNet stages")."""
     if cfg.vision_clip == "same":
         return None
     if cfg.vision_clip != "auto":

@@ -541,6 +541,7 @@ class ImageCaptionFolder(Dataset):
         self.skipped = Counter()         # reason -> count, decided at construction
         self.n_upsampled = 0             # kept images smaller than `resolution`
         self.load_failures = 0           # decode failures in __getitem__ (this process only)
+        self.undecodable = set()         # paths that failed to decode: warned once, then skipped
         self.items = []                  # (path, caption)
         for path in files:
             caption = self._caption_for(path, table)
@@ -588,11 +589,14 @@ class ImageCaptionFolder(Dataset):
     def __getitem__(self, index, max_tries=10):
         for attempt in range(max_tries):
             path, caption = self.items[(index + attempt) % len(self.items)]
+            if path in self.undecodable:  # known bad: the next image, without a second warning
+                continue
             try:
                 return load_image(path, self.resolution), caption
             except Exception as e:
                 self.load_failures += 1
-                log.warning("could not decode %s (%s: %s); using the next image instead",
+                self.undecodable.add(path)
+                log.warning("could not decode %s (%s: %s); using the next image instead (warned once per file)",
                             path, type(e).__name__, e)
         raise RuntimeError(f"{max_tries} images in a row failed to decode near index {index} "
                            f"of '{self.root}'; the folder looks damaged")
@@ -683,6 +687,7 @@ class CocoCaptions(Dataset):
         self.root = caption_files[0][1]
         self.skipped = Counter()         # reason -> count
         self.load_failures = 0
+        self.undecodable = set()         # paths that failed to decode: warned once, then skipped
         self.items = []                  # (path, captions)
         tables = []
         for path, root in caption_files:
@@ -727,11 +732,14 @@ class CocoCaptions(Dataset):
         index, epoch = index if isinstance(index, tuple) else (index, self.epoch)
         for attempt in range(max_tries):
             i = (index + attempt) % len(self.items)
+            if self.items[i][0] in self.undecodable:  # known bad: the next image, without a second warning
+                continue
             try:
                 return load_image(self.items[i][0], self.resolution), self.caption(i, epoch)
             except Exception as e:
                 self.load_failures += 1
-                log.warning("could not decode %s (%s: %s); using the next image instead",
+                self.undecodable.add(self.items[i][0])
+                log.warning("could not decode %s (%s: %s); using the next image instead (warned once per file)",
                             self.items[i][0], type(e).__name__, e)
         raise RuntimeError(f"{max_tries} images in a row failed to decode near index {index} "
                            f"of '{self.root}'; the folder looks damaged")
@@ -867,6 +875,35 @@ def build_dataset(spec, resolution, seed=0):
         return CocoCaptions(coco, resolution, seed=seed) if coco else ImageCaptionFolder(spec, resolution)
     why = "is a file" if os.path.exists(spec) else "does not exist"
     raise ValueError(f"--data '{spec}' {why}; {DATA_SPEC_HELP}")
+
+
+def words(text):
+    """The words of a caption as the vocabulary counts them: lower-case runs of letters."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def caption_words(spec):
+    """Every word of every caption of --data `spec` (a set): the shapes grammar's, or an image
+    folder's (.txt captions, captions.jsonl / .csv, COCO captions), read without opening an image;
+    None for shards (a stream has no list). sample.py warns about prompt words outside it."""
+    spec = os.fspath(spec)
+    if spec == "shapes":
+        texts = [t for t, _ in CAPTION_TEMPLATES] + [w for _, pos in CAPTION_TEMPLATES for w in pos.values()]
+        texts += [*SHAPES, *COLORS, *SIZES, "an"]
+        return {w for t in texts for w in words(re.sub(r"\{\w+\}", " ", t))}
+    if ".tar" in spec or not os.path.isdir(spec):
+        return None
+    texts = []
+    for path, _ in coco_caption_files(spec):
+        texts += [c for captions in read_coco_captions(path)[1].values() for c in captions]
+    texts += list(_caption_table(spec).values())
+    for dirpath, dirnames, filenames in os.walk(spec):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.endswith(".txt") and not name.startswith("."):
+                with open(os.path.join(dirpath, name), encoding="utf-8", errors="replace") as f:
+                    texts.append(f.read())
+    return {w for t in texts for w in words(t)}
 
 
 def collate_images_captions(batch):

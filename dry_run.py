@@ -1,57 +1,76 @@
 """
-dry_run.py - `python train.py --dry-run`: the sizes and memory of a configuration, without building it
-for real (the models are made on the meta device: no weights, no memory, seconds on a CPU).
+dry_run.py - `python train.py --dry-run`: the sizes and memory of a configuration and the command that
+launches it, without building it for real (the models are made on the meta device: no weights, no
+memory, seconds on a CPU, on any machine: `--device cuda --dry-run` plans a GPU run on a laptop).
 
-    python train.py --full --dry-run                     # G 652.5M, D 381.4M, GiB per GPU, a launch line
-    python train.py --stage upsampler --full --dry-run   # the 64 -> 512 upsampler
+    python train.py --full --dry-run                          # G 648.5M, D 381.7M, GiB per GPU, a launch line
+    python train.py --stage upsampler --full --dry-run        # the 64 -> 512 upsampler
+    python train.py --preset small --dry-run --gpu-memory 12  # the --batch-gpu that fits a 12 GB GPU
 
-The last line printed is JSON (the counts and the estimate), for scripts and tests.
+The estimate of one process's memory:
+    state (fp32 weights, grads, two Adam moments, G_ema: 16 B per trained parameter + 4 B per G one)
+  + frozen CLIP(s) (text tower fp32, image tower in the run's dtype)
+  + batch_gpu * activations of one image: the bytes autograd saves for the backward pass
+    (saved_activation_bytes), of the G step (G and D) or the D step (D on three batches: real,
+    fake, mismatched), whichever is larger; halved for bfloat16.
+Only the last term grows with the micro-batch, so with --gpu-memory GB the largest micro-batch that
+fits is floor((GB - reserve - state - CLIP) / activations per image), lowered to one train.py accepts
+(it divides --batch-size and the micro-batches split evenly over the processes); gradient
+accumulation makes up the global batch, with the same result (train.py seeds every draw per
+micro-batch).
+
+The launch line holds every flag whose value differs from the preset's (launch_line), so it runs
+the configuration planned here. The last line printed is JSON (the counts and the estimate), for
+scripts and tests.
 """
+import dataclasses
 import importlib
 import json
 import logging
+import shlex
 
 import torch
 
-from config import vision_clip_spec
+from config import FlagError, parse_flags, text_width, vision_clip_spec
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
 discriminator = importlib.import_module("04_discriminator")
 upsampler = importlib.import_module("06_upsampler")
 
+GIB = 2 ** 30
+RESERVE_GIB = 1.0  # CUDA context, cuDNN workspaces and allocator slack, never given to tensors (project's choice)
+PLACEHOLDER_DATA = "shards/{00000..09999}.tar"  # the launch line's --data when the preset has none
 
-def dry_run(cfg, g_cfg, d_cfg, loss_cfg):
-    """Print the parameter counts and a memory estimate of this configuration (either stage)."""
-    if cfg.stage == "upsampler":
-        return dry_run_upsampler(cfg, g_cfg, d_cfg)
-    return dry_run_base(cfg, g_cfg, d_cfg)
-
-
-def text_width(cfg):
-    """Width of the CLIP text tower's token features: a known open_clip model's, else the tiny CLIP's."""
-    return {"ViT-L-14": 768, "ViT-B-32": 512, "ViT-B-16": 512, "ViT-H-14": 1024}.get(cfg.clip.split("/")[0], 128)
+# -----------------------------------------------------------------------------
+# Measuring on the meta device
 
 
-def activation_bytes_per_image(module, batch, *inputs):
-    """Sum of the outputs of every leaf module for one forward pass on the meta device:
-    a rough upper bound of what autograd keeps for the backward pass, per image."""
-    total = [0]
-    hooks = [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + (
-        o.numel() if torch.is_tensor(o) else 0))) for m in module.modules() if not list(m.children())]
-    with torch.no_grad():
-        module(*inputs)
-    for h in hooks:
-        h.remove()
-    return total[0] / batch
+def saved_activation_bytes(forward, params=()):
+    """Bytes that autograd keeps for the backward pass of forward(): every tensor it saves, each
+    storage counted once, the parameters' own storages left out (they are the state, counted
+    apart). Runs on the meta device too (same numbers, no memory, no compute), so it counts what
+    the outputs of the leaf modules miss: attention maps, modulated weights, normalisation
+    intermediates. Peak memory also holds the gradients in flight: a bound from below."""
+    skip = {p.untyped_storage()._cdata for p in params}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in skip:
+            saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
 
 
-def frozen_clip_bytes(cfg):
-    """Memory of the frozen CLIP(s) a base run holds: open_clip models built on the meta device
-    (no weights read); text towers in float32, image towers in the run's dtype (image_tower_to).
+def frozen_clip_bytes(specs, dtype):
+    """Memory of the frozen CLIPs named by `specs` (load_clip specs): open_clip models built on the
+    meta device (no weights read); text towers in float32, image towers in `dtype` (image_tower_to).
     -> {model name: bytes}; tiny CLIPs (a few MB) and names open_clip does not know are left out."""
     out = {}
-    for spec in dict.fromkeys([cfg.clip, vision_clip_spec(cfg) or cfg.clip]):
+    for spec in dict.fromkeys(specs):
         name = spec.split("/")[0]
         if name not in clip_lib.open_clip.list_models():
             continue
@@ -62,69 +81,160 @@ def frozen_clip_bytes(cfg):
             logging.disable(logging.NOTSET)
         n_image = sum(p.numel() for p in model.visual.parameters())
         n_text = sum(p.numel() for p in model.parameters()) - n_image
-        out[name] = 4 * n_text + (2 if cfg.dtype == "bfloat16" else 4) * n_image
+        out[name] = 4 * n_text + (2 if dtype == "bfloat16" else 4) * n_image
     return out
 
 
-def dry_run_base(cfg, g_cfg, d_cfg):
-    text_dim = text_width(cfg)
+def parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def measure(cfg, g_cfg, d_cfg):
+    """G (or U) and D on the meta device -> (their parameter counts, activation bytes per image)."""
+    up = cfg.stage == "upsampler"
+    dim = text_width(cfg)
+    b, L = 2, 77
     with torch.device("meta"):
-        G = generator.Generator(g_cfg, text_dim=text_dim)
-        D = discriminator.Discriminator(d_cfg, text_dim=text_dim)
-        n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-        b, L = 2, 77
-        tokens, eot = torch.zeros(b, L, text_dim), torch.full((b,), L - 1, dtype=torch.long)
-        mask = torch.ones(b, L, dtype=torch.bool)
+        G = upsampler.Upsampler(g_cfg, text_dim=dim).train() if up else generator.Generator(g_cfg, text_dim=dim)
+        D = discriminator.Discriminator(d_cfg, text_dim=dim)
+        text = (torch.zeros(b, L, dim), torch.ones(b, L, dtype=torch.bool), torch.full((b,), L - 1))
         z = torch.zeros(b, g_cfg.z_dim)
-        act_g = activation_bytes_per_image(G, b, z, tokens, mask, eot)
-        pyramid = G(z, tokens, mask, eot)
-        act_d = activation_bytes_per_image(D, b, pyramid, tokens, mask, eot)
+        inputs = (torch.zeros(b, 3, g_cfg.in_resolution, g_cfg.in_resolution), z) if up else (z,)
+        params = [*G.parameters(), *D.parameters()]
+        g_step = saved_activation_bytes(lambda: D(G(*inputs, *text), *text), params)
+        with torch.no_grad():
+            pyramid = G(*inputs, *text)                                  # the D step's fakes: no graph
+        d_step = 3 * saved_activation_bytes(lambda: D(pyramid, *text), params)
+    per_image = max(g_step, d_step) / b * (0.5 if cfg.dtype == "bfloat16" else 1.0)
+    return parameters(G), parameters(D), per_image
+
+
+# -----------------------------------------------------------------------------
+# Fitting a GPU: --gpu-memory
+
+
+def fit_batch_gpu(gpu_gib, state_bytes, act_bytes_per_image, clip_bytes, batch_size, world=1,
+                  reserve_gib=RESERVE_GIB):
+    """-> (batch_gpu, accumulation steps per process): the largest micro-batch b with
+    state + CLIP + b * activations <= GPU - reserve, b dividing batch_size and batch_size / b
+    divisible by world. Raises ValueError (one line, what to do) when not even one image fits."""
+    if gpu_gib <= 0:
+        raise ValueError(f"--gpu-memory {gpu_gib}: give the GPU's memory in GB, e.g. --gpu-memory 12")
+    free = gpu_gib * GIB - reserve_gib * GIB - state_bytes - clip_bytes   # bytes left for activations
+    most = int(free // act_bytes_per_image) if free > 0 else 0
+    fits = [b for b in range(min(most, batch_size), 0, -1)
+            if batch_size % b == 0 and (batch_size // b) % world == 0]
+    if not fits:
+        need = (reserve_gib * GIB + state_bytes + clip_bytes + act_bytes_per_image) / GIB
+        raise ValueError(f"--gpu-memory {gpu_gib:g}: even --batch-gpu 1 needs about {need:.1f} GiB "
+                         f"({reserve_gib:g} GiB kept free); use a bigger GPU, --dtype bfloat16 or a smaller preset")
+    b = fits[0]
+    return b, batch_size // (b * world)
+
+
+def describe_fit(gpu_gib, state_bytes, act_bytes_per_image, clip_bytes, batch_size, world=1,
+                 reserve_gib=RESERVE_GIB):
+    """The dry run's line for --gpu-memory: the --batch-gpu, the estimate at it, the accumulation."""
+    b, accumulation = fit_batch_gpu(gpu_gib, state_bytes, act_bytes_per_image, clip_bytes, batch_size, world,
+                                    reserve_gib)
+    used = (state_bytes + clip_bytes + b * act_bytes_per_image) / GIB
+    return (f"--gpu-memory {gpu_gib:g}: --batch-gpu {b} fits (about {used:.1f} GiB of {gpu_gib:g}, "
+            f"{reserve_gib:g} GiB kept free); --batch-size {batch_size} on {world} GPU{'s' * (world > 1)} "
+            f"takes {accumulation} accumulation step{'s' * (accumulation != 1)} per GPU and step")
+
+
+# -----------------------------------------------------------------------------
+# The launch line
+
+
+def processes(batch_size, batch_gpu):
+    """How many processes the launch line starts: one per micro-batch (no accumulation), at most 8 a
+    node, beyond 8 only whole nodes; always a divisor of the micro-batches (train.micro_batches)."""
+    n_micro = batch_size // batch_gpu
+    return max(w for w in range(1, n_micro + 1) if n_micro % w == 0 and (w <= 8 or w % 8 == 0))
+
+
+def flag_text(value):
+    """A config value as train.py's flags read it back (config.coerce)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def launch_flags(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu):
+    """train.py's flags that give this configuration: the preset (and stage), then every field
+    whose value differs from what the preset alone gives, --batch-gpu always, and a --data
+    placeholder where the preset has no data set."""
+    flags = ["--full"] if cfg.full else ["--preset", cfg.preset]
+    if cfg.stage != "base":
+        flags += ["--stage", cfg.stage]
+    preset = parse_flags(flags)                                  # what the preset alone gives
+    g_prefix = "u." if cfg.stage == "upsampler" else "g."
+    planned_only = ("preset", "full", "stage", "dry_run", "gpu_memory", "batch_gpu")
+    for prefix, ours, theirs in zip(("", g_prefix, "d.", "loss."), (cfg, g_cfg, d_cfg, loss_cfg), preset):
+        for f in dataclasses.fields(ours):
+            value = getattr(ours, f.name)
+            if (prefix or f.name not in planned_only) and value != getattr(theirs, f.name):
+                flags += [f"--{prefix}{f.name.replace('_', '-')}", flag_text(value)]
+    flags += ["--batch-gpu", str(batch_gpu)]
+    if not cfg.data:
+        flags += ["--data", PLACEHOLDER_DATA]
+    return flags
+
+
+def launch_line(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu, world):
+    """The torchrun command of this plan, `world` processes (one line, shell-quoted)."""
+    nproc = min(world, 8)
+    flags = launch_flags(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu)
+    return (f"torchrun --nproc_per_node={nproc} --nnodes={world // nproc} train.py "
+            + " ".join(shlex.quote(f) for f in flags))
+
+
+# -----------------------------------------------------------------------------
+# The dry run
+
+
+def dry_run(cfg, g_cfg, d_cfg, loss_cfg):
+    """Print the parameter counts, a memory estimate, with --gpu-memory the --batch-gpu that fits,
+    and the launch line of this configuration (either stage), then one JSON line."""
+    up = cfg.stage == "upsampler"
+    n_g, n_d, per_image = measure(cfg, g_cfg, d_cfg)
     batch_gpu = cfg.batch_gpu or cfg.batch_size
-    act_size = 2 if cfg.dtype == "bfloat16" else 4
+    world = processes(cfg.batch_size, batch_gpu)                  # the processes the plan launches
     # fp32 weights + grads + two Adam moments = 16 bytes per trained parameter; G_ema 4 more.
     state = 16 * (n_g + n_d) + 4 * n_g
-    # G step keeps G's and D's activations; D step keeps D's on 3 batches (real, fake, mismatched).
-    acts = batch_gpu * act_size * max(act_g + act_d, 3 * act_d)
-    clips = frozen_clip_bytes(cfg)  # frozen, no gradients or Adam state
-    gpus = max(1, cfg.batch_size // batch_gpu)
-    print(f"G {n_g / 1e6:.1f}M parameters, D {n_d / 1e6:.1f}M (paper: 652.5M and 381.4M for full)")
-    print(f"memory per GPU, roughly: {state / 2**30:.1f} GiB weights+grads+Adam+EMA, "
-          f"{acts / 2**30:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype}), "
-          f"{sum(clips.values()) / 2**30:.1f} GiB frozen CLIP ({', '.join(clips) or 'tiny'})")
-    print(f"launch: torchrun --nproc_per_node={min(gpus, 8)} --nnodes={-(-gpus // 8)} train.py --preset {cfg.preset} "
-          f"--batch-size {cfg.batch_size} --batch-gpu {batch_gpu} --data 'shards/{{00000..09999}}.tar'")
-    print(json.dumps({"G_params": n_g, "D_params": n_d, "batch_size": cfg.batch_size,
-                      "batch_gpu": batch_gpu, "clip_gib": round(sum(clips.values()) / 2**30, 2),
-                      "est_gib_per_gpu": round((state + acts + sum(clips.values())) / 2**30, 2)}))
-
-
-def dry_run_upsampler(cfg, u_cfg, d_cfg):
-    """--stage upsampler --dry-run: U and its D on the meta device (and the base model's counts)."""
-    text_dim = text_width(cfg)
-    r = u_cfg.in_resolution
-    with torch.device("meta"):
-        n_g = sum(p.numel() for p in generator.Generator(generator.G_PRESETS[cfg.preset], text_dim).parameters())
-        n_bd = sum(p.numel() for p in discriminator.Discriminator(discriminator.D_PRESETS[cfg.preset],
-                                                                  text_dim).parameters())
-        U = upsampler.Upsampler(u_cfg, text_dim=text_dim).train()
-        D = discriminator.Discriminator(d_cfg, text_dim=text_dim)
-        n_u, n_d = (sum(p.numel() for p in m.parameters()) for m in (U, D))
-        b, L = 2, 77
-        tokens, eot = torch.zeros(b, L, text_dim), torch.full((b,), L - 1, dtype=torch.long)
-        mask = torch.ones(b, L, dtype=torch.bool)
-        lowres, z = torch.zeros(b, 3, r, r), torch.zeros(b, u_cfg.z_dim)
-        act_u = activation_bytes_per_image(U, b, lowres, z, tokens, mask, eot)
-        pyramid = U(lowres, z, tokens, mask, eot)
-        act_d = activation_bytes_per_image(D, b, pyramid, tokens, mask, eot)
-    batch_gpu = cfg.batch_gpu or cfg.batch_size
-    act_size = 2 if cfg.dtype == "bfloat16" else 4
-    state = 16 * (n_u + n_d) + 4 * n_u               # as dry_run: weights, grads, Adam, EMA
-    acts = batch_gpu * act_size * max(act_u + act_d, 3 * act_d)  # LPIPS's own activations not counted
-    print(f"U {n_u / 1e6:.1f}M parameters ({r} -> {u_cfg.out_resolution} px), its D {n_d / 1e6:.1f}M "
-          f"(paper: 359.1M for the 64 -> 512 upsampler); base G {n_g / 1e6:.1f}M, D {n_bd / 1e6:.1f}M")
-    print(f"memory per GPU, roughly: {state / 2**30:.1f} GiB weights+grads+Adam+EMA, "
-          f"{acts / 2**30:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype})")
-    print(json.dumps({"G_params": n_g, "D_params": n_bd, "U_params": n_u, "U_D_params": n_d,
-                      "batch_size": cfg.batch_size, "batch_gpu": batch_gpu,
-                      "est_gib_per_gpu": round((state + acts) / 2**30, 2)}))
-
+    # the upsampler's CLIP reads text only, but is loaded whole; a base run may hold a second one
+    clips = frozen_clip_bytes([cfg.clip] if up else [cfg.clip, vision_clip_spec(cfg) or cfg.clip], cfg.dtype)
+    clip_bytes = sum(clips.values())
+    fit = None
+    if cfg.gpu_memory:
+        try:
+            fit = describe_fit(cfg.gpu_memory, state, per_image, clip_bytes, cfg.batch_size, world)
+        except ValueError as err:
+            raise FlagError(str(err)) from None
+        batch_gpu = fit_batch_gpu(cfg.gpu_memory, state, per_image, clip_bytes, cfg.batch_size, world)[0]
+    acts = batch_gpu * per_image
+    if up:
+        with torch.device("meta"):  # the base model it follows, for scale
+            n_bg = parameters(generator.Generator(generator.G_PRESETS[cfg.preset], text_width(cfg)))
+            n_bd = parameters(discriminator.Discriminator(discriminator.D_PRESETS[cfg.preset], text_width(cfg)))
+        print(f"U {n_g / 1e6:.1f}M parameters ({g_cfg.in_resolution} -> {g_cfg.out_resolution} px), its D "
+              f"{n_d / 1e6:.1f}M (paper: 359.1M for the 64 -> 512 upsampler); base G {n_bg / 1e6:.1f}M, "
+              f"D {n_bd / 1e6:.1f}M")
+    else:
+        print(f"G {n_g / 1e6:.1f}M parameters, D {n_d / 1e6:.1f}M (paper: 652.5M and 381.4M for full)")
+    clip_name = ", ".join(clips) or "tiny"
+    print(f"frozen CLIP: {clip_name}" + (" (text features only)" if up else ""))
+    print(f"memory per GPU, roughly: {state / GIB:.1f} GiB weights+grads+Adam+EMA, "
+          f"{acts / GIB:.1f} GiB activations at --batch-gpu {batch_gpu} ({cfg.dtype}, "
+          f"{per_image / 2**20:.0f} MiB per image), {clip_bytes / GIB:.1f} GiB frozen CLIP")
+    if fit:
+        print(fit)
+    print("launch: " + launch_line(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu, world))
+    counts = ({"G_params": n_bg, "D_params": n_bd, "U_params": n_g, "U_D_params": n_d} if up else
+              {"G_params": n_g, "D_params": n_d})
+    print(json.dumps({**counts, "batch_size": cfg.batch_size, "batch_gpu": batch_gpu,
+                      "clip_gib": round(clip_bytes / GIB, 2),
+                      "est_gib_per_gpu": round((state + acts + clip_bytes) / GIB, 2)}))

@@ -116,15 +116,22 @@ def open_resume(cfg, g_cfg, d_cfg, loss_cfg):
                         "or point --out at the run directory")
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, path, cfg.stage, cfg.preset, models)
+    if ckpt["step"] >= cfg.max_steps:  # nothing to train: the run and its config.json stay as they are
+        where = "already at" if ckpt["step"] == cfg.max_steps else "past"
+        raise FlagError(f"{path} is at step {ckpt['step']}, {where} --max-steps {cfg.max_steps}: give a larger "
+                        "--max-steps to train on (nothing was changed)")
     for key, spec in clip_specs.items():
+        stored = ckpt.get(key)
+        if stored is not None and stored != stored_clip_spec(spec, cfg.out):  # name the run's own CLIP
+            used = stored
+            if stored.startswith("tiny:") and not os.path.isabs(stored[5:]):  # relative to the run directory
+                used = "tiny:" + os.path.normpath(os.path.join(cfg.out, stored[5:]))
+            flag = f"--vision-clip {used} (and the --clip-tower of that run)" if key == "vision_clip" else f"--clip {used}"
+            raise FlagError(f"{path} was trained with {key.replace('_', ' ')} {used}, this run would use "
+                            f"{spec}: resume with {flag}")
         if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
             raise FlagError(f"{spec[5:]} is missing: {path} was trained on the features of that tiny CLIP, "
                             "and one trained anew would not give them; put the file back to resume")
-        stored = ckpt.get(key)
-        if stored is not None and stored != stored_clip_spec(spec, cfg.out):
-            flags = "--vision-clip and --clip-tower" if key == "vision_clip" else "--clip"
-            raise FlagError(f"{path} was trained with {key.replace('_', ' ')} {stored}, this run would use "
-                            f"{stored_clip_spec(spec, cfg.out)}: resume with the {flags} of that run")
         fingerprint = ckpt.get("clip_sha", {}).get(key)  # None in runs saved before fingerprints existed
         if fingerprint is not None and fingerprint != clip_lib.tiny_clip_fingerprint(spec):
             raise FlagError(f"{spec[5:]} is not the tiny CLIP {path} was trained with (its file changed since, "

@@ -65,8 +65,10 @@ import importlib
 import itertools
 import json
 import os
+import re
 import sys
 import time
+import zipfile
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -75,7 +77,7 @@ import data
 import metrics
 from metrics import (EVAL_SEED, SHAPES_ATTRIBUTES, clip_score, embed_images, eval_metrics, eval_pairs,  # noqa: F401
                      frechet_distance, shapes_alignment)  # re-exported: sample.X is what train.py and tests call
-from config import FlagError, FlagParser
+from config import ANY, SEED_MAX, FlagError, FlagParser, check_values, device_rule
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
@@ -119,14 +121,24 @@ def run_clip(ckpt, path, device):
     return clip_lib.load_clip(spec, device=device)
 
 
+def read_checkpoint(path):
+    """torch.load a checkpoint file, or one ValueError line: a file torch.save did not write (it
+    writes zip archives), or one cut short."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a checkpoint of train.py (not a file torch.save wrote, or one cut "
+                         "short): pass a run directory of train.py, e.g. --ckpt runs/tiny, or its checkpoint.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read {path} as a checkpoint ({type(err).__name__}): "
+                         "restore it from a copy, or train again") from err
+
+
 def load_generator(path, device="cpu"):
     """-> (G_ema in eval mode, the frozen CLIP it was trained with, the checkpoint dict).
     Raises FileNotFoundError / ValueError / RuntimeError with a one-line message."""
     path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read {path} as a checkpoint ({type(err).__name__})") from err
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not {"G_ema", "config", "clip"} <= set(ckpt):
         raise ValueError(f"{path} holds no generator (G_ema, config, clip): pass a base-stage run of train.py")
     if ckpt["config"].get("stage", "base") != "base":
@@ -146,10 +158,7 @@ def load_upsampler(path, device="cpu"):
     """-> (the upsampler's G_ema in eval mode, its frozen CLIP, the checkpoint dict), or a
     one-line FileNotFoundError / ValueError."""
     path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read {path} as a checkpoint ({type(err).__name__})") from err
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("config", {}).get("stage") != "upsampler":
         raise ValueError(f"{path} is not an upsampler run: pass a run of train.py --stage upsampler to --upsampler")
     u_cfg = upsampler.UpsamplerConfig(**ckpt["config"]["U"])
@@ -384,8 +393,47 @@ def png_pixels(images):
     return ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+OWNED = ("captions.jsonl", "grid.png", "eval.json", "lowres.png", "comparison.png")  # what sample.py writes
+IMAGE_NAME = re.compile(r"\d{5}\.png")                                                 # besides 00000.png, ...
+
+
+def earlier_outputs(out):
+    """The files of an earlier sample.py call in `out`: the PNGs its captions.jsonl lists and the
+    files sample.py writes (OWNED). Refused in one line (UsageError): a folder holding such names
+    without a readable captions.jsonl, which sample.py did not write and must not overwrite."""
+    if not os.path.isdir(out):
+        return []
+    names = set(os.listdir(out))
+    ours = sorted(n for n in names if n in OWNED or IMAGE_NAME.fullmatch(n))
+    listed = []
+    try:
+        with open(os.path.join(out, "captions.jsonl"), encoding="utf-8") as f:
+            listed = [json.loads(line)["file"] for line in f if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError):
+        if ours:
+            raise UsageError(f"--out {out} holds {ours[0]} but no captions.jsonl of sample.py: choose a new or "
+                             "empty folder (sample.py replaces only its own earlier outputs)") from None
+        return []
+    return sorted({n for n in listed if isinstance(n, str) and IMAGE_NAME.fullmatch(n) and n in names}
+                  | {n for n in OWNED if n in names})
+
+
+def clear_earlier_outputs(out):
+    """Remove an earlier call's outputs (earlier_outputs), so that the folder and its captions.jsonl
+    describe this call only, and say so."""
+    old = earlier_outputs(out)
+    for name in old:
+        os.remove(os.path.join(out, name))
+    if old:
+        pngs = [n for n in old if IMAGE_NAME.fullmatch(n)]
+        what = ([counted(len(pngs), "PNG")] if pngs else []) + [n for n in old if not IMAGE_NAME.fullmatch(n)]
+        print(f"replaced the earlier outputs in {out} ({', '.join(what)})")
+
+
 def write_outputs(out, images, rows, grid=None, ncol=1):
-    """00000.png, 00001.png, ... and captions.jsonl (one row per image); grid.png if given."""
+    """00000.png, 00001.png, ... and captions.jsonl (one row per image); grid.png if given.
+    An earlier call's outputs in `out` are removed first (clear_earlier_outputs)."""
+    clear_earlier_outputs(out)
     os.makedirs(out, exist_ok=True)
     pixels = png_pixels(images)                                               # (N, R, R, 3) uint8
     names = [f"{i:05d}.png" for i in range(len(rows))]
@@ -440,7 +488,31 @@ def build_parser():
                         "training used up to the run's noise_aug_sigma); default half of that, 0 = off")
     p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "
                                                       "and resized to the upsampler's input size, then upsampled")
+    dests = {a.dest for a in p._actions if a.dest != "help"}
+    assert dests == set(SAMPLE_RULES), f"flags and SAMPLE_RULES differ: {dests ^ set(SAMPLE_RULES)}"
     return p
+
+
+# The valid values of every flag (config.py's rules: an interval, the words allowed, a function, or
+# ANY where the comment says what checks it), checked before any model is loaded; build_parser
+# asserts that every flag has one.
+SAMPLE_RULES = {
+    "ckpt": ANY, "upsampler": ANY,          # resolve_checkpoint, read_checkpoint
+    "prompt": ANY, "prompts": ANY,          # read_prompts
+    "n": "[1, inf)",                        # and >= 2 with --eval (check_args)
+    "seed": f"[0, {SEED_MAX}]",
+    "truncation": "[0, 1]",
+    "truncation_target": ("prompt", "global"),
+    "out": ANY,                             # check_args: not a file; earlier_outputs
+    "grid": ANY, "eval": ANY, "fid": ANY,
+    "device": device_rule,
+    "batch": "[1, inf)",
+    "data": ANY,                            # run_eval: data.build_dataset
+    "style_mix": ANY, "prompt_mix": ANY,    # check_row: a row of the loaded G's ws
+    "interpolate": "[2, inf)",              # frames per pair, both endpoints
+    "noise_aug": "[0, 1]",                  # a std in [-1, 1] units; 0 = off
+    "lowres": ANY,                          # check_args: a file; run_lowres: an image
+}
 
 
 def mode_of(args):
@@ -470,8 +542,6 @@ def check_args(args, mode, prompts):
     """Everything that can be checked before loading a model."""
     if args.noise_aug is not None and args.upsampler is None:
         raise UsageError("--noise-aug is the upsampler's input noise: give --upsampler UP too")
-    if args.noise_aug is not None and not 0 <= args.noise_aug <= 1:
-        raise UsageError(f"--noise-aug {args.noise_aug}: a std in [0, 1] (the training default is up to 0.2)")
     if args.lowres is not None:
         if args.upsampler is None:
             raise UsageError("--lowres IMAGE needs --upsampler UP: a run of train.py --stage upsampler")
@@ -498,33 +568,42 @@ def check_args(args, mode, prompts):
         what = "--eval uses the data set's captions" if mode == "eval" else "give them with --prompt or --prompts FILE"
         raise UsageError(f"{'--' + mode.replace('_', '-') if mode != 'samples' else 'sampling'} needs {need}"
                          f", got {len(prompts)}: {what}")
-    if args.n is not None and args.n < (2 if mode == "eval" else 1):
-        raise UsageError(f"--n {args.n}: must be >= {2 if mode == 'eval' else 1}"
-                         + (" (a Frechet distance needs two images)" if mode == "eval" else ""))
-    if not 0 <= args.truncation <= 1:
-        raise UsageError(f"--truncation {args.truncation}: psi must be in [0, 1] (1 = no truncation, 0.7 is common)")
-    if args.seed is not None and args.seed < 0:
-        raise UsageError(f"--seed {args.seed}: must be >= 0")
-    if args.batch < 1:
-        raise UsageError(f"--batch {args.batch}: must be >= 1")
-    if mode == "interpolate" and args.interpolate < 2:
-        raise UsageError(f"--interpolate {args.interpolate}: needs K >= 2 frames per pair (both endpoints)")
+    if mode == "eval" and args.n is not None and args.n < 2:
+        raise UsageError(f"--n {args.n}: must be >= 2 with --eval (a Frechet distance needs two images)")
     if args.out is not None and os.path.isfile(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
+    if args.out is not None:
+        earlier_outputs(args.out)  # refuses a folder sample.py did not write, before any model is loaded
     if args.fid is not None and mode != "eval":
         raise UsageError(f"--{'no-' * (not args.fid)}fid is part of --eval: add --eval, or drop it")
 
 
 def pick_device(name):
+    """--device (already one of auto | cpu | cuda | cuda:N) -> the device to use."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
-        return name
-    raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    return name
+
+
+def warn_unknown_words(ckpt, prompts):
+    """A tiny CLIP (and G's text encoder) learned the words of the run's training captions only:
+    warn once, on stderr, naming the words of the prompts that were never among them (they carry
+    no meaning here). Only for tiny CLIPs and data whose captions can be listed (not shards)."""
+    if not ckpt["clip"].startswith("tiny:"):
+        return
+    spec = ckpt["config"]["train"]["data"]
+    try:
+        known = data.caption_words(spec)
+    except (OSError, ValueError):
+        return
+    if known is None:
+        return
+    unknown = list(dict.fromkeys(w for p in prompts for w in data.words(p) if w not in known))
+    if unknown:
+        print(f"sample.py: warning: the run's tiny CLIP never saw {', '.join(map(repr, unknown))} in its training "
+              f"captions (--data {spec}): such words carry no meaning to it", file=sys.stderr)
 
 
 def check_row(G, row, flag):
@@ -619,6 +698,7 @@ def main(argv=None):
 
 def _main(argv):
     args = build_parser().parse_args(argv)
+    check_values({k: v for k, v in vars(args).items() if v is not None}, SAMPLE_RULES)  # each flag's range
     mode = mode_of(args)
     prompts = read_prompts(args)
     check_args(args, mode, prompts)
@@ -635,6 +715,7 @@ def _main(argv):
                          f"{U.cfg.in_resolution} px: pair runs of matching presets")
     run_dir = os.path.dirname(resolve_checkpoint(args.ckpt))
     out = args.out or os.path.join(run_dir, mode)
+    warn_unknown_words(ckpt, prompts)
     if args.n is None:
         args.n = {"style_mix": 4, "eval": ckpt["config"]["train"].get("eval_images", 128)}.get(mode, 1)
     if args.seed is None:

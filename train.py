@@ -3,9 +3,10 @@ train.py - one flat, readable training loop for every stage of GigaGAN.
 
     python train.py                                  # a tiny CLIP, then a tiny text-to-image GAN on `shapes` (CPU, 15 minutes)
     python train.py --stage clip --out runs/clip     # only the tiny CLIP -> runs/clip/clip.pt
-    python train.py --preset small --device cuda     # 64 px on one GPU
+    python train.py --preset small --device cuda     # 64 px on one GPU, OpenAI's ViT-B/32 CLIP (downloads once)
     torchrun --nproc_per_node=8 train.py --full --data 'shards/{00000..09999}.tar'
-    python train.py --full --dry-run                 # parameter counts and memory estimate, no training
+    python train.py --full --dry-run                 # parameter counts, memory estimate, launch line, no training
+    python train.py --preset small --dry-run --gpu-memory 12   # the --batch-gpu that fits a 12 GB GPU
     python train.py --stage upsampler                # tiny 32 -> 128 upsampler on `shapes` -> runs/tiny-upsampler
     python train.py --stage upsampler --full --lpips vgg --data 'shards/{00000..09999}.tar'   # 64 -> 512
 
@@ -13,6 +14,8 @@ Flags are `--key value` or `--key=value` for every field of TrainConfig (config.
 generator, discriminator and loss configs are `--g.FIELD`, `--d.FIELD`, `--loss.FIELD`
 (e.g. `--g.attention false`, `--loss.clip_weight 0`), of the upsampler `--u.FIELD` (with
 --stage upsampler, where --d.* and --loss.* configure its D and losses). Unknown flags are an error.
+Every flag is checked (its range beside its field in config.py, then what combines flags, then G and D
+built on the meta device) before any CLIP is trained, any file written or any model built.
 Checkpoints, logs, snapshots and how a run stops: rundir.py. `--dry-run`: dry_run.py.
 
 The order of one optimisation step, written out below (Sec. 3 and Appendix of the paper):
@@ -21,7 +24,7 @@ The order of one optimisation step, written out below (Sec. 3 and Appendix of th
     -> logs, snapshots, evaluation, checkpoint.
 (--loss.mode-seeking-weight W > 0 adds MSGAN's diversity term to the G step, ours, not the paper's:
 its rows P..2P-1 then take the captions of rows 0..P-1, so each caption is drawn with two z.)
-The upsampler stage (06_upsampler.py, paper Sec. 3.5) runs the same loop with U(make_lowres(real))
+The upsampler stage (06_upsampler.py, paper Sec. 3.4) runs the same loop with U(make_lowres(real))
 in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
 Its first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstruction warm-up:
@@ -55,9 +58,10 @@ import torch
 import torch.distributed as dist
 
 import data
+import metrics
 # config.py: TrainConfig, the presets and flags; rundir.py: checkpoints, logs, snapshots, stopping
-from config import (HARD_ATTRIBUTES, VISION_CLIP, FlagError, TrainConfig, check_mode_seeking, clip_spec,  # noqa: F401
-                    parse_flags, print_help, vision_clip_spec)
+from config import (HARD_ATTRIBUTES, UPSAMPLER_TRAIN_PRESETS, VISION_CLIP, FlagError, TrainConfig,  # noqa: F401
+                    check_mode_seeking, check_models, clip_spec, parse_flags, print_help, vision_clip_spec)
 from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, exit_interrupted, exit_nonfinite,
                     log_eval_row, log_train_row, mean_stats, open_resume, out_of_time, plot_losses, progress_bar,
                     save_checkpoint, save_snapshot, save_upsampler_snapshot, say, snapshot_prompts,
@@ -80,7 +84,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     """Train the base GAN G (g_cfg: 03's GeneratorConfig) or, with --stage upsampler, the upsampler U
     (g_cfg: 06's UpsamplerConfig) on `dataset`; ckpt: the checkpoint to continue (open_resume), or None.
 
-    One loop, step for step the same; the upsampler (06_upsampler.py, paper Sec. 3.5) differs in:
+    One loop, step for step the same; the upsampler (06_upsampler.py, paper Sec. 3.4) differs in:
     its generator reads a real image made small, U(make_lowres(real), z, c) in place of G(z, c), and
     `dataset` holds real images at U's output size; it has no vision-aided D; its G step adds
     lpips_weight * LPIPS (and pixel_weight * MSE) to the real image; it begins with --warmup-steps
@@ -89,6 +93,9 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     device = rt.device
     lpips = build_lpips(cfg, rt) if up else None                       # fails fast, before CLIP training
     spec, clip, vspec, vclip = frozen_clips(cfg, g_cfg, loss_cfg, rt, dataset)
+    os.makedirs(cfg.out, exist_ok=True)     # config.json once the CLIPs load: a missing pretrained
+    if rt.main:                             # CLIP leaves no stray run directory behind
+        write_config(cfg, g_cfg, d_cfg, loss_cfg)
 
     # ---- models and optimisers (seeded: every process starts from the same weights)
     torch.manual_seed(cfg.seed)
@@ -165,6 +172,9 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     else:   # fixed snapshot prompts and z
         snap_prompts = snapshot_prompts(dataset)
         snap_z = torch.randn(4, g_cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    fid = None  # Inception FID at each eval (--eval-fid): its reference statistics once, cached next to the data
+    if not up and rt.main and cfg.eval_fid and cfg.eval_every:
+        fid = metrics.prepare_fid(dataset, cfg.data, cfg.out, cfg.eval_images, device=device, flag="--eval-fid false")
     scale = batch_gpu / cfg.batch_size     # each micro-batch's share of the global-batch mean
     w_avgs = MicroBuffers(G)               # w_avg: one chain per micro-batch, their mean per step
     stats, t_log, n_log = {}, time.time(), 0
@@ -196,7 +206,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     work.append((micro, reals, lowres, list(captions)))
 
                 if step < cfg.warmup_steps:
-                    # ---- the upsampler's reconstruction warm-up (ESRGAN-style, this project's choice [U]):
+                    # ---- the upsampler's reconstruction warm-up (ESRGAN-style; project's choice, the paper leaves it open):
                     # U alone, pixel MSE to the real image, its own Adam; no input noise and no noise inputs
                     # (a pixel loss cannot predict random detail: it would teach U to switch it off)
                     G.requires_grad_(True)
@@ -306,12 +316,12 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                 if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                     bar.set_postfix_str("evaluating")
                     if up:
-                        metrics = upsampler.upsampling_metrics(G_ema, eval_lr, eval_hr,
-                                                               *clip.text_features(eval_captions))
+                        scores = upsampler.upsampling_metrics(G_ema, eval_lr, eval_hr,
+                                                              *clip.text_features(eval_captions))
                     else:
-                        metrics = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
-                                                        shapes=cfg.data == "shapes")
-                    log_eval_row(cfg, step, metrics)
+                        scores = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
+                                                       shapes=cfg.data == "shapes", fid=fid)
+                    log_eval_row(cfg, step, scores)
                     bar.set_postfix_str("")
                 if rt.main and (step % cfg.ckpt_every == 0 or last):
                     checkpoint()
@@ -392,7 +402,7 @@ def setup_runtime(cfg):
 
 def seed_for(cfg, step, micro, phase):
     """The seed of one micro-batch of one phase of one step: independent of the rank."""
-    torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro) * 17 + phase)
+    torch.manual_seed((((cfg.seed * 1_000_003 + step) * 1009 + micro) * 17 + phase) % 2**63)  # < 2**64 (torch's limit)
 
 
 def micro_batches(cfg, rt):
@@ -413,8 +423,9 @@ class StepSampler(torch.utils.data.Sampler):
     perm_epoch[k % n], with a fresh seeded permutation per epoch, so the data order depends on
     (seed, step) only: the same for 1 or N processes and after --resume."""
 
-    def __init__(self, n_items, cfg, batch_gpu, micros, start_step):
+    def __init__(self, n_items, cfg, batch_gpu, micros, start_step, with_epoch=False):
         self.n, self.cfg, self.batch_gpu, self.micros, self.start = n_items, cfg, batch_gpu, micros, start_step
+        self.with_epoch = with_epoch  # yield (index, epoch): data sets that draw per epoch (CocoCaptions' caption)
         self._epoch, self._perm = -1, None
 
     def _index(self, k):
@@ -429,7 +440,8 @@ class StepSampler(torch.utils.data.Sampler):
         while True:
             for micro in self.micros:
                 first = step * self.cfg.batch_size + micro * self.batch_gpu
-                yield [self._index(first + j) for j in range(self.batch_gpu)]
+                ks = range(first, first + self.batch_gpu)
+                yield [(self._index(k), k // self.n) if self.with_epoch else self._index(k) for k in ks]
             step += 1
 
 
@@ -444,7 +456,7 @@ def make_batches(dataset, cfg, rt, batch_gpu, micros, start_step):
         for epoch in itertools.count():
             dataset.set_epoch(epoch)  # a new, still seeded, shard order every pass
             yield from loader
-    sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step)
+    sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step, with_epoch=hasattr(dataset, "set_epoch"))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=rt.device.type == "cuda",
                                          persistent_workers=workers > 0)
@@ -558,11 +570,11 @@ def sample_lib():
 #
 # The paper pairs each image with another caption of the batch. Two random shapes captions
 # almost always differ in several words, so D can reject most such pairs by their colour words
-# and need not read the shape word (NOTES.md, "why shape is slow"). With
-# --hard-negatives F a share F of the rows instead gets its own caption with one attribute
-# word changed (data.shapes_hard_negatives, the tiny CLIP's negatives): a pair D can only
-# reject by checking that one attribute. This project's addition [U]; 0 (the default) is the paper's.
-# Whether it helps: NOTES.md, "why shape is slow".
+# and need not read the shape word. With --hard-negatives F a share F of the rows instead gets
+# its own caption with one attribute word changed (data.shapes_hard_negatives, the tiny CLIP's
+# negatives): a pair D can only reject by checking that one attribute. This project's addition
+# (the paper leaves the choice of wrong captions open); 0, the default, is the paper's
+# (whether it helps: NOTES.md, "Hard negatives in Eq. 8").
 
 
 @functools.lru_cache(maxsize=100_000)
@@ -681,8 +693,10 @@ def build_lpips(cfg, rt):
     """The LPIPS module of the G step; a missing pretrained backbone raises MissingWeightsError
     (one line naming --lpips random). Seeded: a random backbone is the same in every run."""
     if cfg.lpips == "random" and rt.main:
-        print("note: --lpips random: LPIPS on a randomly initialised AlexNet backbone (a distance, not a "
-              "perceptual one), because pretrained weights cannot be downloaded here; --lpips vgg is the paper's")
+        why = ("the tiny upsampler's preset: no download" if UPSAMPLER_TRAIN_PRESETS[cfg.preset].get("lpips") == "random"
+               else "as asked")
+        print(f"note: --lpips random ({why}): LPIPS on a randomly initialised AlexNet backbone, a distance but "
+              "not a perceptual one; --lpips vgg is the paper's")
     torch.manual_seed(cfg.seed)
     return losses.LPIPS(cfg.lpips).to(rt.device).eval()
 
@@ -697,26 +711,37 @@ def main(argv=None):
         return print_help(__doc__)
     rt = None
     try:  # bad input, found before or during the run, is one line and exit status 2
+        # The checks, in one pass before any CLIP training, file writing or model building: every
+        # flag's range (config.TRAIN_RULES, SUB_RULES), what combines flags, G and D built on the
+        # meta device, the CLIP spec, the micro-batches.
         cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
-        rt = setup_runtime(cfg)
-        check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])  # check now, before minutes of
-        clip_spec(cfg)                                                # CLIP training
-        if cfg.dry_run:
+        check_models(cfg, g_cfg, d_cfg)
+        clip_spec(cfg)
+        if cfg.dry_run:  # a plan for any machine: no device is touched, nothing is loaded or written
+            planned = Runtime(torch.device("meta"), 0, 1, None, time.time())
+            check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, planned)[0])
             return dry_run(cfg, g_cfg, d_cfg, loss_cfg)
+        rt = setup_runtime(cfg)
+        check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])
         if not cfg.data:
             raise FlagError("--data is required for this preset: an image folder or 'shards/{00000..00099}.tar'")
+        if cfg.eval_fid and rt.main:  # the Inception weights first: offline, one line in about a second
+            try:
+                metrics.inception_weights("--eval-fid false")
+            except metrics.FIDUnavailable as err:
+                raise FlagError(str(err)) from None
         up = cfg.stage == "upsampler"
         try:  # the upsampler learns from real images at its OUTPUT size (made small on the fly)
             dataset = data.build_dataset(cfg.data, g_cfg.out_resolution if up else g_cfg.resolution, seed=cfg.seed)
         except (FileNotFoundError, ValueError) as err:
             raise FlagError(str(err)) from None
         ckpt = open_resume(cfg, g_cfg, d_cfg, loss_cfg)  # before any CLIP is trained or config.json rewritten
-        os.makedirs(cfg.out, exist_ok=True)
-        if rt.main:
-            write_config(cfg, g_cfg, d_cfg, loss_cfg)
         if cfg.stage == "clip":
+            os.makedirs(cfg.out, exist_ok=True)
+            if rt.main:
+                write_config(cfg, g_cfg, d_cfg, loss_cfg)
             return train_clip_stage(cfg, g_cfg.resolution, rt, dataset)
-        return train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt)
+        return train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt)  # writes config.json once its CLIPs load
     except (FlagError, FileNotFoundError, losses.MissingWeightsError, clip_lib.CLIPLoadError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(2)

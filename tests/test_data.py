@@ -418,6 +418,11 @@ def test_truncated_image_is_substituted_not_a_worker_crash(tmp_path, caplog):
         captions = [ds[i][1] for i in range(len(ds))]
     assert ds.load_failures >= 1 and "using the next image" in caplog.text
     assert "image 2" not in captions
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data"):              # many more reads: no new warning
+        for _ in range(5):
+            [ds[i] for i in range(len(ds))]
+    assert "could not decode" not in caplog.text and ds.load_failures == len(ds.undecodable)
     batches = list(data.build_loader(ds, 1, num_workers=2, shuffle=False))   # no worker crash
     assert len(batches) == len(ds)
 
@@ -656,3 +661,18 @@ def test_coco_root_with_two_splits_asks_for_one(tmp_path):
         data.build_dataset(str(tmp_path / "coco"), 16)
     assert "--data" in str(err.value) and "train2017" in str(err.value)
     assert len(data.build_dataset(str(tmp_path / "coco" / "val2017"), 16)) == 4
+
+
+def test_each_undecodable_file_is_warned_once(tmp_path, caplog):
+    """A truncated JPEG passes the up-front check; read many times, it is warned about once."""
+    root = tmp_path / "trunc"
+    for k in range(3):
+        _save(str(root / f"{k}.jpg"), _noise((64, 64), k), quality=95)
+        _write(root / f"{k}.txt", f"image {k}")
+    raw = (root / "1.jpg").read_bytes()
+    (root / "1.jpg").write_bytes(raw[: int(len(raw) * 0.6)])
+    ds = data.ImageCaptionFolder(root, 16)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        captions = [ds[i % len(ds)][1] for i in range(40)]
+    assert caplog.text.count("could not decode") == 1 and "1.jpg" in caplog.text
+    assert "image 1" not in captions and {"image 0", "image 2"} <= set(captions)

@@ -54,7 +54,7 @@ def real_photo_tree(root, n=8):
 def test_small_preset_on_real_photos_trains_resumes_and_evaluates(tmp_path, monkeypatch, capsys):
     folder = real_photo_tree(tmp_path / "coco")
     out = tmp_path / "run"
-    flags = ["--preset", "small", "--data", str(folder), "--out", str(out), "--device", "cpu",
+    flags = ["--preset", "small", "--clip", "tiny", "--data", str(folder), "--out", str(out), "--device", "cpu",
              "--clip-steps", "2", "--clip-batch-size", "8", "--batch-size", "2", "--log-every", "1",
              "--snapshot-every", "1", "--eval-every", "1", "--eval-images", "4", "--ckpt-every", "1",
              *NARROW]

@@ -228,16 +228,16 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--ckpt", "RUN", "--prompt", ""], "empty --prompt"),
     (["--ckpt", "RUN", "--prompt", A, "--n", "0"], "must be >= 1"),
     (["--ckpt", "RUN", "--prompt", A, "--n", "two"], "invalid int value"),
-    (["--ckpt", "RUN", "--prompt", A, "--truncation", "1.5"], "psi must be in [0, 1]"),
-    (["--ckpt", "RUN", "--prompt", A, "--truncation", "-0.1"], "psi must be in [0, 1]"),
-    (["--ckpt", "RUN", "--prompt", A, "--batch", "0"], "--batch 0"),
-    (["--ckpt", "RUN", "--prompt", A, "--seed", "-1"], "--seed -1"),
-    (["--ckpt", "RUN", "--prompt", A, "--device", "tpu"], "expected auto, cpu"),
+    (["--ckpt", "RUN", "--prompt", A, "--truncation", "1.5"], "--truncation must be in [0, 1]"),
+    (["--ckpt", "RUN", "--prompt", A, "--truncation", "-0.1"], "--truncation must be in [0, 1]"),
+    (["--ckpt", "RUN", "--prompt", A, "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--ckpt", "RUN", "--prompt", A, "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--ckpt", "RUN", "--prompt", A, "--device", "tpu"], "choose auto | cpu | cuda | cuda:N"),
     (["--ckpt", "RUN", "--prompt", A, "--bogus"], "unrecognized arguments"),
     (["--ckpt", "RUN", "--style-mix", "--prompt", A, "--prompt", B], "exactly one prompt"),
     (["--ckpt", "RUN", "--style-mix", "99", "--prompt", A], "choose a row of ws"),
     (["--ckpt", "RUN", "--interpolate", "3", "--prompt", A], "at least two prompt"),
-    (["--ckpt", "RUN", "--interpolate", "1", "--prompt", A, "--prompt", B], "K >= 2"),
+    (["--ckpt", "RUN", "--interpolate", "1", "--prompt", A, "--prompt", B], "--interpolate must be >= 2"),
     (["--ckpt", "RUN", "--prompt-mix", "2", "--prompt", A], "exactly two prompt"),
     (["--ckpt", "RUN", "--prompt-mix", "0", "--prompt", A, "--prompt", B], "choose a row of ws"),
     (["--ckpt", "RUN", "--style-mix", "--interpolate", "3", "--prompt", A], "not allowed with"),
@@ -250,15 +250,15 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--upsampler", "RUN", "--prompt", A], "--ckpt is required"),
     (["--lowres", "x.png", "--prompt", A, "--out", "o"], "needs --upsampler"),
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A], "not an upsampler run"),
-    (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "-0.1"], "a std in [0, 1]"),
-    (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "nan"], "a std in [0, 1]"),
+    (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "-0.1"], "--noise-aug must be in [0, 1]"),
+    (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "nan"], "--noise-aug must be in [0, 1]"),
     (["--ckpt", "TMP/truncated", "--prompt", A], "could not read"),
     (["--ckpt", "TMP/other_g", "--prompt", A], "G_ema does not fit the generator its config describes"),
     pytest.param(["--ckpt", "RUN", "--prompt", A, "--device", "cuda"], "--device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")),
     # the upsampler's modes
     (["--ckpt", "RUN", "--prompt", A, "--noise-aug", "0.1"], "give --upsampler"),
-    (["--upsampler", "UP", "--lowres", "PHOTO", "--noise-aug", "-1"], "a std in [0, 1]"),
+    (["--upsampler", "UP", "--lowres", "PHOTO", "--noise-aug", "-1"], "--noise-aug must be in [0, 1]"),
     (["--upsampler", "UP", "--lowres", "TMP/missing.png"], "no such file"),
     (["--upsampler", "UP", "--lowres", "UP/log.jsonl"], "not an image"),
     (["--upsampler", "UP", "--lowres", "PHOTO", "--prompt", A, "--prompt", A], "at most one prompt"),
@@ -375,3 +375,24 @@ def test_written_pngs_are_the_bytes_of_save_image_grid(tmp_path):
         assert (tmp_path / "new" / f"{i:05d}.png").read_bytes() == (tmp_path / f"ref{i}.png").read_bytes(), i
     assert [json.loads(line) for line in open(tmp_path / "new" / "captions.jsonl")] == \
         [{"file": f"{i:05d}.png", **row} for i, row in enumerate(rows)]
+
+
+def test_out_folder_of_an_earlier_call_is_replaced_and_said(run_dir, tmp_path, capsys):
+    """--out holding an earlier --n 3 --grid call: a --n 1 call leaves one PNG, a one-row
+    captions.jsonl and no grid.png, says what it replaced, and keeps files that are not its own."""
+    out, _ = cli(run_dir, tmp_path / "o", "--prompt", A, "--n", "3", "--grid")
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    out, rows = cli(run_dir, out, "--prompt", B)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "captions.jsonl", "notes.txt"]
+    assert [r["caption"] for r in rows] == [B]
+    printed = capsys.readouterr().out
+    assert f"replaced the earlier outputs in {out} (3 PNGs, captions.jsonl, grid.png)" in printed, printed
+
+
+def test_prompt_words_the_tiny_clip_never_saw_are_warned_once(run_dir, tmp_path, capsys):
+    cli(run_dir, tmp_path / "w", "--prompt", "a dog on a red background", "--prompt", "a dog and a cat", "--n", "2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "never saw 'dog', 'and', 'cat'" in err[0] and "--data shapes" in err[0], err
+    cli(run_dir, tmp_path / "k", "--prompt", A)
+    assert capsys.readouterr().err == ""                             # the grammar's words: no warning

@@ -341,21 +341,21 @@ BAD = [
     (["--stage", "upsampler", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--stage", "upsampler", "--lpips", "vgg", "--clip", "CLIP"], "--lpips random"),  # no VGG weights offline
     (["--max-steps", "ten"], "bad value for --max-steps"),
-    (["--max-steps", "0"], "must be positive"),
-    (["--preset", "huge"], "unknown preset"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--dtype", "float8"], "unknown --dtype"),
     (["--clip-tower", "convnext"], "unknown --clip-tower"),
     (["--clip-tower", "resnet", "--g.resolution", "16", "--g.channels", "[64, 64, 32]", "--g.blocks-per-scale", "[1, 1, 1]", "--g.n-kernels", "[1, 2, 2]"], "divisible by 32"),
     (["--g.self-attention", "maybe"], "bad value for --g.self-attention"),
-    (["--d.downsample", "stride"], "bad discriminator configuration (--d.*): downsample 'stride'"),
+    (["--d.downsample", "stride"], "unknown --d.downsample 'stride': choose blur | max"),
     (["--g.resolution", "30"], "bad generator configuration (--g.*)"),
-    (["--stage", "upsampler", "--d.downsample", "stride"], "bad discriminator configuration (--d.*)"),
-    (["--loss.r1-gamma", "-1"], "bad loss configuration (--loss.*): r1_gamma -1"),
-    (["--stage", "upsampler", "--loss.r1-interval", "0"], "bad loss configuration (--loss.*): r1_interval 0"),
+    (["--stage", "upsampler", "--d.downsample", "stride"], "unknown --d.downsample"),
+    (["--loss.r1-gamma", "-1"], "--loss.r1-gamma must be >= 0, got -1"),
+    (["--stage", "upsampler", "--loss.r1-interval", "0"], "--loss.r1-interval must be >= 1, got 0"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
-    (["--hard-negatives", "1.5"], "--hard-negatives is a share"),
+    (["--hard-negatives", "1.5"], "--hard-negatives must be in [0, 1], got 1.5"),
     (["--max-minutes", "-1"], "--max-minutes must be >= 0"),
-    (["--loss.mode-seeking-weight", "-1"], "bad loss configuration (--loss.*): mode_seeking_weight -1"),
+    (["--loss.mode-seeking-weight", "-1"], "--loss.mode-seeking-weight must be >= 0"),
     (["--stage", "upsampler", "--loss.mode-seeking-weight", "1"], "a term of the base G"),
     (["--loss.mode-seeking-weight", "1", "--batch-size", "4", "--batch-gpu", "1"], "use --batch-gpu 2 or more"),
     (["--hard-attribute", "texture"], "unknown --hard-attribute"),
@@ -717,7 +717,7 @@ def test_stage_clip_trains_the_resnet_sibling_and_the_base_stage_uses_it(tmp_pat
         run(tmp_path, "--max-steps", "3", "--resume", "--vision-clip", "same", name="auto", clip=tiny_clip)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "resume with the --vision-clip and --clip-tower of that run" in err and len(err.splitlines()) == 1, err
+    assert f"resume with --vision-clip tiny:{sibling}" in err and len(err.splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------- EMA and the real pyramid
@@ -760,3 +760,65 @@ def test_image_pyramid_is_the_image_then_repeated_anti_aliased_halving():
         torch.testing.assert_close(coarse.mean(), fine.mean(), rtol=0, atol=2e-2)
     flat = train.image_pyramid(torch.full((1, 3, 16, 16), 0.25), 3)
     assert all(torch.allclose(x, torch.full_like(x, 0.25), atol=1e-6) for x in flat)
+
+
+def test_resume_names_the_clip_the_run_used_and_refuses_max_steps_it_passed(tmp_path, tiny_clip, capsys):
+    """A run trained on --clip tiny:OTHER/clip.pt, resumed without the flag: one line naming the
+    flag that resumes it (not "clip.pt is missing"); --max-steps at or below the run's step: one line,
+    config.json untouched."""
+    out = run(tmp_path, "--max-steps", "2", name="other", clip=tiny_clip)
+    config = (out / "config.json").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--max-steps", "3", "--resume", name="other")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"resume with --clip {tiny_clip}" in err[0], err
+    for steps, word in (("1", "past"), ("2", "already at")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, "--max-steps", steps, "--resume", name="other", clip=tiny_clip)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is at step 2, {word} --max-steps {steps}" in err[0], err
+        assert (out / "config.json").read_text() == config and state(out)["step"] == 2
+    run(tmp_path, "--max-steps", "3", "--resume", name="other", clip=tiny_clip)    # the flag it named
+    assert state(out)["step"] == 3
+
+
+def test_full_preset_ema_is_the_papers_decay_per_step():
+    """The paper's G EMA: 0.9999 per step at batch 1024 (after the ramp-up)."""
+    cfg = train.parse_flags(["--full"])[0]
+    G, G_ema = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    beta = train.update_ema(G_ema, G, cfg, nimg=10**9)             # far past the ramp-up
+    assert cfg.batch_size == 1024 and beta == pytest.approx(0.9999, abs=1e-6)
+
+
+def test_coco_captions_change_with_the_epoch(tmp_path):
+    """StepSampler hands CocoCaptions (index, epoch): an image with several captions is shown with
+    other ones in later epochs (a plain index would always give epoch 0's caption)."""
+    from PIL import Image
+    root = tmp_path / "coco" / "train2017"
+    root.mkdir(parents=True)
+    images, annotations = [], []
+    for k in range(2):
+        Image.new("RGB", (16, 16), (40 * k, 80, 120)).save(root / f"{k}.png")
+        images.append({"id": k, "file_name": f"{k}.png"})
+        annotations += [{"image_id": k, "caption": f"image {k} caption {j}"} for j in range(5)]
+    (tmp_path / "coco" / "annotations").mkdir()
+    (tmp_path / "coco" / "annotations" / "captions_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations}))
+    dataset = train.data.build_dataset(str(root), 16)
+    cfg = train.parse_flags(["--batch-size", "2", "--workers", "0", "--data", str(root)])[0]
+    rt = train.Runtime(torch.device("cpu"), 0, 1, None, 0.0)
+    batches = train.make_batches(dataset, cfg, rt, 2, [0], 0)
+    per_epoch = [sorted(next(batches)[1]) for _ in range(6)]           # 2 images: one epoch per step
+    assert len({tuple(p) for p in per_epoch}) > 1, per_epoch
+    first = train.make_batches(dataset, cfg, rt, 2, [0], 3)            # resumed at step 3: the same captions
+    assert sorted(next(first)[1]) == per_epoch[3]
+
+
+def test_tiny_upsampler_lpips_note_says_it_is_the_preset(capsys):
+    cfg = train.parse_flags(["--stage", "upsampler"])[0]
+    train.build_lpips(cfg, train.Runtime(torch.device("cpu"), 0, 1, None, 0.0))
+    note = capsys.readouterr().out
+    assert "the tiny upsampler's preset" in note and "cannot be downloaded" not in note
