@@ -252,7 +252,7 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A], "not an upsampler run"),
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "-0.1"], "--noise-aug must be in [0, 1]"),
     (["--ckpt", "RUN", "--upsampler", "RUN", "--prompt", A, "--noise-aug", "nan"], "--noise-aug must be in [0, 1]"),
-    (["--ckpt", "TMP/truncated", "--prompt", A], "could not read"),
+    (["--ckpt", "TMP/truncated", "--prompt", A], "is not a checkpoint"),
     (["--ckpt", "TMP/other_g", "--prompt", A], "G_ema does not fit the generator its config describes"),
     pytest.param(["--ckpt", "RUN", "--prompt", A, "--device", "cuda"], "--device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")),
@@ -265,7 +265,7 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--upsampler", "UP", "--lowres", "PHOTO", "--ckpt", "RUN"], "drop --ckpt"),
     (["--upsampler", "UP", "--ckpt", "RUN", "--style-mix", "--prompt", A], "plain sampling"),
     (["--ckpt", "UP", "--prompt", A], "pass it with --upsampler"),
-    (["--upsampler", "TMP/truncated", "--lowres", "PHOTO"], "could not read"),
+    (["--upsampler", "TMP/truncated", "--lowres", "PHOTO"], "is not a checkpoint"),
     (["--upsampler", "TMP/other_u", "--lowres", "PHOTO"], "G_ema does not fit the upsampler its config describes"),
 ]
 
