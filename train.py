@@ -1,7 +1,7 @@
 """
 train.py - one flat, readable training loop for every stage of GigaGAN.
 
-    python train.py                                  # a tiny CLIP, then a tiny text-to-image GAN on `shapes` (CPU, 15 minutes)
+    python train.py                                  # a tiny CLIP, then a tiny text-to-image GAN on `shapes` (CPU, ~20 minutes)
     python train.py --stage clip --out runs/clip     # only the tiny CLIP -> runs/clip/clip.pt
     python train.py --preset small --device cuda     # 64 px on one GPU, OpenAI's ViT-B/32 CLIP (downloads once)
     torchrun --nproc_per_node=8 train.py --full --data 'shards/{00000..09999}.tar'

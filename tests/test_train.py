@@ -1,5 +1,6 @@
 """train.py end to end on CPU: every stage for a few steps, resume, checkpoints, multi-process
 (gloo), bad input, and a short run whose text alignment must improve."""
+import importlib
 import json
 import os
 import signal
@@ -488,6 +489,30 @@ def test_short_tiny_run_learns_the_background_colour(tmp_path):
     before, after = evals[0]["align_background"], evals[1]["align_background"]
     assert before < 0.35 and after > before + 0.15, (before, after)
     assert evals[1]["clip_fd"] < evals[0]["clip_fd"]  # generated CLIP features moved toward the real ones
+    assert z_rms(out) > 0.01   # G still uses z: two z of one caption differ (G ignoring z gives exactly 0)
+
+
+def z_rms(out, n=8):
+    """Pixel RMS between G_ema's images of the same caption from two z, over n captions."""
+    import sample
+    G, clip, _ = sample.load_generator(out)
+    captions = [data.ShapesDataset(32, seed=7)[i][1] for i in range(n)]
+    a = sample.generate(G, clip, captions, list(range(n)))
+    b = sample.generate(G, clip, captions, list(range(1000, 1000 + n)))
+    rms = (a - b).square().mean().sqrt().item()
+    print(f"RMS between two z of one caption: {rms:.4f}")
+    return rms
+
+
+def test_z_rms_is_zero_when_g_ignores_z(tiny_run, monkeypatch):
+    """The learning test's check of z, made to fail: a G whose mapping network never sees z draws
+    one picture per caption, whatever the z."""
+    gen = importlib.import_module("03_generator")
+    forward = gen.MappingNetwork.forward
+    assert z_rms(tiny_run) > 0.01
+    monkeypatch.setattr(gen.MappingNetwork, "forward", lambda self, z, t, update_w_avg=None:
+                        forward(self, torch.zeros_like(z) + 1, t, update_w_avg))
+    assert z_rms(tiny_run) < 1e-6
 
 
 def test_tiny_preset_uses_its_own_r1_gamma():
