@@ -145,10 +145,12 @@ def test_max_minutes_ends_the_run_early_with_its_last_outputs_then_resume_goes_o
     assert state(out)["step"] == step + 2
 
 
-def test_tiny_preset_budget_is_15_minutes_and_the_upsampler_has_none():
+def test_tiny_preset_trains_a_fixed_number_of_steps_without_a_budget():
+    """The default ends at the same step on every machine: 3,000 steps, no --max-minutes."""
     cfg = train.parse_flags([])[0]
-    assert (cfg.max_minutes, cfg.max_steps) == (15.0, 3500)
+    assert (cfg.max_minutes, cfg.max_steps) == (0.0, 3000)
     assert train.parse_flags(["--stage", "upsampler"])[0].max_minutes == 0
+    assert train.parse_flags(["--max-minutes", "15"])[0].max_minutes == 15.0
 
 
 def leaf_parameters(loss):
