@@ -22,12 +22,12 @@ import train
 BASE = ["--clip-steps", "4", "--clip-batch-size", "16", "--max-steps", "3", "--batch-size", "4",
         "--batch-gpu", "2", "--log-every", "1", "--snapshot-every", "2", "--eval-every", "0",
         "--ckpt-every", "1000", "--hard-negatives", "0.5", "--loss.mode-seeking-weight", "1"]
-BASE_SHA = "09d365b522cd8764dd9924a8eba80a1739bb2d5352849b8ef5f1034aa2b1ea59"
+BASE_SHA = "7789afc4c0a0c1123adbee094e4c233b91f07f02412fb688b2f467e818d1fcf7"
 # upsampler on that CLIP: one warm-up step, then 2 GAN steps with R1 each, random LPIPS
 UPSAMPLER = ["--stage", "upsampler", "--max-steps", "3", "--batch-size", "2", "--log-every", "1",
              "--snapshot-every", "1000", "--eval-every", "0", "--ckpt-every", "1000", "--lpips", "random",
              "--warmup-steps", "1", "--loss.r1-interval", "1"]
-UPSAMPLER_SHA = "3530494ac28c51b63f54133058771778199abf96c7127de030eb3957460ddf7c"
+UPSAMPLER_SHA = "fd06ed4668e8c50441f5661c959c89746a90491f9c578b734d5199a425e868db"
 
 
 def weights_sha256(path, keys):
