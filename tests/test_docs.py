@@ -48,7 +48,7 @@ def test_readme_is_short_with_short_sentences_and_cells():
     assert max(words) <= 60, max(zip(words, sentences))
     assert max(len(c) for c in cells) < 300, max(cells, key=len)
     assert "pip install -r requirements.txt && python train.py" in text
-    assert "pip install -r requirements.txt && python -m pytest -q" in text
+    assert "pip install -r requirements.txt && python -m pytest -q -n 2" in text
 
 
 def test_notes_rows_are_dated_with_short_cells():
