@@ -368,3 +368,29 @@ def test_config_from_plain_dict_and_bad_inputs(tiny):
 
 def test_demo_runs():
     gen.demo()
+
+
+def test_fourier_input_is_sinusoids_of_moved_and_scaled_coordinates():
+    """--g.synthesis_input fourier: x = W sin(2 pi <omega, (p - t) e^{-s}> + phi), (t, s) = A(w),
+    checked against a loop over pixels; A starts at zero (an unmoved field), and a G built with it
+    runs and depends on w through the input."""
+    torch.manual_seed(0)
+    fi = gen.FourierInput(channels=8, w_dim=16, size=4, features=6)
+    w = torch.randn(3, 16)
+    assert torch.equal(fi.affine(w)[:, :2], torch.zeros(3, 2)) or fi.affine(w).abs().max() < 1e-6
+    with torch.no_grad():
+        fi.affine.weight.normal_()                       # move and scale every sample differently
+    t_s = fi.affine(w)                                   # (3, 3)
+    out = fi(w)                                          # (3, 8, 4, 4)
+    W = fi.mix / fi.mix.shape[1] ** 0.5
+    for b in range(3):
+        for i in range(4):
+            for j in range(4):
+                p = torch.tensor([(j + 0.5) / 4 - 0.5, (i + 0.5) / 4 - 0.5])   # (x, y) of pixel (i, j)
+                q = (p - t_s[b, :2]) * torch.exp(-t_s[b, 2])
+                f = torch.sin(2 * torch.pi * (fi.omega @ q) + fi.phi)            # (C_f,)
+                torch.testing.assert_close(out[b, :, i, j], W @ f, rtol=1e-4, atol=1e-5)
+    G = gen.Generator(dataclasses.replace(gen.G_PRESETS["tiny"], synthesis_input="fourier"), text_dim=D).eval()
+    assert not hasattr(G.synthesis, "const")
+    tokens, mask, eot = text(2)
+    assert run(G, torch.randn(2, 128), tokens, mask, eot)[0].shape == (2, 3, 32, 32)
