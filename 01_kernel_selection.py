@@ -28,7 +28,7 @@ Also here, because everything later builds on them: equalized-learning-rate laye
 injection, and 2x up/down sampling with a fixed [1, 3, 3, 1] blur (the generator, the
 discriminator and the real-image pyramid all use them).
 
-A modulated conv can be run two ways (STYLE.md rule 5):
+A modulated conv can be run two ways (a naive reference first, a faster path tested equal to it):
     naive  loop over the batch, one F.conv2d per sample with its own kernel (obviously right)
     fused  modulate the activations instead of the kernel (s * x, then d * conv): one batched
            F.conv2d for a shared kernel (N = 1), or the batch folded into conv groups

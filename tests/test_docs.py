@@ -71,7 +71,7 @@ def test_code_points_only_inside_the_repository_and_to_real_notes_rows():
     for path in files + [os.path.join(ROOT, "README.md")]:
         text = open(path, encoding="utf-8").read()
         if not path.endswith("test_docs.py"):
-            assert not re.search(r"\.\./shared|DESIGN\.md|PAPER\.md", text), path
+            assert not re.search(r"\.\./shared|DESIGN\.md|PAPER\.md|STYLE\.md|RESEARCH\.md", text), path
         for inside in re.findall(r"NOTES\.md, ([^)]*)\)", text):
             for question in re.findall(r'"([^"]+)"', inside):
                 assert question in questions, (os.path.basename(path), question)
