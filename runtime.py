@@ -166,7 +166,8 @@ class MicroBuffers:
     (then the mean over processes): w_avg depends on the batch, not on how it is split."""
 
     def __init__(self, module):
-        self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        # only what a training-mode forward moves (the mapping network's w_avg); fixed buffers stay out
+        self.buffers = [b for name, b in module.named_buffers() if name.endswith("w_avg")]
         self.start, self.ends = None, {}
 
     @torch.no_grad()
