@@ -403,13 +403,18 @@ def test_folder_with_nothing_usable_is_an_error(tmp_path):
         data.ImageCaptionFolder(root, 16)
 
 
-def test_truncated_image_is_substituted_not_a_worker_crash(tmp_path, caplog):
-    root = tmp_path / "trunc"
-    for k in range(4):
+def _truncated_folder(root, n):
+    """n captioned noise JPEGs in root, 1.jpg cut to 60%: it passes PIL's verify, fails to decode."""
+    for k in range(n):
         _save(str(root / f"{k}.jpg"), _noise((64, 64), k), quality=95)
         _write(root / f"{k}.txt", f"image {k}")
     raw = (root / "1.jpg").read_bytes()
-    (root / "1.jpg").write_bytes(raw[: int(len(raw) * 0.6)])     # passes verify, fails decode
+    (root / "1.jpg").write_bytes(raw[: int(len(raw) * 0.6)])
+    return root
+
+
+def test_truncated_image_is_substituted_not_a_worker_crash(tmp_path, caplog):
+    root = _truncated_folder(tmp_path / "trunc", 4)
     ds = data.ImageCaptionFolder(root, 16)
     assert len(ds) + sum(ds.skipped.values()) == 4
     # break a file after the up-front check too: __getitem__ must substitute the next image
@@ -665,12 +670,7 @@ def test_coco_root_with_two_splits_asks_for_one(tmp_path):
 
 def test_each_undecodable_file_is_warned_once(tmp_path, caplog):
     """A truncated JPEG passes the up-front check; read many times, it is warned about once."""
-    root = tmp_path / "trunc"
-    for k in range(3):
-        _save(str(root / f"{k}.jpg"), _noise((64, 64), k), quality=95)
-        _write(root / f"{k}.txt", f"image {k}")
-    raw = (root / "1.jpg").read_bytes()
-    (root / "1.jpg").write_bytes(raw[: int(len(raw) * 0.6)])
+    root = _truncated_folder(tmp_path / "trunc", 3)
     ds = data.ImageCaptionFolder(root, 16)
     with caplog.at_level(logging.WARNING, logger="data"):
         captions = [ds[i % len(ds)][1] for i in range(40)]
