@@ -22,6 +22,9 @@ itself - D step, lazy R1, G step, EMA - stays written out in train.py).
     LPIPS (Zhang et al. 2018) for the upsampler, weight 10.
     mode seeking (Mao et al. 2019; project choice, not in the paper, off unless weighted):
         L_ms = 1 / mean_pairs(mean|G(c, z1) - G(c, z2)| / mean|z1 - z2|), pairs of one caption
+    relativistic pairing with R1 + R2 (R3GAN, Huang et al. 2024; project option, off by default):
+        L_D = sum_p E_b[softplus(D_p(G(c_b), c_b) - D_p(x_b, c_b))],  L_G the same with the two swapped;
+        R2 is R1 at the generated images (r2_gamma)
 
 Why. The plain GAN loss only asks "is this a real image?"; a text-conditioned D can answer
 that while ignoring the text. The matching-aware pairs make ignoring the text costly for D,
@@ -97,10 +100,12 @@ class LossConfig:
     lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
     pixel_weight: float = 0.0       # project choice, not in the paper: weight of a pixel MSE to lpips_target
     mode_seeking_weight: float = 0.0  # project choice, not in the paper: MSGAN's diversity term (base G only)
+    relativistic: bool = False      # project option, not in the paper: R3GAN's pairing for the (x, c) terms
+    r2_gamma: float = 0.0           # project option, not in the paper: R3GAN's R2, R1's penalty on generated images
 
     def __post_init__(self):
         for name in ("match_weight", "clip_weight", "vision_weight", "r1_gamma", "lpips_weight", "pixel_weight",
-                     "mode_seeking_weight"):
+                     "mode_seeking_weight", "r2_gamma"):
             assert getattr(self, name) >= 0, f"{name} {getattr(self, name)}: a weight, >= 0 (0 turns the term off)"
         assert self.clip_temperature > 0, f"clip_temperature {self.clip_temperature}: > 0"
         assert self.r1_interval >= 1, f"r1_interval {self.r1_interval}: >= 1 (steps between R1 steps)"
@@ -227,6 +232,19 @@ def g_adversarial_loss(fake_preds):
     ### BEGIN SOLUTION
     return sum(F.softplus(-fake.float()).mean() for fake in fake_preds)
     ### END SOLUTION
+
+
+# Relativistic pairing (R3GAN, Huang et al. 2024; a project option, off by default): each real
+# image is paired with the generated image of the same caption, and the loss asks only that
+# the one score above the other: softplus(D(lower) - D(higher)). D's step calls it with
+# (fake, real), G's with (real, fake). Paired with R1 on reals and R2 on fakes, R3GAN reports
+# every mode of Stacked-MNIST where the non-saturating loss misses some. Patch maps are
+# averaged per image first, as R1 does (one score per image and prediction).
+
+def relativistic_loss(lower_preds, higher_preds):
+    """sum_p mean_b softplus(lower_p,b - higher_p,b): row b of both lists is the same caption."""
+    return sum(F.softplus(_row_means(lo) - _row_means(hi)).mean()
+               for lo, hi in zip(lower_preds, higher_preds, strict=True))
 
 
 
@@ -365,22 +383,32 @@ def r1_penalty(real_pyramid, preds):
     return penalty
 
 
-def lazy_r1_loss(D, real_pyr, text, cfg):
+def lazy_r1_loss(D, real_pyr, text, cfg, fake_pyr=None):
     """The regulariser of one lazy R1 step: gamma/2 * R1 * r1_interval, and its logs.
 
     train.py calls it when `step % cfg.r1_interval == 0`, after the D loss step, then
     backward and a second D optimiser step (StyleGAN2's "Dreg" phase; adding it to that
     step's D loss instead is equivalent up to Adam's statistics). Real images meet their own
-    captions; the levels are fresh leaves so each gets its own gradient.
+    captions; the levels are fresh leaves so each gets its own gradient. With cfg.r2_gamma > 0
+    and fake_pyr (generated images of the same captions), R3GAN's R2 is added: the same
+    penalty at the generated images, r2_gamma/2 * R2 * r1_interval.
     """
-    real = [x.detach().requires_grad_(True) for x in real_pyr]  # finest first, leaves
-    preds = D(real, *text)  # P predictions
-    r1 = r1_penalty(real, preds)
-    loss = cfg.r1_gamma / 2 * r1 * cfg.r1_interval  # gamma/2 * R1, times the interval (lazy)
+    loss, logs, everything = 0.0, {}, []
+    terms = [("R1", real_pyr, cfg.r1_gamma)] + [("R2", fake_pyr, cfg.r2_gamma)] * (fake_pyr is not None)
+    for name, pyramid, gamma in terms:
+        if gamma <= 0:
+            continue
+        leaves = [x.detach().requires_grad_(True) for x in pyramid]  # finest first, leaves
+        preds = D(leaves, *text)  # P predictions
+        penalty = r1_penalty(leaves, preds)
+        term = gamma / 2 * penalty * cfg.r1_interval  # gamma/2 * penalty, times the interval (lazy)
+        loss = loss + term
+        logs.update({f"{name}/penalty": _num(penalty), f"{name}/loss": _num(term)})
+        everything += preds
     # + 0 * logits: every D parameter takes part in the graph (the last biases do not reach
     # the input gradient), which DistributedDataParallel requires
-    loss = loss + 0.0 * sum(p.float().sum() for p in preds)
-    return loss, {"R1/penalty": _num(r1), "R1/loss": _num(loss)}
+    loss = loss + 0.0 * sum(p.float().sum() for p in everything)
+    return loss, logs
 
 
 # -----------------------------------------------------------------------------
@@ -598,7 +626,8 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
         texts = [text, wrong_text] if cfg.match_d else [text]  # Eq. 6 pairs, then Eq. 8 pairs (both fake)
         grid = _call_d(D, [real_pyr, fake_pyr], texts)  # [text][pyramid][p]
         preds = [pair for row in grid for pair in row]
-    adv = d_adversarial_loss(preds[0], preds[1])
+    # (real, c) up and (fake, c) down: each on its own, or as pairs with cfg.relativistic
+    adv = relativistic_loss(preds[1], preds[0]) if cfg.relativistic else d_adversarial_loss(preds[0], preds[1])
     loss = adv
     logs = {"D/adv": _num(adv),
             "D/real_logit": _num(sum(_row_means(p).mean() for p in preds[0]) / len(preds[0])),  # mean logit
@@ -628,7 +657,7 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
 
 
 def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip=None, text_embed=None,
-                   caption_ids=None, vision=None, lpips=None, lpips_target=None, z=None):
+                   caption_ids=None, vision=None, lpips=None, lpips_target=None, z=None, real_pyr=None):
     """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS)
     (+ mode seeking).
 
@@ -641,6 +670,7 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
                   lpips_target also serves cfg.pixel_weight's MSE
     z             (B, Z) the latents of fake_pyr, for cfg.mode_seeking_weight > 0; the captions must
                   then be paired as mode_seeking_captions pairs them (row i and row P + i alike)
+    real_pyr      real images of the same captions, for cfg.relativistic (row i pairs with fake i)
     Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c)
     should look real; with cfg.match_g (the project's option), (fake, c^) should look fake
     (reading (ii) of the module docstring).
@@ -648,8 +678,14 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
     G step (as StyleGAN2 does), or zeroes their gradients before the next D step.
     """
     texts = [text, wrong_text] if cfg.match_g else [text]
-    preds = [row[0] for row in _call_d(D, [fake_pyr], texts)]  # (fake, c), (fake, c^): [text][p]
-    adv = g_adversarial_loss(preds[0])
+    if cfg.relativistic:  # the reals ride along in the same D call: (real, c) is row 0's second pyramid
+        assert real_pyr is not None, "cfg.relativistic pairs each fake with a real image: pass real_pyr"
+        grid = _call_d(D, [fake_pyr, real_pyr], texts)  # [text][pyramid][p]
+        preds = [row[0] for row in grid]  # (fake, c), (fake, c^)
+        adv = relativistic_loss([p.detach() for p in grid[0][1]], preds[0])  # fake above its real
+    else:
+        preds = [row[0] for row in _call_d(D, [fake_pyr], texts)]  # (fake, c), (fake, c^): [text][p]
+        adv = g_adversarial_loss(preds[0])
     loss = adv
     logs = {"G/adv": _num(adv)}
     if cfg.match_g:

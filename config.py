@@ -180,7 +180,7 @@ SUB_RULES = {
     "loss.": dict(match_d=ANY, match_fake=ANY, match_g=ANY, match_weight="[0, inf)", clip_weight="[0, inf)",
                   clip_temperature="(0, inf)", vision_weight="[0, inf)", vision_match=ANY, r1_gamma="[0, inf)",
                   r1_interval="[1, inf)", lpips_weight="[0, inf)", pixel_weight="[0, inf)",
-                  mode_seeking_weight="[0, inf)"),
+                  mode_seeking_weight="[0, inf)", relativistic=ANY, r2_gamma="[0, inf)"),
     "u.": dict(in_resolution="[4, inf)", out_resolution="[8, inf)", z_dim=WIDTH, w_dim=WIDTH, mapping_layers=COUNT,
                mapping_lr_mul="(0, inf)", w_avg_beta="[0, 1]", text_width=WIDTH, text_depth=DEPTH, text_heads=COUNT,
                channels=WIDTH, down_blocks=COUNT, up_blocks=COUNT, n_kernels=COUNT, attn_resolutions="[4, inf)",
@@ -463,6 +463,9 @@ def check_mode_seeking(cfg, loss_cfg, batch_gpu):
     if batch_gpu < 2:
         raise FlagError(f"--loss.mode-seeking-weight pairs images within a micro-batch of {batch_gpu}: "
                         "use --batch-gpu 2 or more")
+    if loss_cfg.relativistic:
+        raise FlagError("--loss.mode-seeking-weight re-pairs the G step's captions, and --loss.relativistic "
+                        "pairs each generated image with the real image of its caption: use one of them")
 
 
 def check_clip_tower(cfg, resolution):

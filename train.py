@@ -228,7 +228,8 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     # and real images with a wrong caption (matching-aware, Eq. 8), are fake.
                     G.requires_grad_(False); [m.requires_grad_(True) for m in d_modules]
                     opt_D.zero_grad(set_to_none=True)
-                    do_r1 = loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0
+                    do_r1 = (loss_cfg.r1_gamma > 0 or loss_cfg.r2_gamma > 0) and step % loss_cfg.r1_interval == 0
+                    r2_fakes = []                                     # this step's fakes, for R2 (R3GAN)
                     for micro, reals, lowres, captions in work:
                         seed_for(cfg, step, micro, phase=0)
                         cond = condition(captions)
@@ -237,6 +238,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         with rt.autocast(), torch.no_grad():                  # pyramid, finest first
                             fakes = G_fwd(lowres, z, *cond.text) if up else G_fwd(z, *cond.text)
                         w_avgs.leave(micro)
+                        r2_fakes.append(fakes if do_r1 and loss_cfg.r2_gamma > 0 else None)
                         real_pyr = image_pyramid(reals, levels)
                         with rt.autocast():
                             loss, logs = losses.discriminator_loss(
@@ -250,12 +252,14 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
 
                     # ---- lazy R1 (StyleGAN2): every r1_interval steps, gamma/2 * E||grad_x D(x, c)||^2
                     # over every level of the real pyramid, scaled by the interval; its own D step.
+                    # With --loss.r2-gamma, R2 too: the same penalty at the D step's generated images.
                     if do_r1:
                         opt_D.zero_grad(set_to_none=True)
-                        for micro, reals, lowres, captions in work:
+                        for (micro, reals, lowres, captions), fakes in zip(work, r2_fakes):
                             text = clip.text_features(captions)
                             with rt.autocast():
-                                loss, logs = losses.lazy_r1_loss(D, image_pyramid(reals, levels), text, loss_cfg)
+                                loss, logs = losses.lazy_r1_loss(D, image_pyramid(reals, levels), text, loss_cfg,
+                                                                 fake_pyr=fakes)
                             check_finite(loss, "R1", step)
                             (loss * scale).backward()
                             add_stats(logs)
@@ -281,7 +285,8 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                             loss, logs = losses.generator_loss(
                                 D_fwd, fakes, cond.text, cond.wrong, loss_cfg, wrong_valid=cond.valid,
                                 clip=clip, text_embed=cond.embed, caption_ids=losses.caption_ids(captions).to(device),
-                                vision=cond.vision, lpips=lpips, lpips_target=reals if up else None, z=z)
+                                vision=cond.vision, lpips=lpips, lpips_target=reals if up else None, z=z,
+                                real_pyr=image_pyramid(reals, levels) if loss_cfg.relativistic else None)
                         check_finite(loss, "G", step)
                         (loss * scale).backward()
                         add_stats(logs)

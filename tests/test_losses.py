@@ -604,3 +604,80 @@ def test_every_loss_weight_says_where_it_comes_from():
 def test_demo_runs(capsys):
     L.demo()
     assert "ok" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Relativistic pairing with R1 + R2 (R3GAN; a project option)
+
+def test_relativistic_loss_equals_the_pairwise_formula_and_pairs_rows():
+    torch.manual_seed(0)
+    real = [torch.randn(5), torch.randn(5, 3, 3)]
+    fake = [torch.randn(5), torch.randn(5, 3, 3)]
+    # independent formulation: -log sigmoid(score(x_b) - score(G_b)), one score per image (patch maps averaged)
+    score = lambda p: p.reshape(5, -1).mean(1)
+    ref_d = sum(-torch.log(torch.sigmoid(score(r) - score(f))).mean() for r, f in zip(real, fake))
+    torch.testing.assert_close(L.relativistic_loss(fake, real), ref_d)
+    ref_g = sum(-torch.log(torch.sigmoid(score(f) - score(r))).mean() for r, f in zip(real, fake))
+    torch.testing.assert_close(L.relativistic_loss(real, fake), ref_g)
+    # pairs, not two separate batches: reordering the reals changes it (the non-saturating loss does not)
+    shuffled = [r[torch.tensor([1, 2, 3, 4, 0])] for r in real]
+    assert not torch.allclose(L.relativistic_loss(fake, shuffled), ref_d)
+    torch.testing.assert_close(L.d_adversarial_loss(shuffled, fake), L.d_adversarial_loss(real, fake))
+
+
+def test_relativistic_signs_d_wants_reals_above_their_fakes():
+    real = [torch.zeros(4, requires_grad=True)]
+    fake = [torch.zeros(4, requires_grad=True)]
+    L.relativistic_loss(fake, real).backward()  # D's loss
+    assert (real[0].grad < 0).all() and (fake[0].grad > 0).all()  # descending it raises reals, lowers fakes
+    real[0].grad = fake[0].grad = None
+    L.relativistic_loss(real, fake).backward()  # G's loss
+    assert (fake[0].grad < 0).all()  # descending it raises the fakes
+
+
+def test_discriminator_and_generator_loss_use_the_pairing_when_relativistic():
+    torch.manual_seed(0)
+    B = 4
+    G, D = ToyG(), ToyTextD()
+    text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
+    fake = G(torch.randn(B, 8))
+    real = [torch.rand_like(x) * 2 - 1 for x in fake]
+    cfg = L.LossConfig(match_d=False, match_g=False, clip_weight=0.0, relativistic=True)
+    d_loss, d_logs = L.discriminator_loss(D, real, fake, text, None, cfg)
+    torch.testing.assert_close(d_loss, L.relativistic_loss(D(fake, *text), D(real, *text)))
+    g_loss, _ = L.generator_loss(D, fake, text, None, cfg, real_pyr=real)
+    torch.testing.assert_close(g_loss, L.relativistic_loss(D(real, *text), D(fake, *text)))
+    g_loss.backward()
+    assert all(p.grad is not None for p in G.parameters())  # the gradient reaches G through the fakes
+    with pytest.raises(AssertionError, match="real_pyr"):
+        L.generator_loss(D, fake, text, None, cfg)  # the pairing needs the real images
+    plain, _ = L.discriminator_loss(D, real, fake, text, None, dataclasses.replace(cfg, relativistic=False))
+    assert not torch.allclose(plain, d_loss)
+    assert L.LOSS_PRESETS["base"].relativistic is False and L.LOSS_PRESETS["base"].r2_gamma == 0.0
+
+
+def test_r2_is_r1_at_the_generated_images():
+    torch.manual_seed(0)
+    B, H = 3, 4
+    D = LinearD()
+    with torch.no_grad():
+        for p in (D.a0, D.a1, D.c):
+            p.normal_()
+    real = pyramid_of(torch.randn(B, 3, H, H), 2)
+    fake = pyramid_of(torch.randn(B, 3, H, H), 2)
+    # a linear D has the same input gradient everywhere: R1 = R2 = the analytic value of the R1 test
+    expected = (D.a0 + D.c).square().sum() / (H * H) + D.a1.square().sum() / (H // 2) ** 2
+    cfg = L.LossConfig(r1_gamma=0.5, r2_gamma=2.0, r1_interval=4)
+    loss, logs = L.lazy_r1_loss(D, real, (None, None, None), cfg, fake_pyr=fake)
+    torch.testing.assert_close(loss, (0.5 / 2 + 2.0 / 2) * expected * 4)  # (gamma1 + gamma2)/2 * penalty * interval
+    assert math.isclose(logs["R2/penalty"], expected.item(), rel_tol=1e-5)
+    assert math.isclose(logs["R2/loss"], (2.0 / 2 * expected * 4).item(), rel_tol=1e-5)
+    # R2 only (R1 off), and without fakes no R2 at all
+    only_r2, logs2 = L.lazy_r1_loss(D, real, (None, None, None), dataclasses.replace(cfg, r1_gamma=0.0), fake_pyr=fake)
+    torch.testing.assert_close(only_r2, 2.0 / 2 * expected * 4)
+    assert "R1/penalty" not in logs2
+    no_fakes, logs3 = L.lazy_r1_loss(D, real, (None, None, None), cfg)
+    torch.testing.assert_close(no_fakes, 0.5 / 2 * expected * 4)
+    assert "R2/penalty" not in logs3
+    with pytest.raises(AssertionError):
+        L.LossConfig(r2_gamma=-1.0)

@@ -361,6 +361,9 @@ BAD = [
     (["--loss.mode-seeking-weight", "-1"], "--loss.mode-seeking-weight must be >= 0"),
     (["--stage", "upsampler", "--loss.mode-seeking-weight", "1"], "a term of the base G"),
     (["--loss.mode-seeking-weight", "1", "--batch-size", "4", "--batch-gpu", "1"], "use --batch-gpu 2 or more"),
+    (["--loss.r2-gamma", "-1"], "--loss.r2-gamma must be >= 0, got -1"),
+    (["--loss.relativistic", "true", "--loss.mode-seeking-weight", "1"], "use one of them"),
+    (["--loss.relativistic", "maybe"], "--loss.relativistic"),
     (["--hard-attribute", "texture"], "unknown --hard-attribute"),
     (["--hard-negatives", "0.5", "--data", "/tmp"], "--hard-negatives edits captions of the shapes grammar"),
     (["--clip", "ViT-B-32"], "needs a weights tag"),
@@ -609,6 +612,30 @@ def test_base_stage_trains_with_mode_seeking_on_paired_captions(tmp_path, tiny_c
         ratio = ((images[:P] - images[P:]).abs().flatten(1).mean(1) / (z[:P] - z[P:]).abs().mean(1)).mean()
         assert row["G/mode_seeking"] == pytest.approx(1 / (ratio.item() + 1e-5), rel=1e-5)
         assert (total - without) / 0.5 == pytest.approx(row["G/mode_seeking"], rel=1e-4)
+
+
+def test_relativistic_run_pairs_reals_and_penalises_fakes(tmp_path, tiny_clip, monkeypatch):
+    """--loss.relativistic: G's loss gets the step's real pyramid; --loss.r2-gamma: R2 at the D
+    step's own generated images every r1_interval steps (logged as R2/*)."""
+    seen, r2_inputs = [], []
+    g_loss, lazy = train.losses.generator_loss, train.losses.lazy_r1_loss
+
+    def recording(D, fakes, text, wrong, cfg, *args, real_pyr=None, **kwargs):
+        seen.append(real_pyr)
+        return g_loss(D, fakes, text, wrong, cfg, *args, real_pyr=real_pyr, **kwargs)
+
+    def recording_r1(D, real_pyr, text, cfg, fake_pyr=None):
+        r2_inputs.append(fake_pyr)
+        return lazy(D, real_pyr, text, cfg, fake_pyr=fake_pyr)
+
+    monkeypatch.setattr(train.losses, "generator_loss", recording)
+    monkeypatch.setattr(train.losses, "lazy_r1_loss", recording_r1)
+    out = run(tmp_path, "--max-steps", "2", "--loss.relativistic", "true", "--loss.r2-gamma", "1",
+              "--loss.r1-interval", "1", name="base", clip=tiny_clip)
+    assert state(out)["step"] == 2 and len(seen) == 2 and len(r2_inputs) == 2
+    assert all(p is not None and p[0].shape[-1] == 32 for p in seen)  # a full real pyramid, finest first
+    assert all(f is not None and f[0].shape == seen[0][0].shape for f in r2_inputs)
+    assert all("R2/penalty" in row and row["R2/penalty"] > 0 for row in log_rows(out))
 
 
 def spy_weighted_terms(monkeypatch):
