@@ -24,7 +24,7 @@ itself - D step, lazy R1, G step, EMA - stays written out in train.py).
         L_ms = 1 / mean_pairs(mean|G(c, z1) - G(c, z2)| / mean|z1 - z2|), pairs of one caption
     relativistic pairing with R1 + R2 (R3GAN, Huang et al. 2024; project option, off by default):
         L_D = sum_p E_b[softplus(D_p(G(c_b), c_b) - D_p(x_b, c_b))],  L_G the same with the two swapped;
-        R2 is R1 at the generated images (r2_gamma)
+        matching pairs ranked the same way, softplus(D(x, c^) - D(x, c)); R2 is R1 at the generated images
 
 Why. The plain GAN loss only asks "is this a real image?"; a text-conditioned D can answer
 that while ignoring the text. The matching-aware pairs make ignoring the text costly for D,
@@ -239,11 +239,15 @@ def g_adversarial_loss(fake_preds):
 # the one score above the other: softplus(D(lower) - D(higher)). D's step calls it with
 # (fake, real), G's with (real, fake). Paired with R1 on reals and R2 on fakes, R3GAN reports
 # every mode of Stacked-MNIST where the non-saturating loss misses some. Patch maps are
-# averaged per image first, as R1 does (one score per image and prediction).
+# averaged per image first, as R1 does (one score per image and prediction). A relativistic
+# D's logits have no fixed zero, so the matching-aware pairs are ranked too (project's
+# choice): an image with a wrong caption below the same image with its own caption, for D
+# (x and G(c)) and for G's term. The vision-aided D keeps the non-saturating loss.
 
-def relativistic_loss(lower_preds, higher_preds):
-    """sum_p mean_b softplus(lower_p,b - higher_p,b): row b of both lists is the same caption."""
-    return sum(F.softplus(_row_means(lo) - _row_means(hi)).mean()
+def relativistic_loss(lower_preds, higher_preds, valid=None):
+    """sum_p mean_b softplus(lower_p,b - higher_p,b): row b of both lists is one pair (masked
+    mean over the valid rows if given)."""
+    return sum(_masked_mean(F.softplus(_row_means(lo) - _row_means(hi)), valid)
                for lo, hi in zip(lower_preds, higher_preds, strict=True))
 
 
@@ -633,7 +637,12 @@ def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_va
             "D/real_logit": _num(sum(_row_means(p).mean() for p in preds[0]) / len(preds[0])),  # mean logit
             "D/fake_logit": _num(sum(_row_means(p).mean() for p in preds[1]) / len(preds[1]))}
     if cfg.match_d:
-        match = d_matching_loss(preds[2], preds[3] if match_fake else None, wrong_valid)
+        if cfg.relativistic:  # (x, c^) below (x, c), and (G(c), c^) below (G(c), c)
+            match = relativistic_loss(preds[2], preds[0], wrong_valid)
+            if match_fake:
+                match = match + relativistic_loss(preds[3], preds[1], wrong_valid)
+        else:
+            match = d_matching_loss(preds[2], preds[3] if match_fake else None, wrong_valid)
         loss = loss + cfg.match_weight * match
         logs["D/match"] = _num(match)
     if vision is not None and cfg.vision_weight > 0:
@@ -688,8 +697,9 @@ def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip
         adv = g_adversarial_loss(preds[0])
     loss = adv
     logs = {"G/adv": _num(adv)}
-    if cfg.match_g:
-        match = g_matching_loss(preds[1], wrong_valid)
+    if cfg.match_g:  # relativistic: G's image with its caption above it with a wrong one
+        match = relativistic_loss(preds[1], preds[0], wrong_valid) if cfg.relativistic else \
+            g_matching_loss(preds[1], wrong_valid)
         loss = loss + cfg.match_weight * match
         logs["G/match"] = _num(match)
     image = fake_pyr[0]  # (B, 3, H, W) the finest level is the output image

@@ -27,7 +27,7 @@ def test_quick_run_writes_every_figure(tmp_path, capsys):
     assert rows[("tiny", "all", "float32")]["flops_per_step"] > rows[("tiny", "no_clip", "float32")]["flops_per_step"]
     assert [r["batch"] for r in result["sample"]] == [1, 4]
     for r in result["sample"]:
-        assert r["g_s_per_img"] > 0 and r["end_to_end_s_per_img"] > 0
+        assert r["g_s_per_img"] > 0 and r["end_to_end_s_per_img"] > 0 and r["one_prompt_s_per_img"] > 0
     for key in ("data_img_s", "upsampler_tiny_fwd_bwd_s", "clip_missing_weights_s", "lpips_missing_weights_s"):
         assert result["checks"][key] > 0
     out = capsys.readouterr().out
@@ -69,14 +69,16 @@ def test_peer_script_runs_in_its_python_and_gives_ratios(tmp_path):
     train_rows = [dict(config="bench", terms="no_clip", dtype="float32", img_s=10.0),
                   dict(config="tiny", terms="no_clip", dtype="float32", img_s=99.0)]      # not the peer's size
     sample_rows = [dict(config="bench", batch=1, g_s_per_img=0.01, end_to_end_s_per_img=0.02),
-                   dict(config="bench", batch=32, g_s_per_img=0.001, end_to_end_s_per_img=0.004)]
+                   dict(config="bench", batch=32, g_s_per_img=0.001, end_to_end_s_per_img=0.004,
+                        one_prompt_s_per_img=0.002)]
     ratios = bench.peer_ratios(peers, train_rows, sample_rows)
     assert ratios["train_img_s_no_clip_float32"] == pytest.approx(10.0 / 5.0)  # the mean of before and after
     assert ratios["sample_s_per_img_batch1"] == pytest.approx(0.02 / 0.10)
     assert ratios["sample_G_s_per_img_batch1"] == pytest.approx(0.01 / 0.10)
     batched = (peer["batched_sample_s_per_img"] + 0.02) / 2
     assert ratios["sample_s_per_img_batch32"] == pytest.approx(0.004 / batched)
-    assert len(ratios) == 5
+    assert ratios["sample_one_prompt_s_per_img_batch32"] == pytest.approx(0.002 / batched)
+    assert len(ratios) == 6
 
 
 def test_a_failing_peer_is_one_line(tmp_path):

@@ -681,3 +681,30 @@ def test_r2_is_r1_at_the_generated_images():
     assert "R2/penalty" not in logs3
     with pytest.raises(AssertionError):
         L.LossConfig(r2_gamma=-1.0)
+
+
+def test_relativistic_matching_ranks_wrong_captions_below_right_ones():
+    """With cfg.relativistic the mismatched pairs are ranked against the same image with its own
+    caption (a relativistic D has no fixed zero): D and G, masked by `valid`."""
+    torch.manual_seed(0)
+    B = 4
+    G, D = ToyG(), ToyTextD()
+    text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
+    wrong = tuple(t[torch.tensor([1, 2, 3, 0])] for t in text)
+    valid = torch.tensor([True, True, False, True])
+    fake = G(torch.randn(B, 8))
+    real = [torch.rand_like(x) * 2 - 1 for x in fake]
+    cfg = L.LossConfig(clip_weight=0.0, relativistic=True)
+    d_loss, _ = L.discriminator_loss(D, real, fake, text, wrong, cfg, wrong_valid=valid)
+    rows = lambda pyr, t: D(pyr, *t)
+    expected = (L.relativistic_loss(rows(fake, text), rows(real, text))
+                + L.relativistic_loss(rows(real, wrong), rows(real, text), valid)
+                + L.relativistic_loss(rows(fake, wrong), rows(fake, text), valid))
+    torch.testing.assert_close(d_loss, expected)
+    g_loss, _ = L.generator_loss(D, fake, text, wrong, cfg, wrong_valid=valid, real_pyr=real)
+    expected = (L.relativistic_loss(rows(real, text), rows(fake, text))
+                + L.relativistic_loss(rows(fake, wrong), rows(fake, text), valid))
+    torch.testing.assert_close(g_loss, expected)
+    # the masked mean: an invalid row does not count
+    lo, hi = [torch.tensor([0.0, 0.0, 9.0, 0.0])], [torch.zeros(4)]
+    torch.testing.assert_close(L.relativistic_loss(lo, hi, valid), torch.tensor(math.log(2.0)))
