@@ -79,6 +79,7 @@ class GeneratorConfig:
     kernel_size: int = 3                      # K of the synthesis convs
     noise: bool = True                        # StyleGAN2's per-pixel noise inputs in every conv (off in "tiny", see there)
     synthesis_input: str = "const"            # 4 px input: const (StyleGAN2, the paper's base) | fourier (moved and scaled by w)
+    z_path: str = "mixed"                     # M: mixed (one MLP on [z, t_global]) | separate (StyleGAN-T: an MLP of z, joined to the text's half of w)
 
     def __post_init__(self):
         # tuples may arrive as lists (from a checkpoint's plain-dict config or a CLI flag)
@@ -200,12 +201,18 @@ def normalize_2nd_moment(x, eps=1e-8):
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()  # (B, F)
 
 
+MAPPING_Z_PATHS = ("mixed", "separate")
+
+
 class MappingNetwork(nn.Module):
     """w = M(z, t_global): an MLP on [normalised z, normalised embedding of t_global].
 
     The concatenation follows StyleGAN2-ADA's conditional mapping (project's choice; the paper
     only says M takes z and t_global). Also tracks w_avg, the running mean of w over training,
     the target of global truncation.
+    z_path "separate" (a project option, after StyleGAN-T): the MLP sees z alone and fills the
+    first S - S/2 entries of w; the text's normalised embedding fills the other S/2. Nothing
+    mixes them before the style affines, so no layer of M can learn to drown z in the text.
     """
 
     def __init__(
@@ -216,12 +223,18 @@ class MappingNetwork(nn.Module):
         num_layers,   # EqualLinear layers (paper: 4)
         lr_mul,       # learning-rate multiplier of the layers (StyleGAN2: 0.01)
         w_avg_beta,   # EMA decay of w_avg
+        z_path="mixed",  # "mixed" | "separate" (see the class docstring)
     ):
         super().__init__()
-        self.z_dim, self.text_width, self.w_dim = z_dim, text_width, w_dim
+        assert z_path in MAPPING_Z_PATHS, f"z_path {z_path!r}: one of {MAPPING_Z_PATHS}"
+        self.z_dim, self.text_width, self.w_dim, self.z_path = z_dim, text_width, w_dim, z_path
         self.w_avg_beta = w_avg_beta
-        self.embed = EqualLinear(text_width, w_dim)           # t_global -> S, the text's "class embedding"
-        widths = [z_dim + w_dim] + [w_dim] * num_layers       # input, then every layer's output
+        if z_path == "mixed":
+            self.embed = EqualLinear(text_width, w_dim)       # t_global -> S, the text's "class embedding"
+            widths = [z_dim + w_dim] + [w_dim] * num_layers   # input, then every layer's output
+        else:
+            self.embed = EqualLinear(text_width, w_dim // 2)  # t_global -> S/2, the text's half of w
+            widths = [z_dim] + [w_dim - w_dim // 2] * num_layers  # z alone -> the z half of w
         self.layers = nn.ModuleList([
             EqualLinear(widths[i], widths[i + 1], lr_mul=lr_mul, activation="lrelu") for i in range(num_layers)
         ])
@@ -232,10 +245,14 @@ class MappingNetwork(nn.Module):
         B = z.shape[0]
         assert z.shape == (B, self.z_dim), z.shape
         assert t_global.shape == (B, self.text_width), t_global.shape
-        x = torch.cat([normalize_2nd_moment(z),                 # (B, z_dim), unit RMS
-                       normalize_2nd_moment(self.embed(t_global))], dim=1)  # (B, z_dim + S)
+        text = normalize_2nd_moment(self.embed(t_global))      # (B, S) mixed, (B, S/2) separate; unit RMS
+        x = normalize_2nd_moment(z)                             # (B, z_dim), unit RMS
+        if self.z_path == "mixed":
+            x = torch.cat([x, text], dim=1)                     # (B, z_dim + S)
         for layer in self.layers:
-            x = layer(x)                                        # (B, S) leaky ReLU * sqrt(2)
+            x = layer(x)                                        # (B, S) or (B, S - S/2) leaky ReLU * sqrt(2)
+        if self.z_path == "separate":
+            x = torch.cat([x, text], dim=1)                     # (B, S): [MLP(z), embedding of t_global]
         update = self.training if update_w_avg is None else update_w_avg
         if update:
             with torch.no_grad():                               # w_avg <- beta w_avg + (1 - beta) mean_batch(w)
@@ -513,7 +530,7 @@ class Generator(nn.Module):
         self.cfg, self.text_dim = cfg, text_dim
         self.text_encoder = TextEncoder(text_dim, cfg.text_width, cfg.text_depth, cfg.text_heads)
         self.mapping = MappingNetwork(cfg.z_dim, cfg.text_width, cfg.w_dim, cfg.mapping_layers,
-                                      cfg.mapping_lr_mul, cfg.w_avg_beta)
+                                      cfg.mapping_lr_mul, cfg.w_avg_beta, cfg.z_path)
         self.synthesis = Synthesis(cfg)
         self.num_ws = self.synthesis.num_ws
 

@@ -172,7 +172,7 @@ SUB_RULES = {
                w_avg_beta="[0, 1]", text_width=WIDTH, text_depth=DEPTH, text_heads=COUNT, channels=WIDTH,
                blocks_per_scale=COUNT, n_kernels=COUNT, attn_resolutions="[4, inf)", attn_heads=COUNT,
                self_attention=ANY, attention_w_token=ANY, cross_attention=ANY, kernel_size="[1, inf)", noise=ANY,
-               synthesis_input=("const", "fourier")),
+               synthesis_input=("const", "fourier"), z_path=("mixed", "separate")),
     "d.": dict(resolution="[8, inf)", channel_base=WIDTH, channel_max=WIDTH, blocks_per_scale=COUNT, attention=ANY,
                attn_resolutions="[4, inf)", attn_heads=COUNT, multi_scale=ANY, text_width=WIDTH, text_depth=DEPTH,
                text_heads=COUNT, t_dim=WIDTH, psi_layers=COUNT, downsample=("blur", "max"), projection=ANY,
