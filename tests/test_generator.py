@@ -394,3 +394,31 @@ def test_fourier_input_is_sinusoids_of_moved_and_scaled_coordinates():
     assert not hasattr(G.synthesis, "const")
     tokens, mask, eot = text(2)
     assert run(G, torch.randn(2, 128), tokens, mask, eot)[0].shape == (2, 3, 32, 32)
+
+
+def test_separate_z_path_keeps_z_and_text_in_their_own_halves_of_w():
+    """--g.z_path separate: w = [MLP(normalised z), normalised embedding of t_global]; the first
+    S - S/2 entries depend on z only, the last S/2 on the text only (checked against that formula)."""
+    torch.manual_seed(0)
+    M = gen.MappingNetwork(z_dim=8, text_width=6, w_dim=10, num_layers=2, lr_mul=1.0, w_avg_beta=0.9,
+                           z_path="separate").eval()
+    z, t = torch.randn(4, 8), torch.randn(4, 6)
+    w = M(z, t)
+    assert w.shape == (4, 10)
+    x = gen.normalize_2nd_moment(z)
+    for layer in M.layers:
+        x = layer(x)
+    torch.testing.assert_close(w, torch.cat([x, gen.normalize_2nd_moment(M.embed(t))], dim=1))
+    w_other_z, w_other_t = M(torch.randn(4, 8), t), M(z, torch.randn(4, 6))
+    torch.testing.assert_close(w_other_z[:, 5:], w[:, 5:])   # the text half ignores z
+    torch.testing.assert_close(w_other_t[:, :5], w[:, :5])   # the z half ignores the text
+    assert not torch.allclose(w_other_z[:, :5], w[:, :5]) and not torch.allclose(w_other_t[:, 5:], w[:, 5:])
+    # the default mixes them: every entry moves with z
+    mixed = gen.MappingNetwork(8, 6, 10, 2, 1.0, 0.9).eval()
+    assert (mixed(torch.randn(4, 8), t) - mixed(z, t)).abs().min() > 0
+    with pytest.raises(AssertionError, match="z_path"):
+        gen.MappingNetwork(8, 6, 10, 2, 1.0, 0.9, z_path="both")
+    # a whole G builds and runs with it
+    G = gen.Generator(dataclasses.replace(gen.G_PRESETS["tiny"], z_path="separate"), text_dim=6).eval()
+    tokens, mask, eot = torch.randn(2, 4, 6), torch.ones(2, 4, dtype=torch.bool), torch.full((2,), 3)
+    assert G(torch.randn(2, G.cfg.z_dim), tokens, mask, eot)[0].shape == (2, 3, 32, 32)

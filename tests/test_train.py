@@ -361,6 +361,7 @@ BAD = [
     (["--loss.mode-seeking-weight", "-1"], "--loss.mode-seeking-weight must be >= 0"),
     (["--stage", "upsampler", "--loss.mode-seeking-weight", "1"], "a term of the base G"),
     (["--loss.mode-seeking-weight", "1", "--batch-size", "4", "--batch-gpu", "1"], "use --batch-gpu 2 or more"),
+    (["--g.z-path", "both"], "unknown --g.z-path 'both': choose mixed | separate"),
     (["--loss.r2-gamma", "-1"], "--loss.r2-gamma must be >= 0, got -1"),
     (["--loss.relativistic", "true", "--loss.mode-seeking-weight", "1"], "use one of them"),
     (["--loss.relativistic", "maybe"], "--loss.relativistic"),
