@@ -5,6 +5,7 @@ bench.py - how fast this GigaGAN trains and samples on this machine, all figures
     python bench.py --quick                           # a smoke run: the tiny sizes, a few steps
     python bench.py --threads 2 --json bench.json     # also write every figure as JSON
     python bench.py --peer /tmp/peer/bin/python --peer-script peer_lucidrains.py   # side by side
+    python bench.py --sample-only --no-checks --peer ... # sampling only, side by side (a few minutes)
 
 It prints, in this order:
   peak      the machine's float32 (and bfloat16) matmul rate, n x n x n, in GFLOP/s;
@@ -535,6 +536,8 @@ def parse_args(argv):
     p.add_argument("--peer", default=None, help="the peer's Python (a venv with gigagan-pytorch 0.3.0)")
     p.add_argument("--peer-script", default=None, help="the peer's timing script (with --peer)")
     p.add_argument("--no-checks", action="store_true", help="skip the checks moved out of the unit tests")
+    p.add_argument("--sample-only", action="store_true",
+                   help="time sampling only (and the peer with --peer): no training figures")
     p.add_argument("--breakdown", action="store_true",
                    help="only: where each configuration's float32 step spends its time (timers around train.py's pieces)")
     args = p.parse_args(argv)
@@ -580,7 +583,15 @@ def main(argv=None):
         log(f"peak   {n}^3 matmul: float32 {peak['float32_gflops']:.1f} GFLOP/s, "
             f"bfloat16 {peak['bfloat16_gflops']:.1f} GFLOP/s")
 
-        result["train"], runs = bench_train(args.configs, args, workdir, peak["float32_gflops"])
+        if args.sample_only:  # a one-step run of each size is the checkpoint to sample from
+            result["train"], runs = [], {}
+            for name in args.configs:
+                out = os.path.join(workdir, f"{name}_all_float32")
+                extra = ["--clip", tiny_clip(workdir)] if name == "tiny" else []
+                run_train([*CONFIGS[name], *extra, *QUIET, "--max-steps", "1", "--out", out])
+                runs[(name, "all", "float32")] = out
+        else:
+            result["train"], runs = bench_train(args.configs, args, workdir, peak["float32_gflops"])
 
         result["sample"] = []
         batches = (1, 4) if args.quick else (1, 32)

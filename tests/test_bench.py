@@ -59,6 +59,13 @@ print(json.dumps(dict(size=int(size), threads=int(threads), train_img_per_s=4.0,
 '''
 
 
+def test_sample_only_times_sampling_and_no_training(capsys):
+    result = bench.main(["--quick", "--threads", "1", "--sample-only", "--no-checks"])
+    assert result["train"] == [] and [r["batch"] for r in result["sample"]] == [1, 4]
+    assert all(r["g_s_per_img"] > 0 and r["one_prompt_s_per_img"] > 0 for r in result["sample"])
+    assert "train  tiny" not in capsys.readouterr().out
+
+
 def test_peer_script_runs_in_its_python_and_gives_ratios(tmp_path):
     script = tmp_path / "peer.py"
     script.write_text(FAKE_PEER)
