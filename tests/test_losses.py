@@ -311,18 +311,23 @@ def test_generator_loss_pairs(match_g):
 # -----------------------------------------------------------------------------
 # R1
 
-def test_r1_equals_the_analytic_value_for_a_linear_d():
+def random_linear_d(H):
+    """A LinearD with random weights, and its input-gradient penalty at any H x H pyramid: per
+    image d/dx0 [mean_hw <a0, x0> + mean_hw <c, x0>] = (a0 + c) / (H*H) at every pixel, so
+    ||grad_0||^2 = H*H * |a0 + c|^2 / (H*H)^2; level 1 (H/2 x H/2): |a1|^2 / (H/2)^2."""
     torch.manual_seed(0)
-    B, H = 3, 4
     D = LinearD()
     with torch.no_grad():
         for p in (D.a0, D.a1, D.c):
             p.normal_()
+    return D, (D.a0 + D.c).square().sum() / (H * H) + D.a1.square().sum() / (H // 2) ** 2
+
+
+def test_r1_equals_the_analytic_value_for_a_linear_d():
+    B, H = 3, 4
+    D, expected = random_linear_d(H)
     real = [x.detach().requires_grad_(True) for x in pyramid_of(torch.randn(B, 3, H, H), 2)]
     r1 = L.r1_penalty(real, D(real))
-    # per image: d/dx0 [mean_hw <a0, x0> + mean_hw <c, x0>] = (a0 + c) / (H*H) at every pixel, so
-    # ||grad_0||^2 = H*H * |a0 + c|^2 / (H*H)^2 ; level 1 (H/2 x H/2): |a1|^2 / (H/2)^2
-    expected = (D.a0 + D.c).square().sum() / (H * H) + D.a1.square().sum() / (H // 2) ** 2
     assert torch.allclose(r1, expected, rtol=1e-5)
     r1.backward()  # double backward reaches D's weights (create_graph=True)
     assert D.a0.grad is not None and D.a0.grad.abs().sum() > 0
@@ -469,13 +474,19 @@ def test_gradients_flow_to_every_generator_level_and_only_d_trains_in_the_d_step
     assert set(logs) >= {"D/adv", "D/match", "D/vision", "D/loss"}
 
 
-def test_pixel_term_adds_weight_times_mse_and_pulls_towards_the_target():
+def toy_batch(B):
+    """A seeded ToyG and ToyTextD, B captions' text, G's pyramid and a random real pyramid."""
     torch.manual_seed(0)
-    B = 3
     G, D = ToyG(), ToyTextD()
     text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
     fake = G(torch.randn(B, 8))
-    target = torch.rand(B, 3, 32, 32) * 2 - 1
+    return G, D, text, fake, [torch.rand_like(x) * 2 - 1 for x in fake]
+
+
+def test_pixel_term_adds_weight_times_mse_and_pulls_towards_the_target():
+    B = 3
+    G, D, text, fake, real = toy_batch(B)
+    target = real[0]
     cfg = dataclasses.replace(L.LOSS_PRESETS["upsampler"], match_g=False, lpips_weight=0.0)
     off, logs_off = L.generator_loss(D, fake, text, text, cfg, lpips_target=target)
     on, logs_on = L.generator_loss(D, fake, text, text, dataclasses.replace(cfg, pixel_weight=2.5),
@@ -636,12 +647,8 @@ def test_relativistic_signs_d_wants_reals_above_their_fakes():
 
 
 def test_discriminator_and_generator_loss_use_the_pairing_when_relativistic():
-    torch.manual_seed(0)
     B = 4
-    G, D = ToyG(), ToyTextD()
-    text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
-    fake = G(torch.randn(B, 8))
-    real = [torch.rand_like(x) * 2 - 1 for x in fake]
+    G, D, text, fake, real = toy_batch(B)
     cfg = L.LossConfig(match_d=False, match_g=False, clip_weight=0.0, relativistic=True)
     d_loss, d_logs = L.discriminator_loss(D, real, fake, text, None, cfg)
     torch.testing.assert_close(d_loss, L.relativistic_loss(D(fake, *text), D(real, *text)))
@@ -657,16 +664,10 @@ def test_discriminator_and_generator_loss_use_the_pairing_when_relativistic():
 
 
 def test_r2_is_r1_at_the_generated_images():
-    torch.manual_seed(0)
     B, H = 3, 4
-    D = LinearD()
-    with torch.no_grad():
-        for p in (D.a0, D.a1, D.c):
-            p.normal_()
+    D, expected = random_linear_d(H)  # a linear D: the same input gradient everywhere, so R1 = R2
     real = pyramid_of(torch.randn(B, 3, H, H), 2)
     fake = pyramid_of(torch.randn(B, 3, H, H), 2)
-    # a linear D has the same input gradient everywhere: R1 = R2 = the analytic value of the R1 test
-    expected = (D.a0 + D.c).square().sum() / (H * H) + D.a1.square().sum() / (H // 2) ** 2
     cfg = L.LossConfig(r1_gamma=0.5, r2_gamma=2.0, r1_interval=4)
     loss, logs = L.lazy_r1_loss(D, real, (None, None, None), cfg, fake_pyr=fake)
     torch.testing.assert_close(loss, (0.5 / 2 + 2.0 / 2) * expected * 4)  # (gamma1 + gamma2)/2 * penalty * interval
@@ -686,14 +687,10 @@ def test_r2_is_r1_at_the_generated_images():
 def test_relativistic_matching_ranks_wrong_captions_below_right_ones():
     """With cfg.relativistic the mismatched pairs are ranked against the same image with its own
     caption (a relativistic D has no fixed zero): D and G, masked by `valid`."""
-    torch.manual_seed(0)
     B = 4
-    G, D = ToyG(), ToyTextD()
-    text = (torch.randn(B, 3, 4), torch.ones(B, 3, dtype=torch.bool), torch.full((B,), 2))
+    G, D, text, fake, real = toy_batch(B)
     wrong = tuple(t[torch.tensor([1, 2, 3, 0])] for t in text)
     valid = torch.tensor([True, True, False, True])
-    fake = G(torch.randn(B, 8))
-    real = [torch.rand_like(x) * 2 - 1 for x in fake]
     cfg = L.LossConfig(clip_weight=0.0, relativistic=True)
     d_loss, _ = L.discriminator_loss(D, real, fake, text, wrong, cfg, wrong_valid=valid)
     rows = lambda pyr, t: D(pyr, *t)
