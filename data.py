@@ -30,11 +30,14 @@ The `shapes` spec (what `ShapesDataset` draws; the constants below hold the numb
   red (220, 40, 40), green (40, 180, 60), blue (40, 80, 220), yellow (240, 210, 40),
   purple (150, 60, 200), orange (245, 140, 30), white (245, 245, 245), black (20, 20, 20).
 - size: `small` has extent 0.3 of the canvas side, `large` 0.6.
-- position: the centre's x is 0.3 (`left`), 0.5 (`center`) or 0.7 (`right`); its y is 0.5.
+- position: the centre's x is 0.3 (`left`), 0.5 (`center`) or 0.7 (`right`). The caption never
+  names the height: the centre's y is uniform over every height that keeps the shape inside the
+  canvas with a margin, |y - 0.5| + extent / 2 <= 0.43 (a small shape's centre anywhere from
+  about 0.21 to 0.79 of the way down, a large one's 0.34 to 0.66). That is what z has to draw.
 - jitter (on by default; all uniform, drawn per sample): extent x (1 +- 0.10), centre x +- 0.04,
-  centre y +- 0.10, and +- 8 per RGB channel (integers, shape and background independently,
-  clipped to 0..255). Vertically a shape always fits (|y - 0.5| + extent / 2 <= 0.43);
-  a large shape on the left or right may be cut by the canvas side.
+  the height above, and +- 8 per RGB channel (integers, shape and background independently,
+  clipped to 0..255). Without jitter, y is 0.5. A large shape on the left or right may be cut by
+  the canvas side.
 - draw order: shape colour uniform over the 8, background uniform over the other 7, then
   shape, size, position and caption template uniform; one numpy Generator per (seed, index).
 - rendering: 4 x 4 sub-samples per pixel, averaged (a box filter), so an edge pixel mixes
@@ -90,11 +93,11 @@ COLORS = {  # name -> RGB; the palette is far apart (closest pair yellow/orange,
 }
 SIZES = {"small": 0.3, "large": 0.6}                         # extent / canvas side
 POSITIONS = {"left": 0.3, "center": 0.5, "right": 0.7}       # shape centre x / canvas width
-VERTICAL_CENTER = 0.5                                        # shape centre y / canvas height
+VERTICAL_CENTER = 0.5                                        # shape centre y / canvas height (no jitter)
+VERTICAL_LIMIT = 0.43    # |y - 0.5| + extent / 2 <= this: the shape stays 0.07 inside top and bottom
 # Jitter bounds (the spec's maxima), used when ShapesDataset(jitter=True).
 SIZE_JITTER = 0.10       # extent *= 1 +- 0.10
 POSITION_JITTER = 0.04   # x centre +- 0.04 of the width
-VERTICAL_JITTER = 0.10   # y centre +- 0.10 of the height
 COLOR_JITTER = 8         # +- 8 per RGB channel, shape and background independently
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)  # (8, 3)
@@ -275,7 +278,7 @@ class ShapesDataset(Dataset):
         j = 1.0 if self.jitter else 0.0                     # draws happen either way: same attrs
         extent = SIZES[attrs["size"]] * (1 + j * rng.uniform(-SIZE_JITTER, SIZE_JITTER))
         cx = POSITIONS[attrs["position"]] + j * rng.uniform(-POSITION_JITTER, POSITION_JITTER)
-        cy = VERTICAL_CENTER + j * rng.uniform(-VERTICAL_JITTER, VERTICAL_JITTER)
+        cy = VERTICAL_CENTER + j * rng.uniform(-1, 1) * (VERTICAL_LIMIT - extent / 2)  # any height that fits
         fg = _PALETTE[color] + j * rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
         bg = _PALETTE[background] + j * rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
         params = dict(extent=extent, cx=cx, cy=cy, fg=np.clip(fg, 0, 255), bg=np.clip(bg, 0, 255),
@@ -310,7 +313,7 @@ def jittered_shapes(attrs, n, resolution, seed=0, supersample=4):
     for _ in range(n):
         extent = SIZES[attrs["size"]] * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
         cx = POSITIONS[attrs["position"]] + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
-        cy = VERTICAL_CENTER + rng.uniform(-VERTICAL_JITTER, VERTICAL_JITTER)
+        cy = VERTICAL_CENTER + rng.uniform(-1, 1) * (VERTICAL_LIMIT - extent / 2)
         fg = np.clip(np.array(COLORS[attrs["color"]], float) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
         bg = np.clip(np.array(COLORS[attrs["background"]], float) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
         cov = shape_coverage(attrs["shape"], extent, cx, cy, resolution, supersample)  # (R, R)
