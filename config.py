@@ -1,7 +1,7 @@
 """
 config.py - train.py's configuration: TrainConfig, the presets, the command line and its checks.
 
-    cfg, g_cfg, d_cfg, loss_cfg = parse_flags(["--preset", "small", "--g.attention", "false"])
+    cfg, g_cfg, d_cfg, loss_cfg = parse_flags(["--preset", "small", "--g.self-attention", "false"])
 
 Order: dataclass defaults < preset (TRAIN_PRESETS, and UPSAMPLER_TRAIN_PRESETS with --stage
 upsampler) < flags. Every field of TrainConfig is a flag `--key value` or `--key=value` (dashes or

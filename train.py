@@ -12,7 +12,7 @@ train.py - one flat, readable training loop for every stage of GigaGAN.
 
 Flags are `--key value` or `--key=value` for every field of TrainConfig (config.py); fields of the
 generator, discriminator and loss configs are `--g.FIELD`, `--d.FIELD`, `--loss.FIELD`
-(e.g. `--g.attention false`, `--loss.clip_weight 0`), of the upsampler `--u.FIELD` (with
+(e.g. `--g.self-attention false`, `--loss.clip_weight 0`), of the upsampler `--u.FIELD` (with
 --stage upsampler, where --d.* and --loss.* configure its D and losses). Unknown flags are an error.
 Every flag is checked (its range beside its field in config.py, then what combines flags, then G and D
 built on the meta device) before any CLIP is trained, any file written or any model built.
