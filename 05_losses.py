@@ -74,6 +74,7 @@ Shape legend (shared by every numbered file):
 import os
 import socket
 import dataclasses
+import importlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -81,6 +82,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+_clip = importlib.import_module("00_clip")  # freeze_into_buffers: the frozen LPIPS trunk, as the frozen CLIP
 
 
 @dataclass
@@ -509,7 +512,7 @@ class LPIPS(nn.Module):
             for m in trunk.modules():
                 if isinstance(m, nn.Conv2d):
                     m.reset_parameters()  # PyTorch's default init, from the global seed
-        _params_to_buffers(trunk)  # frozen: buffers, not parameters (no optimiser can reach them)
+        _clip.freeze_into_buffers(trunk)  # frozen: buffers, not parameters (no optimiser can reach them)
         self.trunk = trunk
         channels = [trunk[i - 1].out_channels for i in self.taps]  # the conv before each tapped ReLU
         for l, w in enumerate(_lpips_linear_weights(net, channels)):
@@ -533,14 +536,6 @@ class LPIPS(nn.Module):
                 # mean_hw sum_c w_c (fx - fy)_c^2
                 dist = dist + torch.einsum("bchw,c->b", (fx - fy).square(), w) / (h.shape[2] * h.shape[3])
         return dist  # (B,)
-
-
-def _params_to_buffers(module):
-    """Turn every parameter of `module` into a non-persistent buffer (frozen, skipped by optimisers)."""
-    for m in module.modules():
-        for name, p in list(m.named_parameters(recurse=False)):
-            delattr(m, name)
-            m.register_buffer(name, p.detach(), persistent=False)
 
 
 # -----------------------------------------------------------------------------
