@@ -38,6 +38,15 @@ the figure is the average over an R1 period. FLOPs do not depend on the dtype.
 Machines differ by a third from hour to hour and more when other processes share the cores:
 compare figures only within one run of this script (the ratios it prints), never across days.
 """
+import sys
+
+if __name__ == "__main__" and "--gpu" in sys.argv[1:]:
+    # The GPU check (gpu_check.py) installs carried wheels first, so it runs before the imports
+    # below need them (00_clip imports open_clip).
+    import gpu_check
+    gpu_check.main([arg for arg in sys.argv[1:] if arg != "--gpu"])
+    raise SystemExit(0)
+
 import argparse
 import contextlib
 import io
@@ -46,7 +55,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
