@@ -118,7 +118,7 @@ QUICK = Sizes(
     small_steps=2, full_flags=("--preset", "tiny"), full_max_batch=2, sample_batches=(1, 2), upsampler="tiny",
     chain_batches=(2,), repeats=1, compile_backend="eager", peer_batch=2, peer_steps=1, total_s=600,
     budgets=dict(install=60, tests=90, small_train=90, full_step=60, sample_64=60, sample_64_compile=90,
-                 chain=60, chain_compile=90, peer=90))
+                 chain=60, chain_compile=90, peer=120))
 ROWS = list(GPU.budgets)
 
 
@@ -508,9 +508,11 @@ def row_chain_compile(ctx, figures):
 # -----------------------------------------------------------------------------
 # peer: lucidrains' gigagan-pytorch in a child process with its own site folder
 
+# Its own site folder (PYTHONPATH of its process) holds all of these, so that its open_clip 2.x and
+# ours (3.x) never meet; the GPU machine has einops, accelerate and psutil, a CPU day may not.
 PEER_WHEELS = [("gigagan-pytorch", "gigagan_pytorch"), ("open_clip_torch", "open_clip"), ("beartype", "beartype"),
                ("ema-pytorch", "ema_pytorch"), ("kornia", "kornia"), ("kornia_rs", "kornia_rs"),
-               ("numerize", "numerize")]
+               ("numerize", "numerize"), ("einops", "einops"), ("accelerate", "accelerate"), ("psutil", "psutil")]
 # The peer's sizes are those of /work/shared/peer's timing (bench.py --peer): 32 px, G 7.5M / D 1.4M.
 PEER_PROGRAM = r"""
 import json, sys, time
@@ -518,9 +520,11 @@ import torch
 from gigagan_pytorch import Generator, Discriminator
 from gigagan_pytorch.gigagan_pytorch import TextEncoder
 from gigagan_pytorch.open_clip import OpenClipAdapter
-device, batch, steps, sample_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+device, batch, steps, sample_batch, repeats, threads = sys.argv[1], *map(int, sys.argv[2:7])
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 torch.manual_seed(0)
+if threads:
+    torch.set_num_threads(threads)
 clip = OpenClipAdapter(name="ViT-B-32", pretrained=None)            # random weights: nothing fetched
 G = Generator(image_size=32, dim_capacity=8, dim_max=256,
               style_network=dict(dim=128, depth=2, dim_text_latent=128),
@@ -541,7 +545,7 @@ out = {"train_img_s": batch / timed(step, steps)}
 G.eval()
 with torch.no_grad():
     for b in (1, sample_batch):
-        out[f"sample_s_per_img_b{b}"] = timed(lambda: G(texts=texts[:1] * b, batch_size=b), 3) / b
+        out[f"sample_s_per_img_b{b}"] = timed(lambda: G(texts=texts[:1] * b, batch_size=b), repeats) / b
 print(json.dumps(out))
 """
 
@@ -555,7 +559,8 @@ def row_peer(ctx, figures):
     B, sample_batch = ctx.sizes.peer_batch, max(ctx.sizes.sample_batches)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": site}
     proc = subprocess.run([sys.executable, "-c", PEER_PROGRAM, str(ctx.device), str(B), str(ctx.sizes.peer_steps),
-                           str(sample_batch)], env=env, capture_output=True, text=True, cwd=ctx.workdir)
+                           str(sample_batch), str(ctx.sizes.repeats), str(torch.get_num_threads())],
+                          env=env, capture_output=True, text=True, cwd=ctx.workdir)
     if proc.returncode:
         raise RuntimeError("the peer failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
     peer = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -574,7 +579,7 @@ def row_peer(ctx, figures):
     figures["train_img_s_ratio"] = ours_img_s / peer["train_img_s"]
     for b in (1, sample_batch):
         prompts, seeds = prompts_and_seeds(b)
-        s = median_s(lambda: sample.generate(G, clip, prompts, seeds, batch=b), ctx.device, 3) / b
+        s = median_s(lambda: sample.generate(G, clip, prompts, seeds, batch=b), ctx.device, ctx.sizes.repeats) / b
         figures[f"ours_sample_s_per_img_b{b}"] = s
         figures[f"sample_s_ratio_b{b}"] = s / peer[f"sample_s_per_img_b{b}"]
 
