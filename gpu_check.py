@@ -34,23 +34,13 @@ torch.compile with the "eager" backend: dynamo's tracing without inductor's C++ 
 the GPU tests run on the CPU (GIGAGAN_TEST_DEVICE=cpu): a test (tests/test_bench.py) runs it, so
 the check cannot rot between GPU days. On a CPU, memory rows say "-" (no allocator statistics).
 
-On the lent GPU (device tool `run`; nothing leaves that machine but $OUT, which comes back):
-    command: PYTHONUNBUFFERED=1 python3 bench.py --gpu --out $OUT 2>&1 | tee $OUT/gpu_check.log
-    carry:   ["wheels"]              timeout_s: 590
-The table is then $OUT/gpu_check.md: paste it into NOTES.md (dated, with the card) and the README.
-
-The wheels (git-ignored folder wheels/, about 8 MB; pure Python except kornia_rs): rebuild them with
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d wheels open_clip_torch==3.3.0 lpips==0.1.4 webdataset==1.0.2 torch-fidelity==0.4.0 \
-        ftfy==6.3.1 wcwidth==0.2.13 braceexpand==0.1.7 timm==1.0.31
-    pip download (the same flags) -d wheels/peer gigagan-pytorch==0.3.0 open_clip_torch==2.32.0 \
-        beartype==0.22.9 ema-pytorch==0.7.7 kornia==0.8.2 kornia_rs==0.1.10 numerize==0.12
-The GPU machine (Python 3.12, PyTorch 2.11) has torch, torchvision, torchmetrics, numpy, timm,
-huggingface_hub, safetensors, regex, einops and accelerate: install_wheels installs only the
-distributions this Python cannot import (`pip install --no-index --no-deps`: never torch), and
-the peer's wheels go to a folder of their own (it needs open_clip < 3). No weights are fetched:
-HF_HUB_OFFLINE=1, random CLIP and LPIPS backbones.
+The command line for a lent GPU and the commands that rebuild the carried wheels (git-ignored
+wheels/, 22 MB) are in bench.py's docstring. The GPU machine (Python 3.12, PyTorch 2.11) has torch,
+torchvision, torchmetrics, numpy, scipy, timm, huggingface_hub, safetensors and regex: install_wheels
+installs only the distributions this Python cannot import (`pip install --no-index --no-deps
+--target`: never torch) into a site folder of the run, put first on sys.path and PYTHONPATH; the
+peer gets a site folder of its own (gigagan-pytorch needs open_clip < 3). No weights are fetched:
+HF_HUB_OFFLINE=1, random CLIP weights, no LPIPS.
 """
 import argparse
 import contextlib
@@ -247,11 +237,11 @@ def median_s(fn, device, repeats):
 # install: the carried wheels
 
 
-def install_wheels(folder, wanted=WHEELS, target=None):
-    """pip-install, offline and without dependencies, the distributions of `wanted` whose import
-    name this Python cannot find, from the wheels in `folder` (or into `target`, a site folder of
-    their own). -> (installed, present): distribution names."""
-    missing = [dist for dist, module in wanted if target or importlib.util.find_spec(module) is None]
+def install_wheels(folder, wanted=WHEELS, target=None, all_of_them=False):
+    """pip-install, offline and without dependencies, into the site folder `target` (None: this
+    Python's own), the distributions of `wanted` whose import name this Python cannot find (or
+    every one, all_of_them), from the wheels in `folder`. -> (installed, present): distribution names."""
+    missing = [dist for dist, module in wanted if all_of_them or importlib.util.find_spec(module) is None]
     present = [dist for dist, _ in wanted if dist not in missing]
     if missing:
         if not os.path.isdir(folder):
@@ -267,8 +257,19 @@ def install_wheels(folder, wanted=WHEELS, target=None):
     return missing, present
 
 
+def add_site(site):
+    """Put a site folder first on this process's path and on its children's (PYTHONPATH)."""
+    sys.path.insert(0, site)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    importlib.invalidate_caches()
+
+
 def row_install(ctx, figures):
-    installed, present = install_wheels(os.path.join(ROOT, "wheels"))
+    """Into a site folder of this run (the GPU machine's own environment stays as it was)."""
+    site = os.path.join(ctx.workdir, "site")
+    installed, present = install_wheels(os.path.join(ROOT, "wheels"), target=site)
+    if installed:
+        add_site(site)
     figures.update(installed=len(installed), already_there=len(present))
     figures["what"] = ("installed " + " ".join(installed)) if installed else "nothing missing"
     figures["open_clip"] = importlib.metadata.version("open_clip_torch")
@@ -555,7 +556,7 @@ def row_peer(ctx, figures):
     if not os.path.isdir(folder):
         return "not installed (wheels/peer/ absent: see the docstring)"
     site = os.path.join(ctx.workdir, "peer_site")
-    install_wheels(folder, PEER_WHEELS, target=site)
+    install_wheels(folder, PEER_WHEELS, target=site, all_of_them=True)
     B, sample_batch = ctx.sizes.peer_batch, max(ctx.sizes.sample_batches)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": site}
     proc = subprocess.run([sys.executable, "-c", PEER_PROGRAM, str(ctx.device), str(B), str(ctx.sizes.peer_steps),
