@@ -98,8 +98,8 @@ GPU = Sizes(
                  "--batch-gpu", "64", "--workers", "8"),
     small_steps=200, full_flags=("--full",), full_max_batch=0, sample_batches=(1, 32), upsampler="full",
     chain_batches=(1, 8), repeats=5, compile_backend="inductor", peer_batch=32, peer_steps=20, total_s=480,
-    budgets=dict(install=20, tests=45, small_train=100, full_step=75, sample_64=20, sample_64_compile=60,
-                 chain=30, chain_compile=75, peer=45))
+    budgets=dict(install=20, tests=40, small_train=100, full_step=75, sample_64=20, sample_64_compile=55,
+                 chain=30, chain_compile=75, peer=60))
 # --quick: float32 (bfloat16 convolutions are slow on most CPUs; the tests row checks bfloat16 there) and
 # no CLIP image passes (a ViT-B/32 at 224 px would be most of a CPU step); budgets for a busy 2-core box
 QUICK = Sizes(
@@ -298,6 +298,18 @@ def row_tests(ctx, figures):
 # small_train: train.main itself, then its peak memory against dry_run's estimate
 
 
+def run_train(argv):
+    """train.main(argv) with its printing kept out of the table's log; its one-line error (train.py
+    prints it to stderr and exits 2) becomes this row's error."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            train.main(argv)
+    except SystemExit as exit_:
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("train.py: ")]
+        raise RuntimeError(lines[-1] if lines else f"train.py exited with status {exit_.code}") from None
+
+
 def small_argv(ctx, out):
     quiet = ["--eval-every", "0", "--snapshot-every", "100000", "--ckpt-every", "100000", "--seed", "0",
              "--log-every", "10" if ctx.sizes is GPU else "1"]
@@ -314,8 +326,7 @@ def row_small_train(ctx, figures):
     batch_gpu = cfg.batch_gpu or cfg.batch_size
     estimate = (plan["state_bytes"] + plan["clip_bytes"] + batch_gpu * plan["act_bytes_per_image"]) / GIB
     reset_peak(ctx.device)
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.main(argv)
+    run_train(argv)
     ctx.small_run = out
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     rows = [r for r in rows if r.get("kind") == "train"]
@@ -571,8 +582,7 @@ def row_peer(ctx, figures):
     argv = [*bench.CONFIGS["bench"], *bench.TERMS["no_clip"], *bench.QUIET, "--batch-size", str(B),
             "--device", str(ctx.device), "--max-steps", str(1 + ctx.sizes.peer_steps), "--log-every", "1",
             "--out", out]
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.main(argv)
+    run_train(argv)
     rows = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if r.get("kind") == "train"][1:]
     ours_img_s = B * len(rows) / sum(B / r["img_s"] for r in rows)
     G, clip, _ = sample.load_generator(out, device=ctx.device)
