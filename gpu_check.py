@@ -49,6 +49,7 @@ import dataclasses
 import gc
 import importlib
 import importlib.metadata
+import importlib.util
 import io
 import json
 import math
@@ -245,7 +246,7 @@ def install_wheels(folder, wanted=WHEELS, target=None, all_of_them=False):
     present = [dist for dist, _ in wanted if dist not in missing]
     if missing:
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder}/ is missing (see gpu_check.py's docstring to rebuild it): "
+            raise FileNotFoundError(f"{folder}/ is missing (bench.py's docstring rebuilds it): "
                                     f"cannot install {', '.join(missing)}")
         where = ["--target", target] if target else []
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
@@ -565,7 +566,7 @@ print(json.dumps(out))
 def row_peer(ctx, figures):
     folder = os.path.join(ROOT, "wheels", "peer")
     if not os.path.isdir(folder):
-        return "not installed (wheels/peer/ absent: see the docstring)"
+        return "not installed (no wheels/peer/: bench.py's docstring rebuilds it)"
     site = os.path.join(ctx.workdir, "peer_site")
     install_wheels(folder, PEER_WHEELS, target=site, all_of_them=True)
     B, sample_batch = ctx.sizes.peer_batch, max(ctx.sizes.sample_batches)

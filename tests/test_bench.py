@@ -151,5 +151,5 @@ def test_gpu_check_installs_only_what_is_missing(tmp_path):
     rebuild when a module is missing and its wheels are not there."""
     import gpu_check
     assert gpu_check.install_wheels(str(tmp_path / "none"), [("pytest", "pytest")]) == ([], ["pytest"])
-    with pytest.raises(FileNotFoundError, match="gpu_check.py's docstring"):
+    with pytest.raises(FileNotFoundError, match="bench.py's docstring"):
         gpu_check.install_wheels(str(tmp_path / "none"), [("no-such-dist", "no_such_module_here")])
