@@ -403,6 +403,27 @@ def fits(step, b, modules):
     return False
 
 
+def largest_batch(runs, start, ceiling, seconds, figures):
+    """The largest b <= ceiling for which runs(b) is True (False: out of memory), to within 1/16:
+    double from `start` until a b fails, then bisect between the largest b that ran and the
+    smallest that did not; stop after `seconds`. Records batch_gpu, smallest_oom and trials in
+    `figures` as it goes. -> b (0: not even the smallest tried ran)."""
+    fit, oom, b, t0 = 0, None, min(start, ceiling), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        if runs(b):
+            fit = b
+        else:
+            oom = b
+        figures.update(batch_gpu=fit, smallest_oom=oom, trials=figures.get("trials", 0) + 1)
+        if oom is None and fit >= ceiling:
+            break
+        nxt = min(2 * fit, ceiling) if oom is None else (fit + oom) // 2
+        if nxt in (fit, oom) or (oom is not None and oom - fit <= max(1, fit // 16)):
+            break                                                    # within 1/16 of the limit
+        b = nxt
+    return fit
+
+
 def row_full_step(ctx, figures):
     cfg, g_cfg, d_cfg, loss_cfg, models, dim = build_full(ctx)
     plan = dry_run.memory_estimate(cfg, g_cfg, d_cfg)
@@ -417,23 +438,11 @@ def row_full_step(ctx, figures):
         guess = max(1, int((total - dry_run.RESERVE_GIB * GIB - plan["state_bytes"]) // act))
     else:
         guess = 2
-    ceiling = ctx.sizes.full_max_batch or 1 << 16
-    fit, oom, b, t0 = 0, None, min(guess, ceiling), time.perf_counter()
     figures["predicted_batch"] = guess
-    while time.perf_counter() - t0 < 0.6 * ctx.sizes.budgets["full_step"]:
-        if fits(step, b, models[:3]):
-            fit = b
-        else:
-            oom = b
-        figures.update(batch_gpu=fit, first_oom=oom, trials=figures.get("trials", 0) + 1)
-        if oom is None and fit >= ceiling:
-            break
-        nxt = min(2 * fit, ceiling) if oom is None else (fit + oom) // 2
-        if nxt in (fit, oom) or (oom is not None and oom - fit <= max(1, fit // 16)):
-            break                                                    # within 1/16 of the limit
-        b = nxt
+    fit = largest_batch(lambda b: fits(step, b, models[:3]), guess, ctx.sizes.full_max_batch or 1 << 16,
+                        0.6 * ctx.sizes.budgets["full_step"], figures)
     if not fit:
-        raise RuntimeError(f"not even --batch-gpu {oom} fits one step")
+        raise RuntimeError(f"not even --batch-gpu {figures['smallest_oom']} fits one step")
     reset_peak(ctx.device)
     figures["step_s"] = median_s(lambda: step(fit), ctx.device, 1)
     figures["img_s"] = fit / figures["step_s"]

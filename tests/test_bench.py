@@ -153,3 +153,16 @@ def test_gpu_check_installs_only_what_is_missing(tmp_path):
     assert gpu_check.install_wheels(str(tmp_path / "none"), [("pytest", "pytest")]) == ([], ["pytest"])
     with pytest.raises(FileNotFoundError, match="bench.py's docstring"):
         gpu_check.install_wheels(str(tmp_path / "none"), [("no-such-dist", "no_such_module_here")])
+
+
+@pytest.mark.parametrize("limit, start, expected", [(37, 22, (35, 37)), (5, 22, (5, 5)), (1000, 4, (938, 1000))])
+def test_gpu_check_batch_search_finds_the_limit_within_a_sixteenth(limit, start, expected):
+    """full_step's search: doubling, then bisecting between the largest batch that ran and the
+    smallest that ran out of memory (here a fake limit), stops within 1/16 below the limit."""
+    import gpu_check
+    figures, tried = {}, []
+    b = gpu_check.largest_batch(lambda b: tried.append(b) or b <= limit, start, 1 << 16, 60, figures)
+    assert expected[0] <= b <= expected[1] and b <= limit, (b, tried)
+    assert figures["batch_gpu"] == b and figures["trials"] == len(tried) <= 14
+    assert gpu_check.largest_batch(lambda b: True, 2, 8, 60, {}) == 8         # a ceiling (the --quick mode's)
+    assert gpu_check.largest_batch(lambda b: False, 4, 8, 60, {}) == 0        # nothing fits
