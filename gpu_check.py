@@ -579,7 +579,9 @@ def row_peer(ctx, figures):
     site = os.path.join(ctx.workdir, "peer_site")
     install_wheels(folder, PEER_WHEELS, target=site, all_of_them=True)
     B, sample_batch = ctx.sizes.peer_batch, max(ctx.sizes.sample_batches)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": site}
+    # its site folder first (its open_clip 2.x over ours), then ours (ftfy and wcwidth, where install put them)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", PEER_PROGRAM, str(ctx.device), str(B), str(ctx.sizes.peer_steps),
                            str(sample_batch), str(ctx.sizes.repeats), str(torch.get_num_threads())],
                           env=env, capture_output=True, text=True, cwd=ctx.workdir)
