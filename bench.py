@@ -5,7 +5,7 @@ bench.py - how fast this GigaGAN trains and samples on this machine, all figures
     python bench.py --quick                           # a smoke run: the tiny sizes, a few steps
     python bench.py --threads 2 --json bench.json     # also write every figure as JSON
     python bench.py --peer /tmp/peer/bin/python --peer-script peer_lucidrains.py   # side by side
-    python bench.py --sample-only --no-checks --peer ... # sampling only, side by side (a few minutes)
+    python bench.py --sample-only --no-checks --peer /tmp/peer/bin/python --peer-script peer_lucidrains.py   # sampling only
 
 It prints, in this order:
   peak      the machine's float32 (and bfloat16) matmul rate, n x n x n, in GFLOP/s;

@@ -1,5 +1,5 @@
 """
-gpu_check.py - `python bench.py --gpu`: one prepared check of the CUDA path, for the few minutes a
+gpu_check.py - `python bench.py --gpu --out DIR`: one prepared check of the CUDA path, for the few minutes a
 GPU is lent (at most 8 on an H100), on a machine with no network. It writes one dated Markdown
 table, OUT/gpu_check.md, and every figure as JSON, OUT/gpu_check.json.
 
