@@ -216,7 +216,7 @@ def tokenize(tokenizer, captions, context_length, warned=None):
 
 
 def _freeze_into_buffers(model: nn.Module):
-    """Turn every parameter into a non-persistent buffer (STYLE 8: non-trainable tensors are buffers).
+    """Turn every parameter into a non-persistent buffer (non-trainable tensors are buffers, not frozen parameters).
 
     The frozen weights then never reach an optimiser or `parameters()` counts, are never written
     into a checkpoint (`state_dict()` skips non-persistent buffers) and still follow `.to()`.

@@ -509,7 +509,7 @@ class LPIPS(nn.Module):
             for m in trunk.modules():
                 if isinstance(m, nn.Conv2d):
                     m.reset_parameters()  # PyTorch's default init, from the global seed
-        _params_to_buffers(trunk)  # frozen: buffers, not parameters (STYLE rule 8)
+        _params_to_buffers(trunk)  # frozen: buffers, not parameters (no optimiser can reach them)
         self.trunk = trunk
         channels = [trunk[i - 1].out_channels for i in self.taps]  # the conv before each tapped ReLU
         for l, w in enumerate(_lpips_linear_weights(net, channels)):

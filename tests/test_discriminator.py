@@ -263,3 +263,45 @@ def test_max_downsample_is_a_2x2_max_pool_and_bad_mode_is_rejected():
         tiny_cfg(downsample="stride")
     with pytest.raises(AssertionError, match="mode"):
         dm.DownBlock(4, 4, mode="stride")
+
+
+def test_minibatch_std_against_a_loop_over_groups():
+    """MinibatchStd: each image gets its group's std (over the group, per channel and pixel,
+    averaged over channels) as one more channel; checked against torch.std group by group."""
+    layer = dm.MinibatchStd(4)
+    x = torch.randn(8, 5, 4, 4)
+    out = layer(x)
+    assert out.shape == (8, 6, 4, 4) and torch.equal(out[:, :5], x)
+    for g in range(2):
+        group = x[4 * g:4 * g + 4]
+        want = group.std(dim=0, unbiased=False).mean(dim=0)            # (4, 4)
+        for i in range(4 * g, 4 * g + 4):
+            torch.testing.assert_close(out[i, 5], want, atol=1e-4, rtol=1e-5)
+    # a collapsed group (four copies of one image) reads ~0, whatever the image
+    same = x[:1].expand(4, -1, -1, -1)
+    assert layer(same)[:, 5].abs().max() < 1e-3
+    # a batch the group size does not divide falls back to gcd(4, n): 6 images -> pairs
+    odd = layer(x[:6])
+    torch.testing.assert_close(odd[0, 5], x[:2].std(dim=0, unbiased=False).mean(dim=0), atol=1e-4, rtol=1e-5)
+
+
+def test_minibatch_std_lets_d_see_groups_and_only_its_own_group():
+    """With --d.mbstd-group 4, an image's predictions depend on the other images of its group
+    (that is the point), never on another group's; off, on no other image at all."""
+    D = dm.Discriminator(tiny_cfg(mbstd_group=4), TEXT_DIM).eval()
+    pyramid, text = random_inputs(D, B=8)
+    base = D(pyramid, *text)
+    changed = [p.clone() for p in pyramid]
+    for p in changed:
+        p[5] = torch.randn_like(p[5])                                  # image 5: the second group
+    preds = D(changed, *text)
+    last = D.cfg.levels - 1
+    for (i, j), b, c in zip(D.pairs, base, preds):
+        torch.testing.assert_close(b[:4], c[:4])                       # the first group: untouched
+        if j == last:                                                  # the 1x1 exit reads the std channel:
+            assert not torch.allclose(b[4], c[4])                      # image 4 sees its neighbour
+        else:
+            torch.testing.assert_close(b[4], c[4])                     # earlier exits: one image at a time
+    # the 1x1 stage reads the std channel: C(4 px) + 1 inputs
+    flat = [m for m in D.modules() if isinstance(m, dm.Flatten1x1)][0]
+    assert flat.in_shape[0] == dm.Discriminator(tiny_cfg(), TEXT_DIM).scales[-1].layers[-1].in_shape[0] + 1
