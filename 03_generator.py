@@ -24,7 +24,7 @@ Sampling controls are plain arguments, never hooks or iterators:
     truncation   w' = w_m + psi (w - w_m), w_m the per-prompt mean w_c, the global mean, or a blend
     style mixing ws[:, :k] from one w, ws[:, k:] from another          (style_mixing)
     prompt mixing coarse blocks get one prompt's t_local, fine blocks another's (prompt_mixing)
-    prompt interpolation: lerp t_global / t_local between prompts, same z
+    prompt interpolation: lerp t_global / t_local and w between prompts, same z (Fig. 7)
 
 Run: python 03_generator.py   (tiny generator on random text; seconds on a CPU)
 
