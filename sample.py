@@ -454,14 +454,23 @@ def analogy_scores(attrs, targets, carried):
             "rest": sum(all(j[k] == t[k] for k in t if k != x) for j, t, x in zip(attrs, targets, carried)) / n}
 
 
-def run_truncation_sweep(G, clip, args, prompts):
+def run_truncation_sweep(G, clip, args, prompts, shapes=False):
     """Rows = (prompt, seed), prompt-major; cols = psi from 1 to 0 (--truncation-sweep K values)
-    toward --truncation-target. Column psi is `generate` at psi: the first is plain sampling."""
+    toward --truncation-target. Column psi is `generate` at psi: the first is plain sampling.
+    shapes (a run on the shapes data) and n >= 2: also prints the spread of the shapes' height
+    over the seeds per psi (data.judge_shapes_image's centre y: the std over seeds, averaged
+    over the prompts), which truncation shrinks to 0 at psi 0."""
     psis = psi_sweep(args.truncation_sweep)
     pairs = [(p, args.seed + k) for p in prompts for k in range(args.n)]
     per_psi = [generate(G, clip, [p for p, _ in pairs], [s for _, s in pairs], psi, args.batch,
                         args.truncation_target) for psi in psis]             # K x (P n, 3, R, R)
     images = torch.stack(per_psi, dim=1).flatten(0, 1)                       # (P n K, 3, R, R) pair-major
+    if shapes and args.n >= 2:
+        heights = [torch.tensor([info["cy"] for _, info in data.judge_shapes_image(x, details=True)])
+                   for x in per_psi]                                         # K x (P n,)
+        spread = [h.view(len(prompts), args.n).std(dim=1).mean().item() for h in heights]
+        print("height spread over seeds (std of the centre's y): " +
+              ", ".join(f"psi {psi:.2f}: {v:.3f}" for psi, v in zip(psis, spread)))
     rows = [{"caption": p, "seed": s, "truncation": psi, "truncation_target": args.truncation_target}
             for p, s in pairs for psi in psis]
     return images, rows, images, len(psis)
@@ -1020,7 +1029,8 @@ def _main(argv):
         check_row(G, args.prompt_mix, "--prompt-mix")
         images, rows, grid, ncol = run_prompt_mix(G, clip, args, prompts, args.prompt_mix)
     elif mode == "truncation_sweep":
-        images, rows, grid, ncol = run_truncation_sweep(G, clip, args, prompts)
+        images, rows, grid, ncol = run_truncation_sweep(G, clip, args, prompts,
+                                                        shapes=ckpt["config"]["train"]["data"] == "shapes")
     elif mode == "z_interpolate":
         images, rows, grid, ncol = run_z_interpolate(G, clip, args, prompts)
     elif mode == "arithmetic":

@@ -414,12 +414,13 @@ def synthesis_inputs(G, monkeypatch):
     return calls
 
 
-def test_truncation_sweep_runs_from_plain_samples_to_the_mean_w(run_dir, tmp_path):
+def test_truncation_sweep_runs_from_plain_samples_to_the_mean_w(run_dir, tmp_path, capsys):
     out, rows = cli(run_dir, tmp_path / "t", "--truncation-sweep", "3", "--prompt", A, "--prompt", B, "--n", "2",
                     "--truncation-target", "0.5", "--figure", str(tmp_path / "fig.png"))
     assert [r["truncation"] for r in rows[:3]] == [1.0, 0.5, 0.0] and len(rows) == 2 * 2 * 3
     assert [(r["caption"], r["seed"]) for r in rows[::3]] == [(A, 0), (A, 1), (B, 0), (B, 1)]
     assert Image.open(out / "grid.png").size == (3 * 32, 4 * 32)                # cols = psi, rows = (prompt, seed)
+    assert "psi 0.00: 0.000" in capsys.readouterr().out                        # no height spread left at psi 0
     assert (tmp_path / "fig.png").read_bytes() == (out / "grid.png").read_bytes()
     img = images(out, rows)
     plain_out, plain_rows = cli(run_dir, tmp_path / "p", "--prompt", A, "--prompt", B, "--n", "2")
