@@ -454,6 +454,16 @@ def analogy_scores(attrs, targets, carried):
             "rest": sum(all(j[k] == t[k] for k in t if k != x) for j, t, x in zip(attrs, targets, carried)) / n}
 
 
+def carried_by_attribute(attrs, targets, carried):
+    """The share of analogies whose carried attribute is right, per attribute that a - b carries."""
+    out = {}
+    for x in ANALOGY_ATTRIBUTES:
+        hits = [j[x] == t[x] for j, t, c in zip(attrs, targets, carried) if c == x]
+        if hits:
+            out[x] = sum(hits) / len(hits)
+    return out
+
+
 def run_truncation_sweep(G, clip, args, prompts, shapes=False):
     """Rows = (prompt, seed), prompt-major; cols = psi from 1 to 0 (--truncation-sweep K values)
     toward --truncation-target. Column psi is `generate` at psi: the first is plain sampling.
@@ -521,9 +531,12 @@ def run_analogies(G, clip, args):
     plain = [generate(G, clip, p, seeds, args.truncation, args.batch, args.truncation_target) for p in (a, b, c, d)]
     spaces = {space: arithmetic_images(G, clip, a, b, c, seeds, space, **kw) for space in ARITHMETIC_SPACES}
     targets = [data.parse_shapes_caption(t) for t in d]
-    scores = {"d drawn from its prompt": analogy_scores(data.judge_shapes_image(plain[3]), targets, carried),
-              "c drawn from its prompt": analogy_scores(data.judge_shapes_image(plain[2]), targets, carried)}
-    scores.update({space: analogy_scores(data.judge_shapes_image(x), targets, carried) for space, x in spaces.items()})
+    judged = {"d drawn from its prompt": data.judge_shapes_image(plain[3]),
+              "c drawn from its prompt": data.judge_shapes_image(plain[2]),
+              **{space: data.judge_shapes_image(x) for space, x in spaces.items()}}
+    scores = {name: {**analogy_scores(attrs, targets, carried),
+                     "carried_by_attribute": carried_by_attribute(attrs, targets, carried)}
+              for name, attrs in judged.items()}
     columns = plain + list(spaces.values())                                  # 4 + spaces x (n, 3, R, R)
     images = torch.stack(columns, dim=1).flatten(0, 1)                       # (n (4 + spaces), 3, R, R)
     names = ["a", "b", "c", "d"] + list(spaces)
@@ -859,7 +872,8 @@ def write_analogies(out, scores, args, ckpt):
     """analogies.json, and the judge's accuracy per space as a table on stdout."""
     print(f"{'space':<26} all five  carried  rest   ({args.n} analogies; carried: the attribute a - b carries)")
     for space, acc in scores.items():
-        print(f"{space:<26} {acc['all']:8.3f} {acc['carried']:8.3f} {acc['rest']:6.3f}")
+        by_attribute = " ".join(f"{x} {v:.2f}" for x, v in acc["carried_by_attribute"].items())
+        print(f"{space:<26} {acc['all']:8.3f} {acc['carried']:8.3f} {acc['rest']:6.3f}   carried: {by_attribute}")
     with open(os.path.join(out, "analogies.json"), "w") as f:
         json.dump({"accuracy": scores, "n": args.n, "seed": args.seed, "truncation": args.truncation,
                    "step": ckpt.get("step")}, f, indent=2)

@@ -569,6 +569,8 @@ def test_analogies_mode_judges_every_space(run_dir, tmp_path, capsys):
     assert sample.analogy_scores(targets, targets, x) == {"all": 1.0, "carried": 1.0, "rest": 1.0}
     as_c = sample.analogy_scores([data.parse_shapes_caption(t) for t in c], targets, x)
     assert as_c == {"all": 0.0, "carried": 0.0, "rest": 1.0}                   # c has b's value of x only
+    assert set(scores["t"]["carried_by_attribute"]) == set(x)
+    assert sample.carried_by_attribute(targets, targets, x) == dict.fromkeys(x, 1.0)
 
 
 @pytest.mark.parametrize("argv,hint", [
