@@ -45,7 +45,8 @@ used, with the frozen CLIP the run was trained with. Modes (one at a time, else 
                     of train.py's eval rows (same seed 12345, same count)
 Other flags: --truncation PSI in [0, 1] toward the per-prompt mean w_c (--truncation-target
 global: toward the running mean w_avg; a number G: toward (1 - G) w_c + G w_avg), --device
-auto|cpu|cuda, --batch (images per pass), --figure PNG (also write the grid there).
+auto|cpu|cuda, --batch (images per pass), --figure PNG (also write the grid there, for a page:
+tiles 3x larger, white gaps).
 Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema):
     --upsampler UP  with --ckpt BASE (plain sampling): the base G_ema draws, then the upsampler
                     upsamples each image with the same prompt (z from the same seed); the PNGs
@@ -744,7 +745,8 @@ def build_parser():
     p.add_argument("--noise-aug", type=float, default=None, metavar="SIGMA",
                    help="with --upsampler: std of Gaussian noise added to its input (in [-1, 1] units; "
                         "training used up to the run's noise_aug_sigma); default half of that, 0 = off")
-    p.add_argument("--figure", metavar="PNG", help="also write the grid to this file (a README picture)")
+    p.add_argument("--figure", metavar="PNG", help="also write the grid to this file, tiles 3x larger with "
+                                                     "gaps (a README picture)")
     p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "
                                                       "and resized to the upsampler's input size, then upsampled")
     dests = {a.dest for a in p._actions if a.dest != "help"}
@@ -866,6 +868,14 @@ def check_figure(args):
     folder = os.path.dirname(args.figure) or "."
     if not os.path.isdir(folder):
         raise UsageError(f"--figure {args.figure}: no folder {folder}")
+
+
+def save_figure(grid, path, ncol, scale=3):
+    """--figure: the grid for a page, each tile `scale` times larger (nearest: the pixels stay
+    visible) with 2 white pixels between tiles. grid (M, 3, R, R) in [-1, 1]."""
+    import torchvision
+    big = torch.nn.functional.interpolate(grid.float().cpu(), scale_factor=scale, mode="nearest")  # (M, 3, sR, sR)
+    torchvision.utils.save_image(big.clamp(-1, 1) * 0.5 + 0.5, path, nrow=ncol, padding=2, pad_value=1.0)
 
 
 def write_analogies(out, scores, args, ckpt):
@@ -1079,7 +1089,7 @@ def _main(argv):
         write_analogies(out, analogies, args, ckpt)
         written.insert(0, "analogies.json")
     if args.figure is not None and grid is not None:
-        data.save_image_grid(grid.float().cpu(), args.figure, ncol=ncol)
+        save_figure(grid, args.figure, ncol)
         print(f"wrote the grid to {args.figure}")
     print(f"wrote {', '.join(written)} to {out}")
     return out

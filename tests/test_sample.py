@@ -421,7 +421,9 @@ def test_truncation_sweep_runs_from_plain_samples_to_the_mean_w(run_dir, tmp_pat
     assert [(r["caption"], r["seed"]) for r in rows[::3]] == [(A, 0), (A, 1), (B, 0), (B, 1)]
     assert Image.open(out / "grid.png").size == (3 * 32, 4 * 32)                # cols = psi, rows = (prompt, seed)
     assert "psi 0.00: 0.000" in capsys.readouterr().out                        # no height spread left at psi 0
-    assert (tmp_path / "fig.png").read_bytes() == (out / "grid.png").read_bytes()
+    fig = pixels(tmp_path / "fig.png")                                          # tiles 3x, 2 px gaps
+    assert fig.shape == (2 + 4 * (96 + 2), 2 + 3 * (96 + 2), 3) and (fig[:2] == 255).all()
+    assert (fig[2:98:3, 2:98:3] == pixels(out / "grid.png")[:32, :32]).all()
     img = images(out, rows)
     plain_out, plain_rows = cli(run_dir, tmp_path / "p", "--prompt", A, "--prompt", B, "--n", "2")
     assert all(same(img[3 * i], x) for i, x in enumerate(images(plain_out, plain_rows)))  # psi 1: plain
