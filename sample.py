@@ -418,6 +418,26 @@ def arithmetic_images(G, clip, a, b, c, seeds, space, psi=1.0, target="prompt", 
     return in_batches(len(seeds), batch, make)
 
 
+@torch.no_grad()
+def analogy_residuals(G, clip, a, b, c, d, seeds, psi=1.0, target="prompt"):
+    """How far each space's a - b + c lands from d's own code, at the synthesis's input: for w
+    and for t_local, |x - x_d| / |x_c - x_d| averaged over the analogies (0: exactly d's code;
+    1: as far as c, i.e. as if nothing was carried). -> {space: {"w": r, "t_local": r}}"""
+    z = seeded_z(seeds, G.cfg.z_dim, next(G.parameters()).device)            # (B, z_dim)
+    codes = {space: arithmetic_code(G, clip, a, b, c, z, space, psi, target) for space in ARITHMETIC_SPACES}
+    codes["c"], codes["d"] = (arithmetic_code(G, clip, p, p, p, z, "t", psi, target) for p in (c, d))
+
+    def gap(x, y, mask=None):
+        diff = x - y if mask is None else (x - y) * mask[..., None]          # padding left out
+        return diff.flatten(1).norm(dim=1)                                   # (B,) one distance per analogy
+    out = {}
+    for space in ARITHMETIC_SPACES:
+        (ws, t_local, mask), (ws_c, t_c, _), (ws_d, t_d, _) = codes[space], codes["c"], codes["d"]
+        out[space] = {"w": (gap(ws[:, 0], ws_d[:, 0]) / gap(ws_c[:, 0], ws_d[:, 0])).mean().item(),
+                      "t_local": (gap(t_local, t_d, mask) / gap(t_c, t_d, mask)).mean().item()}
+    return out
+
+
 ANALOGY_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # data.py's caption attributes
 
 
@@ -538,6 +558,9 @@ def run_analogies(G, clip, args):
     scores = {name: {**analogy_scores(attrs, targets, carried),
                      "carried_by_attribute": carried_by_attribute(attrs, targets, carried)}
               for name, attrs in judged.items()}
+    for space, residual in analogy_residuals(G, clip, a, b, c, d, seeds, args.truncation,
+                                             args.truncation_target).items():
+        scores[space]["code_residual"] = residual                           # why a space works or not
     columns = plain + list(spaces.values())                                  # 4 + spaces x (n, 3, R, R)
     images = torch.stack(columns, dim=1).flatten(0, 1)                       # (n (4 + spaces), 3, R, R)
     names = ["a", "b", "c", "d"] + list(spaces)
@@ -883,7 +906,10 @@ def write_analogies(out, scores, args, ckpt):
     print(f"{'space':<26} all five  carried  rest   ({args.n} analogies; carried: the attribute a - b carries)")
     for space, acc in scores.items():
         by_attribute = " ".join(f"{x} {v:.2f}" for x, v in acc["carried_by_attribute"].items())
-        print(f"{space:<26} {acc['all']:8.3f} {acc['carried']:8.3f} {acc['rest']:6.3f}   carried: {by_attribute}")
+        residual = (f"; |code - d's| / |c's - d's|: w {acc['code_residual']['w']:.2f}, t_local "
+                    f"{acc['code_residual']['t_local']:.2f}") if "code_residual" in acc else ""
+        print(f"{space:<26} {acc['all']:8.3f} {acc['carried']:8.3f} {acc['rest']:6.3f}   carried: {by_attribute}"
+              + residual)
     with open(os.path.join(out, "analogies.json"), "w") as f:
         json.dump({"accuracy": scores, "n": args.n, "seed": args.seed, "truncation": args.truncation,
                    "step": ckpt.get("step")}, f, indent=2)

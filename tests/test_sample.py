@@ -572,6 +572,11 @@ def test_analogies_mode_judges_every_space(run_dir, tmp_path, capsys):
     as_c = sample.analogy_scores([data.parse_shapes_caption(t) for t in c], targets, x)
     assert as_c == {"all": 0.0, "carried": 0.0, "rest": 1.0}                   # c has b's value of x only
     assert set(scores["t"]["carried_by_attribute"]) == set(x)
+    assert set(scores["t"]["code_residual"]) == {"w", "t_local"}
+    G = sample.load_generator(run_dir)[0]                       # d - c + c lands on d's code, and w-only
+    res = sample.analogy_residuals(G, clip, list(d), list(c), list(c), list(d), [0, 1, 2])  # keeps c's text
+    assert all(res[s]["w"] < 1e-4 and res[s]["t_local"] < 1e-4 for s in ("clip", "t", "w")), res
+    assert res["w-only"]["w"] < 1e-4 and res["w-only"]["t_local"] == pytest.approx(1)
     assert sample.carried_by_attribute(targets, targets, x) == dict.fromkeys(x, 1.0)
 
 
