@@ -215,7 +215,7 @@ def tokenize(tokenizer, captions, context_length, warned=None):
     return ids, eot
 
 
-def _freeze_into_buffers(model: nn.Module):
+def freeze_into_buffers(model: nn.Module):
     """Turn every parameter into a non-persistent buffer (non-trainable tensors are buffers, not frozen parameters).
 
     The frozen weights then never reach an optimiser or `parameters()` counts, are never written
@@ -287,7 +287,7 @@ class FrozenCLIP(nn.Module):
                              "(clip_block runs exactly that one)")
         if resnet:
             _fold_batchnorm(v)
-        _freeze_into_buffers(model)
+        freeze_into_buffers(model)
         self.model = model.eval()  # no dropout, no patch dropout
         self.spec = spec
         self.tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length)  # CLIP's BPE, offline

@@ -449,7 +449,7 @@ class AdaptiveConv2d(nn.Module):
         assert w.shape[1:] == (self.w_dim,), w.shape
         if self.affine_select is None:                       # N = 1: softmax of one logit
             return w.new_ones(w.shape[0], 1)                 # (B, 1)
-        # EXERCISE: selection weights softmax(W_filter^T w + b_filter) over the N kernels (Eq. 2)
+        # EXERCISE: selection weights softmax(W_filter^T w + b_filter) over the N kernels (Eq. 1)
         ### BEGIN SOLUTION
         logits = self.affine_select(w)                       # (B, N)
         return logits.softmax(dim=1)                         # (B, N), rows sum to 1

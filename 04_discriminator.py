@@ -106,7 +106,8 @@ class DiscriminatorConfig:
     projection: bool = False          # add <A(flatten h), t_D> to every MS-I/O exit (project's choice, see Predictor)
     vision_hidden: int = 64           # width of each vision-aided head (project's choice)
     vision_psi_layers: int = 2        # modulated 1x1 convs per vision-aided head (project's choice)
-    mbstd_group: int = 0              # minibatch std over groups of this many images before the last flatten (0: off; paper: off)
+    mbstd_group: int = 0              # minibatch std over groups of this many images (0: off; paper: off)
+    mbstd_where: str = "last"         # where: "last" (before the 1x1 flatten, StyleGAN2's) | "entries" (each image input)
 
     def __post_init__(self):
         # a tuple may arrive as a list (a checkpoint's plain-dict config, a JSON CLI flag)
@@ -116,6 +117,7 @@ class DiscriminatorConfig:
         assert self.blocks_per_scale >= 1 and self.psi_layers >= 1
         assert self.downsample in ("blur", "max"), f"downsample {self.downsample!r}: 'blur' or 'max'"
         assert self.mbstd_group >= 0, f"mbstd_group {self.mbstd_group}: 0 (off) or a group size"
+        assert self.mbstd_where in ("last", "entries"), f"mbstd_where {self.mbstd_where!r}: 'last' or 'entries'"
 
     @property
     def levels(self):
@@ -428,13 +430,17 @@ class Discriminator(nn.Module):
         ### END SOLUTION
 
         # image branch phi: fromRGB per entry level, one Scale per resolution
+        # (with mbstd_where "entries": RGB + the group's pixel std, 4 channels)
+        self.entry_std = MinibatchStd(cfg.mbstd_group) if cfg.mbstd_group and cfg.mbstd_where == "entries" else None
         self.from_rgb = nn.ModuleDict({
-            str(i): EqualConv2d(3, width(self.resolutions[i]), 1, activation="lrelu") for i in self.entries})
+            str(i): EqualConv2d(3 + (self.entry_std is not None), width(self.resolutions[i]), 1, activation="lrelu")
+            for i in self.entries})
         # (the last one, at 4 px, flattens to 1x1 instead of halving)
         self.scales = nn.ModuleList([
             Scale(width(r), width(r // 2), cfg.blocks_per_scale,
                   attention=cfg.attention and r in cfg.attn_resolutions, heads=cfg.attn_heads,
-                  mode=cfg.downsample, flatten=r if j == levels - 1 else None, mbstd=cfg.mbstd_group)
+                  mode=cfg.downsample, flatten=r if j == levels - 1 else None,
+                  mbstd=cfg.mbstd_group if cfg.mbstd_where == "last" else 0)
             for j, r in enumerate(self.resolutions)])
         # one predictor per exit j, on C(r_j / 2)-wide features of side exit_resolutions[j]
         self.predictors = nn.ModuleDict({
@@ -467,7 +473,8 @@ class Discriminator(nn.Module):
         h, streams, out = None, [], {}
         for j, scale in enumerate(self.scales):
             if str(j) in self.from_rgb:                       # late entry of x_j at its own resolution
-                x = self.from_rgb[str(j)](pyramid[j])         # (B, C(r_j), r_j, r_j)
+                x = pyramid[j] if self.entry_std is None else self.entry_std(pyramid[j])  # (B, 3 [+ 1], r_j, r_j)
+                x = self.from_rgb[str(j)](x)                  # (B, C(r_j), r_j, r_j)
                 h = x if h is None else torch.cat([h, x])     # (n*B, C(r_j), r_j, r_j) streams stacked
                 streams.append(j)                             # entry of each stacked stream, in order
             h = scale(h)                                      # (n*B, C(r_j/2), r_j/2, r_j/2), 1x1 at the last

@@ -74,6 +74,7 @@ Shape legend (shared by every numbered file):
 import os
 import socket
 import dataclasses
+import importlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -81,6 +82,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+_clip = importlib.import_module("00_clip")  # freeze_into_buffers: the frozen LPIPS trunk, as the frozen CLIP
 
 
 @dataclass
@@ -509,7 +512,7 @@ class LPIPS(nn.Module):
             for m in trunk.modules():
                 if isinstance(m, nn.Conv2d):
                     m.reset_parameters()  # PyTorch's default init, from the global seed
-        _params_to_buffers(trunk)  # frozen: buffers, not parameters (no optimiser can reach them)
+        _clip.freeze_into_buffers(trunk)  # frozen: buffers, not parameters (no optimiser can reach them)
         self.trunk = trunk
         channels = [trunk[i - 1].out_channels for i in self.taps]  # the conv before each tapped ReLU
         for l, w in enumerate(_lpips_linear_weights(net, channels)):
@@ -535,20 +538,13 @@ class LPIPS(nn.Module):
         return dist  # (B,)
 
 
-def _params_to_buffers(module):
-    """Turn every parameter of `module` into a non-persistent buffer (frozen, skipped by optimisers)."""
-    for m in module.modules():
-        for name, p in list(m.named_parameters(recurse=False)):
-            delattr(m, name)
-            m.register_buffer(name, p.detach(), persistent=False)
-
-
 # -----------------------------------------------------------------------------
 # Composite helpers: what train.py calls, once per D step and once per G step
 #
-# Several (image, caption) groups go through D in ONE call, concatenated along the batch
-# (the D has no batch-coupled layer: minibatch-std is off in the text-to-image D), and
-# the predictions are split back per group. `fake_pyr` must have been generated from the
+# Several (image, caption) groups go through D in ONE call, concatenated along the batch,
+# and the predictions are split back per group. D's only batch-coupled layer is the optional
+# minibatch std (--d.mbstd-group k, off in the paper's text-to-image D): it couples k
+# consecutive rows, and as k divides every stream's B, no group mixes two streams. `fake_pyr` must have been generated from the
 # same captions as `text` (row i from caption i), so that caption perm[i] is wrong for
 # both the real image i and the generated image i.
 

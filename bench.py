@@ -5,7 +5,7 @@ bench.py - how fast this GigaGAN trains and samples on this machine, all figures
     python bench.py --quick                           # a smoke run: the tiny sizes, a few steps
     python bench.py --threads 2 --json bench.json     # also write every figure as JSON
     python bench.py --peer /tmp/peer/bin/python --peer-script peer_lucidrains.py   # side by side
-    python bench.py --sample-only --no-checks --peer ... # sampling only, side by side (a few minutes)
+    python bench.py --sample-only --no-checks --peer /tmp/peer/bin/python --peer-script peer_lucidrains.py   # sampling only
 
 It prints, in this order:
   peak      the machine's float32 (and bfloat16) matmul rate, n x n x n, in GFLOP/s;
@@ -37,7 +37,37 @@ the figure is the average over an R1 period. FLOPs do not depend on the dtype.
 
 Machines differ by a third from hour to hour and more when other processes share the cores:
 compare figures only within one run of this script (the ratios it prints), never across days.
+
+GPU check (--gpu, gpu_check.py: its rows, budgets and figures): one dated table of the CUDA path in
+at most 8 minutes on an H100, OUT/gpu_check.md and OUT/gpu_check.json.
+    python bench.py --gpu --out DIR                           # on one CUDA GPU
+    python bench.py --gpu --quick --device cpu --out DIR      # every row at tiny sizes on a CPU
+On a lent GPU (the device tool's `run`; that machine has no network), from the repository root:
+    command:   PYTHONUNBUFFERED=1 python3 bench.py --gpu --out $OUT 2>&1 | tee $OUT/gpu_check.log
+    carry:     ["wheels"]          timeout_s: 590
+Then paste $OUT/gpu_check.md into NOTES.md (dated, with the card) and quote it in the README.
+The carried wheels (wheels/, git-ignored, 22 MB: what that machine lacks, and lucidrains'
+gigagan-pytorch with its own open_clip 2.x in wheels/peer/) are rebuilt here with
+    F="--no-deps --only-binary=:all: --implementation cp --platform manylinux_2_28_x86_64 \
+       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+    pip download $F --python-version 3.12 -d wheels open_clip_torch==3.3.0 lpips==0.1.4 \
+        webdataset==1.0.2 torch-fidelity==0.4.0 ftfy==6.3.1 wcwidth==0.9.5 braceexpand==0.1.7 timm==1.0.31
+    pip download $F --python-version 3.12 -d wheels/peer gigagan-pytorch==0.3.0 open_clip_torch==2.32.0 \
+        beartype==0.23.1 ema-pytorch==0.8.3 kornia==0.9.2 kornia_rs==0.2.0 einops==0.8.2 \
+        accelerate==1.16.0 psutil==7.2.2
+    pip download $F --python-version 3.11 -d wheels/peer kornia_rs==0.2.0    # this machine's Python (--quick)
+    pip download --no-deps --no-binary=:all: -d /tmp numerize==0.12 && \
+        pip wheel --no-deps -w wheels/peer /tmp/numerize-0.12.tar.gz          # numerize has no wheel
 """
+import sys
+
+if __name__ == "__main__" and "--gpu" in sys.argv[1:]:
+    # The GPU check (gpu_check.py) installs carried wheels first, so it runs before the imports
+    # below need them (00_clip imports open_clip).
+    import gpu_check
+    gpu_check.main([arg for arg in sys.argv[1:] if arg != "--gpu"])
+    raise SystemExit(0)
+
 import argparse
 import contextlib
 import io
@@ -46,7 +76,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 

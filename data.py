@@ -14,8 +14,9 @@ gives three sources with one interface, `ds[i] -> (image (3, R, R) in [-1, 1], c
 3. `webdataset_shards`: tar shards in img2dataset layout ({key}.jpg + {key}.txt), streamed
    with shuffling and per-rank / per-worker splitting, for `--full` on many GPUs.
 
-`build_dataset(spec, resolution)` picks one from the `--data` flag; `build_loader` wraps it
-in a deterministic, distributed-aware DataLoader; `infinite_batches` feeds the training loop.
+`build_dataset(spec, resolution)` picks one from the `--data` flag; runtime.py's `make_batches`
+feeds it to the training loop in an order fixed by (seed, step), the same for any number of
+processes and after a resume.
 
 Run `python data.py` for a demo: captions, the judge on fresh images, the loader's images/s
 and a grid PNG in a temp folder.
@@ -68,8 +69,7 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset,
-                              RandomSampler, SequentialSampler)
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 log = logging.getLogger("data")
 
@@ -788,7 +788,7 @@ class WebDatasetShards(IterableDataset):
     """Stream of (image (3, R, R) in [-1, 1], caption) from tar shards; see the block above.
 
     Counters (per process; DataLoader workers keep their own): `skipped` by reason.
-    Call `set_epoch(e)` (infinite_batches does) for a new shard order each epoch.
+    Call `set_epoch(e)` (runtime.make_batches does) for a new shard order each epoch.
     """
 
     def __init__(
@@ -915,57 +915,9 @@ def caption_words(spec):
     return {w for t in texts for w in words(t)}
 
 
-def collate_images_captions(batch):
-    """[(image (3, R, R), caption)] * B -> (images (B, 3, R, R), captions list[str])."""
-    images, captions = zip(*batch)
-    return torch.stack(images), list(captions)
-
-
-def build_loader(dataset, batch_size, num_workers=0, seed=0, drop_last=True, shuffle=True):
-    """DataLoader yielding (images (B, 3, R, R), captions list[str]), deterministic given seed.
-
-    Map-style sets: a DistributedSampler (seed, set_epoch) when world_size > 1, so ranks see
-    disjoint samples; else a RandomSampler with its own seeded generator. Iterable (shard)
-    sets split themselves by rank and worker. num_workers=0 renders in the training process
-    (enough for `shapes` at 32 px); use 2+ for real images.
-    """
-    generator = torch.Generator().manual_seed(seed)  # also seeds the workers' base seed
-    sampler = None
-    if not isinstance(dataset, IterableDataset):
-        rank, world = _rank_world()
-        if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
-                                         seed=seed, drop_last=drop_last)
-        elif shuffle:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        else:
-            sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last, collate_fn=collate_images_captions,
-                      generator=generator, pin_memory=False)
-
-
-def infinite_batches(loader):
-    """Endless batches for a step-counted training loop; each pass over the data is an epoch
-    (set_epoch on the sampler / data set gives a new, still deterministic, order)."""
-    epoch = 0
-    while True:
-        for obj in (loader.sampler, loader.dataset):
-            if hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
-        n = 0
-        for batch in loader:
-            n += 1
-            yield batch
-        if n == 0:
-            raise ValueError(f"the data loader produced no batch in a whole pass; the data set has "
-                             f"fewer samples than batch_size={loader.batch_size} (lower --batch-size)")
-        epoch += 1
-
-
 def measure_images_per_second(dataset, batch_size=64, num_workers=2, n_images=4096):
-    """Images/s delivered by build_loader, after the first batch (worker start-up excluded)."""
-    it = iter(build_loader(dataset, batch_size, num_workers=num_workers))
+    """Images/s a DataLoader with num_workers renders, after the first batch (start-up excluded)."""
+    it = iter(DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True))
     next(it)
     t0, n = time.perf_counter(), 0
     while n < n_images:

@@ -196,18 +196,30 @@ def launch_line(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu, world):
 # The dry run
 
 
-def dry_run(cfg, g_cfg, d_cfg, loss_cfg):
-    """Print the parameter counts, a memory estimate, with --gpu-memory the --batch-gpu that fits,
-    and the launch line of this configuration (either stage), then one JSON line."""
+def memory_estimate(cfg, g_cfg, d_cfg):
+    """The pieces of one process's memory estimate (the module docstring's sum), in bytes:
+    {"G_params", "D_params", "state_bytes", "clips": {CLIP name: bytes}, "clip_bytes",
+    "act_bytes_per_image"}; a micro-batch of b images needs state + CLIP + b * activations.
+    (gpu_check.py compares it with a GPU's measured peak.)"""
     up = cfg.stage == "upsampler"
     n_g, n_d, per_image = measure(cfg, g_cfg, d_cfg)
-    batch_gpu = cfg.batch_gpu or cfg.batch_size
-    world = processes(cfg.batch_size, batch_gpu)                  # the processes the plan launches
     # fp32 weights + grads + two Adam moments = 16 bytes per trained parameter; G_ema 4 more.
     state = 16 * (n_g + n_d) + 4 * n_g
     # the upsampler's CLIP reads text only, but is loaded whole; a base run may hold a second one
     clips = frozen_clip_bytes([cfg.clip] if up else [cfg.clip, vision_clip_spec(cfg) or cfg.clip], cfg.dtype)
-    clip_bytes = sum(clips.values())
+    return {"G_params": n_g, "D_params": n_d, "state_bytes": state, "clips": clips,
+            "clip_bytes": sum(clips.values()), "act_bytes_per_image": per_image}
+
+
+def dry_run(cfg, g_cfg, d_cfg, loss_cfg):
+    """Print the parameter counts, a memory estimate, with --gpu-memory the --batch-gpu that fits,
+    and the launch line of this configuration (either stage), then one JSON line."""
+    up = cfg.stage == "upsampler"
+    plan = memory_estimate(cfg, g_cfg, d_cfg)
+    n_g, n_d, per_image = plan["G_params"], plan["D_params"], plan["act_bytes_per_image"]
+    state, clips, clip_bytes = plan["state_bytes"], plan["clips"], plan["clip_bytes"]
+    batch_gpu = cfg.batch_gpu or cfg.batch_size
+    world = processes(cfg.batch_size, batch_gpu)                  # the processes the plan launches
     fit = None
     if cfg.gpu_memory:
         try:

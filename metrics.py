@@ -5,7 +5,7 @@ metrics.py - how good are a text-to-image GAN's images: CLIP score, Frechet dist
     python sample.py --ckpt runs/small --eval --n 10000       # FID-10k, as the paper's Table 1
 
 One generated image per real caption (image i from seed EVAL_SEED + i), then:
-    clip_score       mean cosine of CLIP(image) and CLIP(caption) (paper Sec. 5, e.g. 0.307)
+    clip_score       mean cosine of CLIP(image) and CLIP(caption) (paper Sec. 4.1, e.g. 0.307)
     clip_score_real  the same for the real images: the ceiling a run's CLIP allows
     clip_fd          Frechet distance between CLIP image embeddings of generated and real images
                      (a fast, offline stand-in for FID: the same formula on other features)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 from config import FlagError, clip_spec, vision_clip_spec
 
 clip_lib = importlib.import_module("00_clip")
@@ -252,12 +253,11 @@ def snapshot_prompts(dataset, n=8):
 @torch.no_grad()
 def save_snapshot(cfg, G_ema, clip, prompts, z, step):
     """A grid: one row per prompt, one column per fixed z; the prompts go in a .txt beside it."""
-    import torchvision
     tokens, mask, eot = clip.text_features([p for p in prompts for _ in range(len(z))])
     zz = z.repeat(len(prompts), 1)                                   # (rows * cols, z_dim)
     images = G_ema(zz, tokens, mask, eot, noise_mode="const")[0]     # finest level
     path = os.path.join(cfg.out, f"samples_{step:06d}.png")
-    torchvision.utils.save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=len(z), padding=1)
+    data.save_image_grid(images.float().cpu(), path, ncol=len(z))
     with open(os.path.join(cfg.out, "samples_prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     return path
@@ -266,14 +266,13 @@ def save_snapshot(cfg, G_ema, clip, prompts, z, step):
 @torch.no_grad()
 def save_upsampler_snapshot(cfg, U_ema, clip, lowres, reals, prompts, step):
     """A grid, one row per fixed (image, prompt): bicubic of the low-res input | U_ema's | real."""
-    import torchvision
     R = U_ema.cfg.out_resolution
     z = torch.randn(len(prompts), U_ema.cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     out = U_ema(lowres, z.to(lowres.device), *clip.text_features(prompts), noise_mode="const")[0]  # (n, 3, R, R)
     bicubic = upsampler.resize(lowres, R)                                # (n, 3, R, R)
     rows = torch.stack([bicubic, out, reals], dim=1).flatten(0, 1)       # (3n, 3, R, R) row-major
     path = os.path.join(cfg.out, f"samples_{step:06d}.png")
-    torchvision.utils.save_image(rows.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=3, padding=1)
+    data.save_image_grid(rows.float().cpu(), path, ncol=3)
     with open(os.path.join(cfg.out, "samples_prompts.txt"), "w") as f:
         f.write("columns: bicubic | upsampled | real\n" + "\n".join(prompts) + "\n")
     return path

@@ -93,3 +93,76 @@ def test_a_failing_peer_is_one_line(tmp_path):
     script.write_text("raise ImportError('no module named gigagan_pytorch')\n")
     with pytest.raises(SystemExit, match="the peer failed.*gigagan_pytorch"):
         bench.run_peer(sys.executable, str(script), threads=1, batch=2)
+
+
+# ----------------------------------------------------------------------------- bench.py --gpu (gpu_check.py)
+
+@pytest.mark.slow
+def test_gpu_check_quick_on_cpu_writes_every_row_and_survives_a_failing_row(tmp_path):
+    """The GPU day's command, at tiny sizes on the CPU (`--quick --device cpu`), through bench.py's
+    own command line: every row is in the table and the JSON, every figure is finite, and a row
+    forced to fail (--fail-row) records its one-line error while the rows after it still run."""
+    import math
+    import os
+    import subprocess
+
+    import gpu_check
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, "bench.py", "--gpu", "--quick", "--device", "cpu", "--out", str(out),
+                           "--fail-row", "full_step"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == gpu_check.ROWS
+    assert rows["full_step"]["status"] == "failed" and "forced to fail by --fail-row" in rows["full_step"]["error"]
+    for name, r in rows.items():
+        if name == "peer" and r["status"] == "skipped":            # its wheels are optional
+            assert r["error"].startswith("not installed")
+            continue
+        if name != "full_step":
+            assert r["status"] == "ok", (name, r["error"])
+        for key, value in r["figures"].items():
+            if isinstance(value, float):
+                assert math.isfinite(value) and value >= 0 or key == "error_pct", (name, key, value)
+    assert rows["tests"]["figures"]["passed"] >= 5 and rows["tests"]["figures"]["failed"] == 0
+    assert rows["small_train"]["figures"]["img_s"] > 0 and rows["small_train"]["figures"]["estimate_gib"] > 0
+    for name in ("sample_64", "sample_64_compile"):
+        assert rows[name]["figures"]["s_per_img_b1"] > 0 and rows[name]["figures"]["s_per_img_b2"] > 0
+    assert rows["chain_compile"]["figures"]["s_per_img_b2"] > 0 and rows["chain"]["figures"]["out_px"] == 128
+    table = (out / "gpu_check.md").read_text()
+    assert table.startswith(f"# GPU check, {result['date']}")
+    for name in gpu_check.ROWS:
+        assert f"| {name} | {rows[name]['status']} |" in table
+    assert "RuntimeError: forced to fail by --fail-row" in table
+
+
+def test_gpu_check_flags_exit_2_with_one_line(capsys):
+    import gpu_check
+    for argv, message in ([["--out", "x", "--rows", "huge"], "unknown row huge"],
+                          [["--out", "x", "--fail-row", "nope"], "unknown row nope"]):
+        with pytest.raises(SystemExit) as info:
+            gpu_check.parse_args(argv + ["--device", "cpu"])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_check_installs_only_what_is_missing(tmp_path):
+    """install_wheels asks pip for nothing when every module imports, and names the folder to
+    rebuild when a module is missing and its wheels are not there."""
+    import gpu_check
+    assert gpu_check.install_wheels(str(tmp_path / "none"), [("pytest", "pytest")]) == ([], ["pytest"])
+    with pytest.raises(FileNotFoundError, match="bench.py's docstring"):
+        gpu_check.install_wheels(str(tmp_path / "none"), [("no-such-dist", "no_such_module_here")])
+
+
+@pytest.mark.parametrize("limit, start, expected", [(37, 22, (35, 37)), (5, 22, (5, 5)), (1000, 4, (938, 1000))])
+def test_gpu_check_batch_search_finds_the_limit_within_a_sixteenth(limit, start, expected):
+    """full_step's search: doubling, then bisecting between the largest batch that ran and the
+    smallest that ran out of memory (here a fake limit), stops within 1/16 below the limit."""
+    import gpu_check
+    figures, tried = {}, []
+    b = gpu_check.largest_batch(lambda b: tried.append(b) or b <= limit, start, 1 << 16, 60, figures)
+    assert expected[0] <= b <= expected[1] and b <= limit, (b, tried)
+    assert figures["batch_gpu"] == b and figures["trials"] == len(tried) <= 14
+    assert gpu_check.largest_batch(lambda b: True, 2, 8, 60, {}) == 8         # a ceiling (the --quick mode's)
+    assert gpu_check.largest_batch(lambda b: False, 4, 8, 60, {}) == 0        # nothing fits

@@ -12,6 +12,7 @@ import pytest
 import ablation
 import bench
 import config
+import gpu_check
 import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +48,14 @@ def test_the_docs_show_commands_of_every_script():
 
 
 @pytest.mark.parametrize("where,script,argv", COMMANDS, ids=[f"{w}:{' '.join(a)[:60]}" for w, _, a in COMMANDS])
-def test_every_shown_command_parses(where, script, argv):
+def test_every_shown_command_parses(where, script, argv, monkeypatch):
     if script == "train":
         config.parse_flags(argv)          # FlagError (one line) on any unknown flag or bad value
     elif script == "sample":
         sample.build_parser().parse_args(argv)
+    elif script == "bench" and "--gpu" in argv:  # bench.py --gpu hands its flags to gpu_check.py
+        monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)  # parse as on the GPU machine
+        gpu_check.parse_args([a for a in argv if a != "--gpu"])
     elif script == "bench":  # a placeholder path stands for the peer's timing script: any file will do
         argv = [__file__ if prev == "--peer-script" else a for prev, a in zip([None] + argv, argv)]
         bench.parse_args(argv)

@@ -278,37 +278,14 @@ def test_judge_never_crashes_on_garbage():
 # loaders on shapes
 
 
-def test_loader_batches_deterministic_and_workers_agree():
+def test_two_dataloader_workers_render_exactly_the_samples_in_order():
+    """Each index renders from its own seeded stream, so worker processes agree with ds[i]."""
     ds = data.ShapesDataset(32, seed=0, length=64)
-    images, captions = next(iter(data.build_loader(ds, 8, seed=1)))
-    assert images.shape == (8, 3, 32, 32) and len(captions) == 8
-    assert all(isinstance(c, str) for c in captions)
-    again = next(iter(data.build_loader(ds, 8, seed=1)))
-    other = next(iter(data.build_loader(ds, 8, seed=2)))
-    assert torch.equal(images, again[0]) and captions == again[1]
-    assert captions != other[1]
-    # 2 workers, no shuffling: exactly the samples ds[0..15] in order
-    loader = data.build_loader(ds, 8, num_workers=2, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
     batches = list(itertools.islice(loader, 2))
     expected = torch.stack([ds[i][0] for i in range(16)])
     assert torch.equal(torch.cat([b[0] for b in batches]), expected)
-
-
-def test_infinite_batches_and_distributed_sampler(monkeypatch):
-    ds = data.ShapesDataset(16, seed=0, length=10)
-    it = data.infinite_batches(data.build_loader(ds, 4, seed=0))    # 2 batches per epoch
-    epochs = [next(it)[1] for _ in range(6)]
-    assert len(epochs) == 6 and epochs[:2] != epochs[2:4]           # new order each epoch
-    with pytest.raises(ValueError, match="batch"):
-        next(data.infinite_batches(data.build_loader(ds, 16)))
-    seen = []
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        loader = data.build_loader(ds, 5, seed=0, drop_last=False)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
-        seen.append(set(loader.sampler))
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
+    assert list(batches[0][1]) == [ds[i][1] for i in range(8)]
 
 
 # -----------------------------------------------------------------------------
@@ -375,8 +352,8 @@ def test_folder_loads_every_mode_and_caption_source(folder):
     assert ds.n_upsampled == 1 and not ds.skipped
     assert len(data.ImageCaptionFolder(folder, 32, min_size=16)) == 7   # tiny skipped
     # 2 DataLoader workers over the folder
-    images, caps = next(iter(data.build_loader(ds, 8, num_workers=2, shuffle=False)))
-    assert images.shape == (8, 3, 32, 32) and caps == captions
+    images, caps = next(iter(torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)))
+    assert images.shape == (8, 3, 32, 32) and list(caps) == captions
 
 
 def test_center_crop_keeps_the_middle():
@@ -449,7 +426,7 @@ def test_truncated_image_is_substituted_not_a_worker_crash(tmp_path, caplog):
         for _ in range(5):
             [ds[i] for i in range(len(ds))]
     assert "could not decode" not in caplog.text and ds.load_failures == len(ds.undecodable)
-    batches = list(data.build_loader(ds, 1, num_workers=2, shuffle=False))   # no worker crash
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2))   # no worker crash
     assert len(batches) == len(ds)
 
 
@@ -523,7 +500,7 @@ def test_shards_split_by_worker_and_rank(tmp_path, monkeypatch):
     pattern, keys = _make_shards(tmp_path / "shards", n_shards=4, per_shard=3)
     ds = data.build_dataset(pattern, 16)
     assert isinstance(ds, data.WebDatasetShards)
-    captions = [c for _, cs in data.build_loader(ds, 2, num_workers=2, drop_last=False) for c in cs]
+    captions = [c for _, cs in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2) for c in cs]
     assert sorted(captions) == sorted(keys)                        # each sample exactly once
     per_rank = []
     for rank in (0, 1):
@@ -650,10 +627,6 @@ def test_coco_one_random_caption_per_image_per_epoch(tmp_path):
     assert [again[(red, e)][1] for e in range(300)] == per_epoch         # deterministic from (seed, epoch)
     other = data.build_dataset(str(folder), 16, seed=4)
     assert [other[(red, e)][1] for e in range(300)] != per_epoch
-    # data.py's own loader moves the epoch on: a caption changes between passes
-    batches = data.infinite_batches(data.build_loader(ds, batch_size=2, seed=0))
-    passes = [sorted(next(batches)[1]) for _ in range(12)]
-    assert len({tuple(p) for p in passes}) > 1
 
 
 def test_coco_bad_input_one_line_each(tmp_path, caplog):

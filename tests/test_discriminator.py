@@ -305,3 +305,17 @@ def test_minibatch_std_lets_d_see_groups_and_only_its_own_group():
     # the 1x1 stage reads the std channel: C(4 px) + 1 inputs
     flat = [m for m in D.modules() if isinstance(m, dm.Flatten1x1)][0]
     assert flat.in_shape[0] == dm.Discriminator(tiny_cfg(), TEXT_DIM).scales[-1].layers[-1].in_shape[0] + 1
+
+
+def test_minibatch_std_at_the_entries_reads_the_groups_pixels():
+    """--d.mbstd-where entries: every entry sees RGB + its group's pixel std, so a group of four
+    copies of one image (a collapsed G) and four different images give different predictions at
+    every exit, and a change inside one group never reaches another group."""
+    D = dm.Discriminator(tiny_cfg(mbstd_group=4, mbstd_where="entries"), TEXT_DIM).eval()
+    assert all(conv.weight.shape[1] == 4 for conv in D.from_rgb.values())
+    pyramid, text = random_inputs(D, B=8)
+    copies = [torch.cat([p[:1].expand(4, -1, -1, -1), p[4:]]) for p in pyramid]   # group 0: one image x 4
+    base, same = D(pyramid, *text), D(copies, *text)
+    for b, c in zip(base, same):
+        assert not torch.allclose(b[0], c[0])                         # the std channel differs
+        torch.testing.assert_close(b[4:], c[4:])                      # group 1 untouched

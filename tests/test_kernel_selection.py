@@ -338,6 +338,7 @@ def test_resampling_handles_low_precision():
     assert ks.Downsample2x()(x).dtype == torch.bfloat16
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_resampling_functions_follow_the_input_to_the_gpu():
     """The functional forms build their default filter on x's device (train.py's real pyramid,

@@ -45,8 +45,8 @@ def test_upsampler_stage_writes_everything(runs):
     assert not any(k.endswith("vision") for k in train_rows[1])     # no vision-aided D for the upsampler
     (ev,) = [r for r in rows if r["kind"] == "eval"]
     assert {"mae", "mae_bicubic", "sharpness", "sharpness_bicubic", "sharpness_real"} <= set(ev)
-    # snapshot: 3 columns (bicubic | upsampled | real) of 128 px, one row per fixed prompt, 1 px padding
-    assert Image.open(out / "samples_000002.png").size == (3 * 129 + 1, 4 * 129 + 1)
+    # snapshot: 3 columns (bicubic | upsampled | real) of 128 px, one row per fixed prompt
+    assert Image.open(out / "samples_000002.png").size == (3 * 128, 4 * 128)
     ckpt = state(out)                                                # weights_only loadable
     assert set(ckpt) >= {"G", "G_ema", "D", "opt_G", "opt_D", "opt_W", "step", "nimg", "config", "clip"}
     assert ckpt["step"] == 2 and ckpt["nimg"] == 4
