@@ -636,10 +636,11 @@ if __name__ == "__main__":
 # (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
 # cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
 #
-# 1. Truncation. After `python train.py`, sample one prompt with --truncation 1, 0.7 and 0
-#    (python sample.py --ckpt runs/tiny --prompt "..." --n 8 --grid --truncation 0.7), then with
-#    --truncation-target global. Look for: less variety as psi falls; does the prompt survive
-#    psi 0 toward the per-prompt mean, and toward the global one? Check: pytest
+# 1. Truncation. After `python train.py`, sweep psi from 1 to 0 for a few prompts
+#    (python sample.py --ckpt runs/tiny --truncation-sweep 6 --prompt "..." --n 8), then with
+#    --truncation-target global and 0.5 (App. C's target between the two means). Look for: the
+#    height spread it prints falling with psi; does the prompt survive psi 0 toward the
+#    per-prompt mean, toward the global one, between them? Check: pytest
 #    tests/test_generator.py -k truncation
 # 2. Style mixing. python sample.py --ckpt runs/tiny --prompt "..." --style-mix ROW with ROW at the
 #    8 px and at the 16 px rows (sample.py lists them). Look for: which attributes (position,
