@@ -485,91 +485,6 @@ def carried_by_attribute(attrs, targets, carried):
     return out
 
 
-def run_truncation_sweep(G, clip, args, prompts, shapes=False):
-    """Rows = (prompt, seed), prompt-major; cols = psi from 1 to 0 (--truncation-sweep K values)
-    toward --truncation-target. Column psi is `generate` at psi: the first is plain sampling.
-    shapes (a run on the shapes data) and n >= 2: also prints the spread of the shapes' height
-    over the seeds per psi (data.judge_shapes_image's centre y: the std over seeds, averaged
-    over the prompts), which truncation shrinks to 0 at psi 0."""
-    psis = psi_sweep(args.truncation_sweep)
-    pairs = [(p, args.seed + k) for p in prompts for k in range(args.n)]
-    per_psi = [generate(G, clip, [p for p, _ in pairs], [s for _, s in pairs], psi, args.batch,
-                        args.truncation_target) for psi in psis]             # K x (P n, 3, R, R)
-    images = torch.stack(per_psi, dim=1).flatten(0, 1)                       # (P n K, 3, R, R) pair-major
-    if shapes and args.n >= 2:
-        heights = [torch.tensor([info["cy"] for _, info in data.judge_shapes_image(x, details=True)])
-                   for x in per_psi]                                         # K x (P n,)
-        spread = [h.view(len(prompts), args.n).std(dim=1).mean().item() for h in heights]
-        print("height spread over seeds (std of the centre's y): " +
-              ", ".join(f"psi {psi:.2f}: {v:.3f}" for psi, v in zip(psis, spread)))
-    rows = [{"caption": p, "seed": s, "truncation": psi, "truncation_target": args.truncation_target}
-            for p, s in pairs for psi in psis]
-    return images, rows, images, len(psis)
-
-
-def run_z_interpolate(G, clip, args, prompts):
-    """Rows = (prompt, k < n), prompt-major; cols = K frames from the z of seed S + 2k to that of
-    S + 2k + 1 (slerp), the prompt fixed."""
-    K = args.z_interpolate
-    ts = [i / (K - 1) for i in range(K)]
-    items = [(p, args.seed + 2 * k, t) for p in prompts for k in range(args.n) for t in ts]
-    images = z_interpolated_images(G, clip, [p for p, _, _ in items], [s for _, s, _ in items],
-                                   [s + 1 for _, s, _ in items], [t for _, _, t in items], args.truncation,
-                                   args.truncation_target, args.batch)
-    rows = [{"caption": p, "seed": s, "seed_b": s + 1, "t": t} for p, s, t in items]
-    return images, rows, images, K
-
-
-def run_arithmetic(G, clip, args, prompts):
-    """Rows = seeds; cols = a, b, c, a - b + c in --arithmetic SPACE, and d (a fourth prompt, the
-    one the result should draw) if given. Every column of a row uses the row's z."""
-    a, b, c = prompts[:3]
-    seeds = [args.seed + k for k in range(args.n)]
-    plain = generate(G, clip, [p for _ in seeds for p in prompts], [s for s in seeds for _ in prompts],
-                     args.truncation, args.batch, args.truncation_target)  # (n P, 3, R, R) seed-major
-    result = arithmetic_images(G, clip, [a] * len(seeds), [b] * len(seeds), [c] * len(seeds), seeds,
-                               args.arithmetic, args.truncation, args.truncation_target, args.batch)
-    P = len(prompts)
-    tiles, rows = [], []
-    for k, s in enumerate(seeds):
-        tiles += [plain[k * P:k * P + 3], result[k:k + 1], plain[k * P + 3:(k + 1) * P]]
-        rows += [{"caption": p, "seed": s} for p in prompts[:3]]
-        rows += [{"caption": f"{a} - {b} + {c}", "seed": s, "space": args.arithmetic}]
-        rows += [{"caption": p, "seed": s} for p in prompts[3:]]
-    images = torch.cat(tiles)                                                # (n (P + 1), 3, R, R)
-    return images, rows, images, P + 1
-
-
-def run_analogies(G, clip, args):
-    """--n random analogies (random_analogies, from --seed; analogy i drawn with the z of seed
-    --seed + i), each computed in every space of ARITHMETIC_SPACES and judged by pixels against
-    d's attributes. Images: per analogy a, b, c, d (plain) and one per space; the grid shows the
-    first 8 analogies, one per row. -> (images, rows, grid, ncol, scores)"""
-    analogies = random_analogies(clip, args.n, args.seed)
-    seeds = [args.seed + i for i in range(args.n)]
-    a, b, c, d, carried = (list(col) for col in zip(*analogies))
-    kw = dict(psi=args.truncation, target=args.truncation_target, batch=args.batch)
-    plain = [generate(G, clip, p, seeds, args.truncation, args.batch, args.truncation_target) for p in (a, b, c, d)]
-    spaces = {space: arithmetic_images(G, clip, a, b, c, seeds, space, **kw) for space in ARITHMETIC_SPACES}
-    targets = [data.parse_shapes_caption(t) for t in d]
-    judged = {"d drawn from its prompt": data.judge_shapes_image(plain[3]),
-              "c drawn from its prompt": data.judge_shapes_image(plain[2]),
-              **{space: data.judge_shapes_image(x) for space, x in spaces.items()}}
-    scores = {name: {**analogy_scores(attrs, targets, carried),
-                     "carried_by_attribute": carried_by_attribute(attrs, targets, carried)}
-              for name, attrs in judged.items()}
-    for space, residual in analogy_residuals(G, clip, a, b, c, d, seeds, args.truncation,
-                                             args.truncation_target).items():
-        scores[space]["code_residual"] = residual                           # why a space works or not
-    columns = plain + list(spaces.values())                                  # 4 + spaces x (n, 3, R, R)
-    images = torch.stack(columns, dim=1).flatten(0, 1)                       # (n (4 + spaces), 3, R, R)
-    names = ["a", "b", "c", "d"] + list(spaces)
-    rows = [{"caption": (a[i], b[i], c[i], d[i])[j] if j < 4 else f"{a[i]} - {b[i]} + {c[i]}", "seed": seeds[i],
-             "analogy": i, "column": name, "carried": carried[i]} for i in range(args.n) for j, name in enumerate(names)]
-    ncol = len(names)
-    return images, rows, images[:8 * ncol], ncol, scores
-
-
 # -----------------------------------------------------------------------------
 # Evaluation (the metrics themselves are in metrics.py)
 
@@ -656,6 +571,91 @@ def run_prompt_mix(G, clip, args, prompts, row):
     rows = [{"caption": pc if pc == pf else f"coarse: {pc} | fine: {pf}", "seed": s, "coarse_prompt": pc,
              "fine_prompt": pf, "crossover": row} for (pc, s), (pf, _) in zip(coarse, fine)]
     return images, rows, images, 3
+
+
+def run_truncation_sweep(G, clip, args, prompts, shapes=False):
+    """Rows = (prompt, seed), prompt-major; cols = psi from 1 to 0 (--truncation-sweep K values)
+    toward --truncation-target. Column psi is `generate` at psi: the first is plain sampling.
+    shapes (a run on the shapes data) and n >= 2: also prints the spread of the shapes' height
+    over the seeds per psi (data.judge_shapes_image's centre y: the std over seeds, averaged
+    over the prompts), which truncation shrinks to 0 at psi 0."""
+    psis = psi_sweep(args.truncation_sweep)
+    pairs = [(p, args.seed + k) for p in prompts for k in range(args.n)]
+    per_psi = [generate(G, clip, [p for p, _ in pairs], [s for _, s in pairs], psi, args.batch,
+                        args.truncation_target) for psi in psis]             # K x (P n, 3, R, R)
+    images = torch.stack(per_psi, dim=1).flatten(0, 1)                       # (P n K, 3, R, R) pair-major
+    if shapes and args.n >= 2:
+        heights = [torch.tensor([info["cy"] for _, info in data.judge_shapes_image(x, details=True)])
+                   for x in per_psi]                                         # K x (P n,)
+        spread = [h.view(len(prompts), args.n).std(dim=1).mean().item() for h in heights]
+        print("height spread over seeds (std of the centre's y): " +
+              ", ".join(f"psi {psi:.2f}: {v:.3f}" for psi, v in zip(psis, spread)))
+    rows = [{"caption": p, "seed": s, "truncation": psi, "truncation_target": args.truncation_target}
+            for p, s in pairs for psi in psis]
+    return images, rows, images, len(psis)
+
+
+def run_z_interpolate(G, clip, args, prompts):
+    """Rows = (prompt, k < n), prompt-major; cols = K frames from the z of seed S + 2k to that of
+    S + 2k + 1 (slerp), the prompt fixed."""
+    K = args.z_interpolate
+    ts = [i / (K - 1) for i in range(K)]
+    items = [(p, args.seed + 2 * k, t) for p in prompts for k in range(args.n) for t in ts]
+    images = z_interpolated_images(G, clip, [p for p, _, _ in items], [s for _, s, _ in items],
+                                   [s + 1 for _, s, _ in items], [t for _, _, t in items], args.truncation,
+                                   args.truncation_target, args.batch)
+    rows = [{"caption": p, "seed": s, "seed_b": s + 1, "t": t} for p, s, t in items]
+    return images, rows, images, K
+
+
+def run_arithmetic(G, clip, args, prompts):
+    """Rows = seeds; cols = a, b, c, a - b + c in --arithmetic SPACE, and d (a fourth prompt, the
+    one the result should draw) if given. Every column of a row uses the row's z."""
+    a, b, c = prompts[:3]
+    seeds = [args.seed + k for k in range(args.n)]
+    plain = generate(G, clip, [p for _ in seeds for p in prompts], [s for s in seeds for _ in prompts],
+                     args.truncation, args.batch, args.truncation_target)  # (n P, 3, R, R) seed-major
+    result = arithmetic_images(G, clip, [a] * len(seeds), [b] * len(seeds), [c] * len(seeds), seeds,
+                               args.arithmetic, args.truncation, args.truncation_target, args.batch)
+    P = len(prompts)
+    tiles, rows = [], []
+    for k, s in enumerate(seeds):
+        tiles += [plain[k * P:k * P + 3], result[k:k + 1], plain[k * P + 3:(k + 1) * P]]
+        rows += [{"caption": p, "seed": s} for p in prompts[:3]]
+        rows += [{"caption": f"{a} - {b} + {c}", "seed": s, "space": args.arithmetic}]
+        rows += [{"caption": p, "seed": s} for p in prompts[3:]]
+    images = torch.cat(tiles)                                                # (n (P + 1), 3, R, R)
+    return images, rows, images, P + 1
+
+
+def run_analogies(G, clip, args):
+    """--n random analogies (random_analogies, from --seed; analogy i drawn with the z of seed
+    --seed + i), each computed in every space of ARITHMETIC_SPACES and judged by pixels against
+    d's attributes. Images: per analogy a, b, c, d (plain) and one per space; the grid shows the
+    first 8 analogies, one per row. -> (images, rows, grid, ncol, scores)"""
+    analogies = random_analogies(clip, args.n, args.seed)
+    seeds = [args.seed + i for i in range(args.n)]
+    a, b, c, d, carried = (list(col) for col in zip(*analogies))
+    kw = dict(psi=args.truncation, target=args.truncation_target, batch=args.batch)
+    plain = [generate(G, clip, p, seeds, args.truncation, args.batch, args.truncation_target) for p in (a, b, c, d)]
+    spaces = {space: arithmetic_images(G, clip, a, b, c, seeds, space, **kw) for space in ARITHMETIC_SPACES}
+    targets = [data.parse_shapes_caption(t) for t in d]
+    judged = {"d drawn from its prompt": data.judge_shapes_image(plain[3]),
+              "c drawn from its prompt": data.judge_shapes_image(plain[2]),
+              **{space: data.judge_shapes_image(x) for space, x in spaces.items()}}
+    scores = {name: {**analogy_scores(attrs, targets, carried),
+                     "carried_by_attribute": carried_by_attribute(attrs, targets, carried)}
+              for name, attrs in judged.items()}
+    for space, residual in analogy_residuals(G, clip, a, b, c, d, seeds, args.truncation,
+                                             args.truncation_target).items():
+        scores[space]["code_residual"] = residual                           # why a space works or not
+    columns = plain + list(spaces.values())                                  # 4 + spaces x (n, 3, R, R)
+    images = torch.stack(columns, dim=1).flatten(0, 1)                       # (n (4 + spaces), 3, R, R)
+    names = ["a", "b", "c", "d"] + list(spaces)
+    rows = [{"caption": (a[i], b[i], c[i], d[i])[j] if j < 4 else f"{a[i]} - {b[i]} + {c[i]}", "seed": seeds[i],
+             "analogy": i, "column": name, "carried": carried[i]} for i in range(args.n) for j, name in enumerate(names)]
+    ncol = len(names)
+    return images, rows, images[:8 * ncol], ncol, scores
 
 
 def png_pixels(images):
