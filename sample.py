@@ -883,7 +883,7 @@ def truncation_target(text):
 
 
 def check_figure(args):
-    """--figure PNG: a .png file whose folder exists; it goes with a mode that draws a grid."""
+    """--figure PNG: a .png file whose folder exists; it implies --grid (plain sampling, --eval)."""
     if args.figure is None:
         return
     if not args.figure.endswith(".png") or os.path.isdir(args.figure):
@@ -891,6 +891,7 @@ def check_figure(args):
     folder = os.path.dirname(args.figure) or "."
     if not os.path.isdir(folder):
         raise UsageError(f"--figure {args.figure}: no folder {folder}")
+    args.grid = True                                                          # a figure is the grid
 
 
 def save_figure(grid, path, ncol, scale=3):

@@ -580,6 +580,11 @@ def test_analogies_mode_judges_every_space(run_dir, tmp_path, capsys):
     assert sample.carried_by_attribute(targets, targets, x) == dict.fromkeys(x, 1.0)
 
 
+def test_figure_of_plain_sampling_is_its_grid(run_dir, tmp_path):
+    out, rows = cli(run_dir, tmp_path / "f", "--prompt", A, "--n", "2", "--figure", str(tmp_path / "f.png"))
+    assert (out / "grid.png").is_file() and Image.open(tmp_path / "f.png").size == (2 + 2 * 98, 2 + 98)
+
+
 @pytest.mark.parametrize("argv,hint", [
     (["--arithmetic", "t", "--prompt", A, "--prompt", A2], "three prompts"),
     (["--arithmetic", "t", "--prompt", A, "--prompt", C, "--prompt", B3], "equal token counts"),
