@@ -21,10 +21,10 @@ more blocks per scale (depth), and an output pyramid that the multi-scale discri
 (04) judges level by level.
 
 Sampling controls are plain arguments, never hooks or iterators:
-    truncation   w' = w_c + psi (w - w_c), toward the per-prompt mean w_c (or the global mean)
+    truncation   w' = w_m + psi (w - w_m), w_m the per-prompt mean w_c, the global mean, or a blend
     style mixing ws[:, :k] from one w, ws[:, k:] from another          (style_mixing)
     prompt mixing coarse blocks get one prompt's t_local, fine blocks another's (prompt_mixing)
-    prompt interpolation: lerp t_global / t_local between prompts, same z
+    prompt interpolation: lerp t_global / t_local and w between prompts, same z (Fig. 7)
 
 Run: python 03_generator.py   (tiny generator on random text; seconds on a CPU)
 
@@ -512,6 +512,8 @@ def prompt_mixing(a, b, crossover, num_blocks):
 # -----------------------------------------------------------------------------
 # The generator: T, M, synthesis and text-conditioned truncation
 
+TRUNCATION_TARGETS = {"prompt": 0.0, "global": 1.0}  # target name -> the global mean's share g
+
 
 class Generator(nn.Module):
     """G(z, tokens, mask, eot) -> image pyramid, finest first (Fig. 4).
@@ -552,21 +554,23 @@ class Generator(nn.Module):
     def truncate(self, w, t_global, psi, target="prompt", n=256, seed=0):
         """Truncation trick toward a mean style, text-conditioned. (B, S)
 
-            w' = w_c + psi (w - w_c),   w_c = E_z[M(z, t_global)]   target "prompt"
-            w' = w_avg + psi (w - w_avg)                            target "global" (StyleGAN)
-        The paper truncates toward the per-prompt mean (and mentions the global one) but gives
-        no formula: StyleGAN's linear form, applied to every layer's w (no cutoff), with w_c
-        estimated from n fixed z's, is this project's choice. psi 1: identity; psi 0: the mean.
+            w' = w_m + psi (w - w_m),   w_m = (1 - g) w_c + g w_avg,   w_c = E_z[M(z, t_global)]
+        target "prompt" (g = 0): toward the per-prompt mean w_c; "global" (g = 1): toward the
+        running mean w_avg (StyleGAN); a number g in [0, 1]: toward a point between the two.
+        App. C interpolates toward both means but gives no formula or weights: StyleGAN's linear
+        form, applied to every layer's w (no cutoff), the blend g, and w_c estimated from n fixed
+        z's are this project's choices. psi 1: identity; psi 0: the mean w_m.
         """
-        assert target in ("prompt", "global"), target
+        g = TRUNCATION_TARGETS.get(target, target)              # the global mean's share of w_m
+        assert isinstance(g, (int, float)) and 0 <= g <= 1, f"truncation target {target!r}: prompt, global or [0, 1]"
         if psi == 1:
             return w                                            # exact identity, no mean needed
-        # EXERCISE: w' = w_mean + psi (w - w_mean); w_mean: mean_w ("prompt") or w_avg ("global")
+        # EXERCISE: w' = w_m + psi (w - w_m); w_m = (1 - g) mean_w + g w_avg (g = 0: "prompt", 1: "global")
         ### BEGIN SOLUTION
-        if target == "prompt":
-            w_mean = self.mean_w(t_global, n=n, seed=seed)      # (B, S) w_c per prompt
-        else:
-            w_mean = self.mapping.w_avg.unsqueeze(0).expand_as(w)  # (B, S) global running mean
+        w_mean = self.mapping.w_avg.unsqueeze(0).expand_as(w)   # (B, S) global running mean
+        if g < 1:
+            w_c = self.mean_w(t_global, n=n, seed=seed)         # (B, S) w_c per prompt
+            w_mean = torch.lerp(w_c, w_mean, g)                 # (B, S) exactly w_c at g = 0
         return w_mean + psi * (w - w_mean)                      # (B, S)
         ### END SOLUTION
 
@@ -632,10 +636,11 @@ if __name__ == "__main__":
 # (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
 # cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
 #
-# 1. Truncation. After `python train.py`, sample one prompt with --truncation 1, 0.7 and 0
-#    (python sample.py --ckpt runs/tiny --prompt "..." --n 8 --grid --truncation 0.7), then with
-#    --truncation-target global. Look for: less variety as psi falls; does the prompt survive
-#    psi 0 toward the per-prompt mean, and toward the global one? Check: pytest
+# 1. Truncation. After `python train.py`, sweep psi from 1 to 0 for a few prompts
+#    (python sample.py --ckpt runs/tiny --truncation-sweep 6 --prompt "..." --n 8), then with
+#    --truncation-target global and 0.5 (App. C's target between the two means). Look for: the
+#    height spread it prints falling with psi; does the prompt survive psi 0 toward the
+#    per-prompt mean, toward the global one, between them? Check: pytest
 #    tests/test_generator.py -k truncation
 # 2. Style mixing. python sample.py --ckpt runs/tiny --prompt "..." --style-mix ROW with ROW at the
 #    8 px and at the 16 px rows (sample.py lists them). Look for: which attributes (position,

@@ -62,6 +62,7 @@ GRADING_TESTS = {
     ],
     "03_generator.py": [
         "tests/test_generator.py::test_truncation_identity_and_prompt_mean",
+        "tests/test_generator.py::test_truncation_toward_a_blend_of_the_prompt_and_global_means",
         "tests/test_generator.py::test_style_mixing",
         "tests/test_generator.py::test_demo_runs",
     ],

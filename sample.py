@@ -6,6 +6,10 @@ sample.py - prompts -> images with a trained GigaGAN, the paper's sampling trick
     python sample.py --ckpt runs/tiny --style-mix --prompt "..."          # Sec. 4.6, coarse/fine styles
     python sample.py --ckpt runs/tiny --interpolate 8 --prompt A --prompt B   # prompt interpolation
     python sample.py --ckpt runs/tiny --prompt-mix 2 --prompt A --prompt B    # coarse from A, fine from B
+    python sample.py --ckpt runs/tiny --truncation-sweep 6 --prompt A          # psi 1 -> 0 (App. C)
+    python sample.py --ckpt runs/tiny --z-interpolate 8 --prompt A             # latent interpolation
+    python sample.py --ckpt runs/tiny --arithmetic t --prompt A --prompt B --prompt C   # A - B + C
+    python sample.py --ckpt runs/tiny --analogies                          # judged analogies per space
     python sample.py --ckpt runs/tiny --eval                               # CLIP score, FD, shapes alignment
     python sample.py --ckpt runs/small --eval --n 10000                    # + Inception FID-10k on real data
     python sample.py --ckpt runs/tiny --upsampler runs/tiny-upsampler --prompt "..."   # 32 px -> 128 px
@@ -20,17 +24,29 @@ used, with the frozen CLIP the run was trained with. Modes (one at a time, else 
                     fine-seed images, a header column of the coarse-seed ones, mixtures inside.
                     ROW defaults to the first 16 px row (coarse = 4-8 px).
     --interpolate K K frames from each prompt to the next (endpoints included): T's t_local and
-                    t_global are lerped, z is kept; grid rows = seeds, cols = frames
+                    t_global and the style w = M(z, t_global) are lerped, z is kept (Fig. 7);
+                    grid rows = seeds, cols = frames
     --prompt-mix ROW  two prompts; ws rows [0, ROW) and the cross-attention text of the blocks
                     reading them from prompt A, the rest from prompt B; grid rows = seeds,
                     cols = (A, mix, B)
+    --truncation-sweep K  grid rows = (prompt, seed), cols = psi from 1 (plain) to 0 (the mean
+                    w of --truncation-target) in K steps
+    --z-interpolate K  K frames from the z of seed S + 2k to that of S + 2k + 1 (slerp), one
+                    row per prompt and k < n
+    --arithmetic SPACE  prompts A B C [D]: the code of A - B + C in SPACE, one z per row: clip (CLIP's
+                    token features), t (T's t_local, t_global), w (w and t_local), w-only (w; t_local
+                    of C); the prompts must have equal token counts. Cols = A, B, C, result [, D]
+    --analogies     --n (64) random shapes analogies of one attribute each, drawn in every SPACE and
+                    judged by pixels -> analogies.json and a table; cols = a, b, c, d, the spaces
     --eval          CLIP score, CLIP-feature Frechet distance against real images of the run's
                     data (or --data), Inception FID (--fid / --no-fid; default on except for
                     shapes; reference statistics cached next to the data), and per-attribute
                     alignment on the shapes data -> eval.json (metrics.py); by default the numbers
                     of train.py's eval rows (same seed 12345, same count)
 Other flags: --truncation PSI in [0, 1] toward the per-prompt mean w_c (--truncation-target
-global: toward the running mean w_avg), --device auto|cpu|cuda, --batch (images per pass).
+global: toward the running mean w_avg; a number G: toward (1 - G) w_c + G w_avg), --device
+auto|cpu|cuda, --batch (images per pass), --figure PNG (also write the grid there, for a page:
+tiles 3x larger, white gaps).
 Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema):
     --upsampler UP  with --ckpt BASE (plain sampling): the base G_ema draws, then the upsampler
                     upsamples each image with the same prompt (z from the same seed); the PNGs
@@ -49,7 +65,7 @@ a bad ROW is answered with the list.
 
 Outputs: one PNG per image and `captions.jsonl` (one {"file", "caption", "seed", ...} row per
 image) in --out (default: <run dir>/samples, or <run dir>/style_mix, interpolate, prompt_mix,
-eval), plus `grid.png` with --grid (always for --style-mix, --interpolate and --prompt-mix);
+eval, ...), plus `grid.png` with --grid (always for every mode but plain sampling and --eval);
 the last line printed says where they are.
 Bad input is one line on stderr and exit status 2.
 
@@ -65,6 +81,7 @@ import importlib
 import itertools
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -277,11 +294,13 @@ def mixed_images(G, clip, coarse, fine, row, psi=1.0, target="prompt", batch=32)
 
 @torch.no_grad()
 def interpolated_images(G, clip, prompts_a, prompts_b, alphas, seeds, psi=1.0, target="prompt", batch=32):
-    """Image i: G's text features lerped from prompts_a[i] to prompts_b[i] by alphas[i], z from
-    seeds[i]. (M, 3, R, R)
+    """Image i: prompt interpolation (Fig. 7) from prompts_a[i] to prompts_b[i] by alphas[i], z
+    from seeds[i]. (M, 3, R, R)
 
-    t_local and t_global (T's outputs) are lerped, so M(z, t_global) and the cross-attention
-    both see the in-between text, and truncation pulls toward the in-between prompt's mean.
+    The text (T's outputs t_local, t_global) and the style are lerped together:
+        t_x = lerp(t_a, t_b, alpha),   w = lerp(M(z, t_global_a), M(z, t_global_b), alpha)
+    so the cross-attention reads the in-between text and every layer the in-between style, and
+    truncation pulls w toward the in-between prompt's mean (of lerp(t_global_a, t_global_b)).
     Project's choice: the token mask is the union of the two prompts' masks, so the endpoints
     are exactly the two prompts' images when both have the same token count (otherwise an
     endpoint also attends to its own T outputs at the positions past its last word that the
@@ -293,10 +312,177 @@ def interpolated_images(G, clip, prompts_a, prompts_b, alphas, seeds, psi=1.0, t
         alpha = torch.tensor(alphas[sl], device=t_a.device, dtype=t_a.dtype)  # (b,)
         t_local = torch.lerp(t_a, t_b, alpha[:, None, None])                 # (b, L, C)
         t_global = torch.lerp(g_a, g_b, alpha[:, None])                      # (b, C)
-        w = style(G, seeds[sl], t_global, psi, target)                       # (b, S)
+        z = seeded_z(seeds[sl], G.cfg.z_dim, t_a.device)                     # (b, z_dim) one z per frame
+        w = torch.lerp(G.mapping(z, g_a), G.mapping(z, g_b), alpha[:, None])  # (b, S)
+        w = G.truncate(w, t_global, psi, target)                             # (b, S)
         ws = w[:, None].expand(-1, G.num_ws, -1)                             # (b, num_ws, S)
         return G.synthesis(ws, t_local, m_a | m_b, noise_mode="const")[0].clamp(-1, 1)
     return in_batches(len(seeds), batch, make)
+
+
+# -----------------------------------------------------------------------------
+# The latent space (paper Sec. 4.6, App. C, the abstract): truncation sweep, latent
+# interpolation, vector arithmetic. (Style mixing, prompt interpolation and mixing are above.)
+
+
+def psi_sweep(k):
+    """k values of psi, evenly spaced from 1 (plain sampling) down to 0 (the mean w)."""
+    return [1 - i / (k - 1) for i in range(k)]
+
+
+def slerp(a, b, t):
+    """Spherical interpolation of the rows of a and b (B, F) by t (B,): the direction moves along
+    the great circle from a's to b's at a constant angle per step, the length is lerped; a at
+    t = 0 and b at t = 1 exactly.
+
+    Project's choice for z (StyleGAN's, for its path-length metric): M reads only z's direction
+    (normalize_2nd_moment), and a lerp, once normalised, walks the same arc but unevenly (fastest
+    mid-way between two nearly orthogonal z), so equal steps in t would not be equal steps for M."""
+    n_a, n_b = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)   # (B, 1)
+    cos = ((a / n_a) * (b / n_b)).sum(dim=1, keepdim=True).clamp(-1, 1)    # (B, 1)
+    omega = torch.acos(cos)                                               # (B, 1) angle between a and b
+    t = t[:, None]                                                        # (B, 1)
+    sin = torch.sin(omega)
+    alike = sin < 1e-6                                                    # (nearly) parallel: lerp
+    length = torch.lerp(n_a, n_b, t)                                      # (B, 1)
+    w_a = torch.where(alike, 1 - t, torch.sin((1 - t) * omega) / sin * (length / n_a))  # (B, 1)
+    w_b = torch.where(alike, t, torch.sin(t * omega) / sin * (length / n_b))             # (B, 1)
+    return w_a * a + w_b * b                                              # (B, F)
+
+
+@torch.no_grad()
+def z_interpolated_images(G, clip, prompts, seeds_a, seeds_b, ts, psi=1.0, target="prompt", batch=32):
+    """Image i: latent interpolation, prompt prompts[i] with z = slerp(z(seeds_a[i]), z(seeds_b[i]),
+    ts[i]); t = 0 and 1 are `generate`'s images of the two seeds. (M, 3, R, R)"""
+    device = next(G.parameters()).device
+
+    def make(sl):
+        tokens, mask, eot = clip.text_features(prompts[sl])                 # (b, L, D), (b, L), (b,)
+        t = torch.tensor(ts[sl], device=device)                              # (b,)
+        z = slerp(seeded_z(seeds_a[sl], G.cfg.z_dim, device), seeded_z(seeds_b[sl], G.cfg.z_dim, device), t)
+        pyramid = G(z, tokens, mask, eot, truncation_psi=psi, truncation_target=target, noise_mode="const")
+        return pyramid[0].clamp(-1, 1)                                       # (b, 3, R, R)
+    return in_batches(len(prompts), batch, make)
+
+
+# The spaces of vector arithmetic, input to output; each names what is combined as a - b + c.
+ARITHMETIC_SPACES = {
+    "clip": "CLIP's token features (G's T, M and synthesis run on the result)",
+    "t": "T's outputs t_local and t_global; w = M(z, t_global)",
+    "w": "the synthesis's whole input: w = M(z, t_global) of each prompt (one z), and t_local",
+    "w-only": "w alone; t_local is c's (what w carries without the cross-attention's text)",
+}
+
+
+def arithmetic_code(G, clip, a, b, c, z, space, psi=1.0, target="prompt"):
+    """The code of a minus that of b plus that of c (lists of prompts of equal token counts: one
+    template, words swapped), with z (B, z_dim) -> the synthesis's input (ws, t_local, local_mask).
+    Token features combine position by position, hence the equal counts."""
+    L = clip.context_length
+    feats = [clip.text_features(p, L) for p in (a, b, c)]                  # 3 x ((B, L, D), (B, L), (B,))
+    if not all(torch.equal(feats[0][1], f[1]) for f in feats):
+        raise ValueError("vector arithmetic needs prompts of equal token counts (e.g. one template, one word "
+                         f"swapped): {a[0]!r}, {b[0]!r}, {c[0]!r}")
+
+    def combine(x_a, x_b, x_c):
+        return x_a - x_b + x_c                                               # the analogy a - b + c
+
+    def style_of(t_global):
+        return G.truncate(G.mapping(z, t_global), t_global, psi, target)    # (B, S)
+    if space == "clip":
+        tokens = combine(*(f[0] for f in feats))                             # (B, L, D)
+        t_local, local_mask, t_global = G.text_encoder(tokens, feats[0][1], feats[0][2])  # (B, L, C), (B, L), (B, C)
+        w = style_of(t_global)                                               # (B, S)
+    else:
+        texts = [G.text_encoder(*f) for f in feats]                          # 3 x (t_local, local_mask, t_global)
+        local_mask = texts[0][1]                                             # (B, L) equal for the three
+        t_local = combine(*(t[0] for t in texts))                            # (B, L, C)
+        if space == "t":
+            w = style_of(combine(*(t[2] for t in texts)))                    # (B, S) M of the combined t_global
+        else:
+            w = combine(*(style_of(t[2]) for t in texts))                    # (B, S) each prompt's w, one z
+            if space == "w-only":
+                t_local = texts[2][0]                                        # (B, L, C) c's text
+    return w[:, None].expand(-1, G.num_ws, -1), t_local, local_mask         # (B, num_ws, S), ...
+
+
+@torch.no_grad()
+def arithmetic_images(G, clip, a, b, c, seeds, space, psi=1.0, target="prompt", batch=32):
+    """Image i: the code of a[i] - b[i] + c[i] in `space` (ARITHMETIC_SPACES), z from seeds[i]. (M, 3, R, R)"""
+    device = next(G.parameters()).device
+
+    def make(sl):
+        z = seeded_z(seeds[sl], G.cfg.z_dim, device)                         # (b, z_dim) one z for all three
+        ws, t_local, mask = arithmetic_code(G, clip, a[sl], b[sl], c[sl], z, space, psi, target)
+        return G.synthesis(ws, t_local, mask, noise_mode="const")[0].clamp(-1, 1)  # (b, 3, R, R)
+    return in_batches(len(seeds), batch, make)
+
+
+@torch.no_grad()
+def analogy_residuals(G, clip, a, b, c, d, seeds, psi=1.0, target="prompt"):
+    """How far each space's a - b + c lands from d's own code, at the synthesis's input: for w
+    and for t_local, |x - x_d| / |x_c - x_d| averaged over the analogies (0: exactly d's code;
+    1: as far as c, i.e. as if nothing was carried). -> {space: {"w": r, "t_local": r}}"""
+    z = seeded_z(seeds, G.cfg.z_dim, next(G.parameters()).device)            # (B, z_dim)
+    codes = {space: arithmetic_code(G, clip, a, b, c, z, space, psi, target) for space in ARITHMETIC_SPACES}
+    codes["c"], codes["d"] = (arithmetic_code(G, clip, p, p, p, z, "t", psi, target) for p in (c, d))
+
+    def gap(x, y, mask=None):
+        diff = x - y if mask is None else (x - y) * mask[..., None]          # padding left out
+        return diff.flatten(1).norm(dim=1)                                   # (B,) one distance per analogy
+    out = {}
+    for space in ARITHMETIC_SPACES:
+        (ws, t_local, mask), (ws_c, t_c, _), (ws_d, t_d, _) = codes[space], codes["c"], codes["d"]
+        out[space] = {"w": (gap(ws[:, 0], ws_d[:, 0]) / gap(ws_c[:, 0], ws_d[:, 0])).mean().item(),
+                      "t_local": (gap(t_local, t_d, mask) / gap(t_c, t_d, mask)).mean().item()}
+    return out
+
+
+ANALOGY_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # data.py's caption attributes
+
+
+def random_analogies(clip, n, seed):
+    """n shapes analogies (a, b, c, d, x): a and b differ in one attribute x, c is b with another
+    attribute changed, d is a with that change, so d = a - b + c ("large red circle" - "large red
+    square" + "large blue square" = "large blue circle"). One template for all four, equal token
+    counts; colour never equal to the background. Deterministic for a seed."""
+    rng = random.Random(seed)
+    values = {"shape": data.SHAPES, "color": list(data.COLORS), "background": list(data.COLORS),
+              "size": list(data.SIZES), "position": list(data.POSITIONS)}
+    out = []
+    while len(out) < n:
+        a = {k: rng.choice(v) for k, v in values.items()}
+        x, y = rng.sample(ANALOGY_ATTRIBUTES, 2)                             # x: a -> b; y: b -> c
+        b = dict(a, **{x: rng.choice([v for v in values[x] if v != a[x]])})
+        c = dict(b, **{y: rng.choice([v for v in values[y] if v != b[y]])})
+        d = dict(a, **{y: c[y]})
+        if any(t["color"] == t["background"] for t in (a, b, c, d)):
+            continue
+        template = rng.randrange(len(data.CAPTION_TEMPLATES))
+        caps = [data.shapes_caption(t, template) for t in (a, b, c, d)]
+        eot = clip.text_features(caps)[2]                                    # (4,) token counts - 1
+        if (eot == eot[0]).all():
+            out.append((*caps, x))
+    return out
+
+
+def analogy_scores(attrs, targets, carried):
+    """Judged attrs vs the target d's: the share with all five right, with the attribute that
+    a - b carries (x) right, and with the other four right."""
+    n = len(targets)
+    return {"all": sum(j == t for j, t in zip(attrs, targets)) / n,
+            "carried": sum(j[x] == t[x] for j, t, x in zip(attrs, targets, carried)) / n,
+            "rest": sum(all(j[k] == t[k] for k in t if k != x) for j, t, x in zip(attrs, targets, carried)) / n}
+
+
+def carried_by_attribute(attrs, targets, carried):
+    """The share of analogies whose carried attribute is right, per attribute that a - b carries."""
+    out = {}
+    for x in ANALOGY_ATTRIBUTES:
+        hits = [j[x] == t[x] for j, t, c in zip(attrs, targets, carried) if c == x]
+        if hits:
+            out[x] = sum(hits) / len(hits)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -387,13 +573,98 @@ def run_prompt_mix(G, clip, args, prompts, row):
     return images, rows, images, 3
 
 
+def run_truncation_sweep(G, clip, args, prompts, shapes=False):
+    """Rows = (prompt, seed), prompt-major; cols = psi from 1 to 0 (--truncation-sweep K values)
+    toward --truncation-target. Column psi is `generate` at psi: the first is plain sampling.
+    shapes (a run on the shapes data) and n >= 2: also prints the spread of the shapes' height
+    over the seeds per psi (data.judge_shapes_image's centre y: the std over seeds, averaged
+    over the prompts), which truncation shrinks to 0 at psi 0."""
+    psis = psi_sweep(args.truncation_sweep)
+    pairs = [(p, args.seed + k) for p in prompts for k in range(args.n)]
+    per_psi = [generate(G, clip, [p for p, _ in pairs], [s for _, s in pairs], psi, args.batch,
+                        args.truncation_target) for psi in psis]             # K x (P n, 3, R, R)
+    images = torch.stack(per_psi, dim=1).flatten(0, 1)                       # (P n K, 3, R, R) pair-major
+    if shapes and args.n >= 2:
+        heights = [torch.tensor([info["cy"] for _, info in data.judge_shapes_image(x, details=True)])
+                   for x in per_psi]                                         # K x (P n,)
+        spread = [h.view(len(prompts), args.n).std(dim=1).mean().item() for h in heights]
+        print("height spread over seeds (std of the centre's y): " +
+              ", ".join(f"psi {psi:.2f}: {v:.3f}" for psi, v in zip(psis, spread)))
+    rows = [{"caption": p, "seed": s, "truncation": psi, "truncation_target": args.truncation_target}
+            for p, s in pairs for psi in psis]
+    return images, rows, images, len(psis)
+
+
+def run_z_interpolate(G, clip, args, prompts):
+    """Rows = (prompt, k < n), prompt-major; cols = K frames from the z of seed S + 2k to that of
+    S + 2k + 1 (slerp), the prompt fixed."""
+    K = args.z_interpolate
+    ts = [i / (K - 1) for i in range(K)]
+    items = [(p, args.seed + 2 * k, t) for p in prompts for k in range(args.n) for t in ts]
+    images = z_interpolated_images(G, clip, [p for p, _, _ in items], [s for _, s, _ in items],
+                                   [s + 1 for _, s, _ in items], [t for _, _, t in items], args.truncation,
+                                   args.truncation_target, args.batch)
+    rows = [{"caption": p, "seed": s, "seed_b": s + 1, "t": t} for p, s, t in items]
+    return images, rows, images, K
+
+
+def run_arithmetic(G, clip, args, prompts):
+    """Rows = seeds; cols = a, b, c, a - b + c in --arithmetic SPACE, and d (a fourth prompt, the
+    one the result should draw) if given. Every column of a row uses the row's z."""
+    a, b, c = prompts[:3]
+    seeds = [args.seed + k for k in range(args.n)]
+    plain = generate(G, clip, [p for _ in seeds for p in prompts], [s for s in seeds for _ in prompts],
+                     args.truncation, args.batch, args.truncation_target)  # (n P, 3, R, R) seed-major
+    result = arithmetic_images(G, clip, [a] * len(seeds), [b] * len(seeds), [c] * len(seeds), seeds,
+                               args.arithmetic, args.truncation, args.truncation_target, args.batch)
+    P = len(prompts)
+    tiles, rows = [], []
+    for k, s in enumerate(seeds):
+        tiles += [plain[k * P:k * P + 3], result[k:k + 1], plain[k * P + 3:(k + 1) * P]]
+        rows += [{"caption": p, "seed": s} for p in prompts[:3]]
+        rows += [{"caption": f"{a} - {b} + {c}", "seed": s, "space": args.arithmetic}]
+        rows += [{"caption": p, "seed": s} for p in prompts[3:]]
+    images = torch.cat(tiles)                                                # (n (P + 1), 3, R, R)
+    return images, rows, images, P + 1
+
+
+def run_analogies(G, clip, args):
+    """--n random analogies (random_analogies, from --seed; analogy i drawn with the z of seed
+    --seed + i), each computed in every space of ARITHMETIC_SPACES and judged by pixels against
+    d's attributes. Images: per analogy a, b, c, d (plain) and one per space; the grid shows the
+    first 8 analogies, one per row. -> (images, rows, grid, ncol, scores)"""
+    analogies = random_analogies(clip, args.n, args.seed)
+    seeds = [args.seed + i for i in range(args.n)]
+    a, b, c, d, carried = (list(col) for col in zip(*analogies))
+    kw = dict(psi=args.truncation, target=args.truncation_target, batch=args.batch)
+    plain = [generate(G, clip, p, seeds, args.truncation, args.batch, args.truncation_target) for p in (a, b, c, d)]
+    spaces = {space: arithmetic_images(G, clip, a, b, c, seeds, space, **kw) for space in ARITHMETIC_SPACES}
+    targets = [data.parse_shapes_caption(t) for t in d]
+    judged = {"d drawn from its prompt": data.judge_shapes_image(plain[3]),
+              "c drawn from its prompt": data.judge_shapes_image(plain[2]),
+              **{space: data.judge_shapes_image(x) for space, x in spaces.items()}}
+    scores = {name: {**analogy_scores(attrs, targets, carried),
+                     "carried_by_attribute": carried_by_attribute(attrs, targets, carried)}
+              for name, attrs in judged.items()}
+    for space, residual in analogy_residuals(G, clip, a, b, c, d, seeds, args.truncation,
+                                             args.truncation_target).items():
+        scores[space]["code_residual"] = residual                           # why a space works or not
+    columns = plain + list(spaces.values())                                  # 4 + spaces x (n, 3, R, R)
+    images = torch.stack(columns, dim=1).flatten(0, 1)                       # (n (4 + spaces), 3, R, R)
+    names = ["a", "b", "c", "d"] + list(spaces)
+    rows = [{"caption": (a[i], b[i], c[i], d[i])[j] if j < 4 else f"{a[i]} - {b[i]} + {c[i]}", "seed": seeds[i],
+             "analogy": i, "column": name, "carried": carried[i]} for i in range(args.n) for j, name in enumerate(names)]
+    ncol = len(names)
+    return images, rows, images[:8 * ncol], ncol, scores
+
+
 def png_pixels(images):
     """(N, 3, R, R) in [-1, 1] -> (N, R, R, 3) uint8: the pixels data.save_image_grid writes for
     each image (the same rounding, so the same PNG bytes), converted in one pass for the batch."""
     return ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-OWNED = ("captions.jsonl", "grid.png", "eval.json", "lowres.png", "comparison.png")  # what sample.py writes
+OWNED = ("captions.jsonl", "grid.png", "eval.json", "lowres.png", "comparison.png", "analogies.json")  # what sample.py writes
 IMAGE_NAME = re.compile(r"\d{5}\.png")                                                 # besides 00000.png, ...
 
 
@@ -463,8 +734,9 @@ def build_parser():
                                          "the run's eval_images with --eval)")
     p.add_argument("--seed", type=int, help=f"image k of a prompt uses seed + k (default 0; {EVAL_SEED} with --eval)")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help="psi in [0, 1]; 1 = none")
-    p.add_argument("--truncation-target", choices=("prompt", "global"), default="prompt",
-                   help="truncate toward the per-prompt mean w_c (paper) or the global mean w_avg")
+    p.add_argument("--truncation-target", type=truncation_target, default="prompt", metavar="TARGET",
+                   help="prompt | global | G in [0, 1]: truncate toward the per-prompt mean w_c, the global mean "
+                        "w_avg, or (1 - G) w_c + G w_avg (App. C: between the two)")
     p.add_argument("--out", help="output directory (default <run dir>/samples, or <run dir>/<mode>)")
     p.add_argument("--grid", action="store_true", help="also write grid.png (rows = prompts, cols = seeds)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -478,6 +750,16 @@ def build_parser():
                                                                       "from prompt A, the rest from prompt B")
     mode.add_argument("--eval", action="store_true", help="CLIP score, CLIP FD, Inception FID, shapes alignment "
                                                           "-> eval.json")
+    mode.add_argument("--truncation-sweep", type=int, metavar="K", help="K columns of psi from 1 to 0 per prompt "
+                                                                         "and seed")
+    mode.add_argument("--z-interpolate", type=int, metavar="K", help="K frames from one z to another (slerp), "
+                                                                      "the prompt fixed")
+    mode.add_argument("--arithmetic", choices=tuple(ARITHMETIC_SPACES), metavar="SPACE",
+                      help="prompts A B C [D]: draw the code of A - B + C in SPACE: " + "; ".join(
+                          f"{k}: {v}" for k, v in ARITHMETIC_SPACES.items()))
+    mode.add_argument("--analogies", action="store_true", default=None,
+                      help="--n random shapes analogies in every --arithmetic space, judged by pixels "
+                           "-> analogies.json")
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval: Inception FID (default: on for image folders and shards, off for shapes; "
                         "the Inception weights download once, 91 MB)")
@@ -486,6 +768,8 @@ def build_parser():
     p.add_argument("--noise-aug", type=float, default=None, metavar="SIGMA",
                    help="with --upsampler: std of Gaussian noise added to its input (in [-1, 1] units; "
                         "training used up to the run's noise_aug_sigma); default half of that, 0 = off")
+    p.add_argument("--figure", metavar="PNG", help="also write the grid to this file, tiles 3x larger with "
+                                                     "gaps (a README picture)")
     p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "
                                                       "and resized to the upsampler's input size, then upsampled")
     dests = {a.dest for a in p._actions if a.dest != "help"}
@@ -502,7 +786,8 @@ SAMPLE_RULES = {
     "n": "[1, inf)",                        # and >= 2 with --eval (check_args)
     "seed": f"[0, {SEED_MAX}]",
     "truncation": "[0, 1]",
-    "truncation_target": ("prompt", "global"),
+    "truncation_target": lambda v: None if v in generator.TRUNCATION_TARGETS or 0 <= v <= 1 else
+    f"--truncation-target {v}: prompt, global, or a number in [0, 1]",
     "out": ANY,                             # check_args: not a file; earlier_outputs
     "grid": ANY, "eval": ANY, "fid": ANY,
     "device": device_rule,
@@ -512,11 +797,14 @@ SAMPLE_RULES = {
     "interpolate": "[2, inf)",              # frames per pair, both endpoints
     "noise_aug": "[0, 1]",                  # a std in [-1, 1] units; 0 = off
     "lowres": ANY,                          # check_args: a file; run_lowres: an image
+    "truncation_sweep": "[2, inf)", "z_interpolate": "[2, inf)",  # columns, both ends
+    "arithmetic": ANY, "analogies": ANY,    # argparse's choices
+    "figure": ANY,                          # check_figure
 }
 
 
 def mode_of(args):
-    for name in ("style_mix", "interpolate", "prompt_mix"):
+    for name in ("style_mix", "interpolate", "prompt_mix", *LATENT_MODES):
         if getattr(args, name) is not None:
             return name
     return "eval" if args.eval else "samples"
@@ -561,11 +849,13 @@ def check_args(args, mode, prompts):
         raise UsageError("--ckpt is required: a run directory of train.py, e.g. --ckpt runs/tiny"
                          + (" (--upsampler upsamples its images; or give --lowres IMAGE)" if args.upsampler else ""))
     need = {"samples": "at least one prompt", "style_mix": "exactly one prompt", "interpolate": "at least two prompts",
-            "prompt_mix": "exactly two prompts", "eval": "no prompt"}[mode]
+            "prompt_mix": "exactly two prompts", "eval": "no prompt", **{m: n for m, (n, _) in LATENT_MODES.items()}}[mode]
     ok = {"samples": len(prompts) >= 1, "style_mix": len(prompts) == 1, "interpolate": len(prompts) >= 2,
-          "prompt_mix": len(prompts) == 2, "eval": not prompts}[mode]
+          "prompt_mix": len(prompts) == 2, "eval": not prompts, **{m: f(len(prompts)) for m, (_, f) in
+                                                                   LATENT_MODES.items()}}[mode]
     if not ok:
-        what = "--eval uses the data set's captions" if mode == "eval" else "give them with --prompt or --prompts FILE"
+        what = ("--eval uses the data set's captions" if mode == "eval" else "--analogies draws its own captions"
+                if mode == "analogies" else "give them with --prompt or --prompts FILE")
         raise UsageError(f"{'--' + mode.replace('_', '-') if mode != 'samples' else 'sampling'} needs {need}"
                          f", got {len(prompts)}: {what}")
     if mode == "eval" and args.n is not None and args.n < 2:
@@ -576,6 +866,54 @@ def check_args(args, mode, prompts):
         earlier_outputs(args.out)  # refuses a folder sample.py did not write, before any model is loaded
     if args.fid is not None and mode != "eval":
         raise UsageError(f"--{'no-' * (not args.fid)}fid is part of --eval: add --eval, or drop it")
+
+
+# Modes of the latent-space tools: the prompts each needs (check_args).
+LATENT_MODES = {
+    "truncation_sweep": ("at least one prompt", lambda n: n >= 1),
+    "z_interpolate": ("at least one prompt", lambda n: n >= 1),
+    "arithmetic": ("three prompts A B C (A - B + C), or four (D: what it should draw)", lambda n: n in (3, 4)),
+    "analogies": ("no prompt", lambda n: n == 0),
+}
+
+
+def truncation_target(text):
+    """--truncation-target: a name of generator.TRUNCATION_TARGETS, else a number (the global share)."""
+    return text if text in generator.TRUNCATION_TARGETS else float(text)
+
+
+def check_figure(args):
+    """--figure PNG: a .png file whose folder exists; it implies --grid (plain sampling, --eval)."""
+    if args.figure is None:
+        return
+    if not args.figure.endswith(".png") or os.path.isdir(args.figure):
+        raise UsageError(f"--figure {args.figure}: give a .png file name, e.g. assets/style_mix.png")
+    folder = os.path.dirname(args.figure) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"--figure {args.figure}: no folder {folder}")
+    args.grid = True                                                          # a figure is the grid
+
+
+def save_figure(grid, path, ncol, scale=3):
+    """--figure: the grid for a page, each tile `scale` times larger (nearest: the pixels stay
+    visible) with 2 white pixels between tiles. grid (M, 3, R, R) in [-1, 1]."""
+    import torchvision
+    big = torch.nn.functional.interpolate(grid.float().cpu(), scale_factor=scale, mode="nearest")  # (M, 3, sR, sR)
+    torchvision.utils.save_image(big.clamp(-1, 1) * 0.5 + 0.5, path, nrow=ncol, padding=2, pad_value=1.0)
+
+
+def write_analogies(out, scores, args, ckpt):
+    """analogies.json, and the judge's accuracy per space as a table on stdout."""
+    print(f"{'space':<26} all five  carried  rest   ({args.n} analogies; carried: the attribute a - b carries)")
+    for space, acc in scores.items():
+        by_attribute = " ".join(f"{x} {v:.2f}" for x, v in acc["carried_by_attribute"].items())
+        residual = (f"; |code - d's| / |c's - d's|: w {acc['code_residual']['w']:.2f}, t_local "
+                    f"{acc['code_residual']['t_local']:.2f}") if "code_residual" in acc else ""
+        print(f"{space:<26} {acc['all']:8.3f} {acc['carried']:8.3f} {acc['rest']:6.3f}   carried: {by_attribute}"
+              + residual)
+    with open(os.path.join(out, "analogies.json"), "w") as f:
+        json.dump({"accuracy": scores, "n": args.n, "seed": args.seed, "truncation": args.truncation,
+                   "step": ckpt.get("step")}, f, indent=2)
 
 
 def pick_device(name):
@@ -702,6 +1040,7 @@ def _main(argv):
     mode = mode_of(args)
     prompts = read_prompts(args)
     check_args(args, mode, prompts)
+    check_figure(args)
     device = pick_device(args.device)
     if args.lowres is not None:
         return run_lowres(args, prompts, device)
@@ -716,8 +1055,10 @@ def _main(argv):
     run_dir = os.path.dirname(resolve_checkpoint(args.ckpt))
     out = args.out or os.path.join(run_dir, mode)
     warn_unknown_words(ckpt, prompts)
+    if mode == "analogies" and ckpt["config"]["train"]["data"] != "shapes":
+        raise UsageError("--analogies judges shapes images by pixels: pass a run trained on --data shapes")
     if args.n is None:
-        args.n = {"style_mix": 4, "eval": ckpt["config"]["train"].get("eval_images", 128)}.get(mode, 1)
+        args.n = {"style_mix": 4, "eval": ckpt["config"]["train"].get("eval_images", 128), "analogies": 64}.get(mode, 1)
     if args.seed is None:
         args.seed = EVAL_SEED if mode == "eval" else 0
     if mode == "eval" and args.fid is None:  # Inception features say little about flat shapes: alignment
@@ -738,6 +1079,18 @@ def _main(argv):
     elif mode == "prompt_mix":
         check_row(G, args.prompt_mix, "--prompt-mix")
         images, rows, grid, ncol = run_prompt_mix(G, clip, args, prompts, args.prompt_mix)
+    elif mode == "truncation_sweep":
+        images, rows, grid, ncol = run_truncation_sweep(G, clip, args, prompts,
+                                                        shapes=ckpt["config"]["train"]["data"] == "shapes")
+    elif mode == "z_interpolate":
+        images, rows, grid, ncol = run_z_interpolate(G, clip, args, prompts)
+    elif mode == "arithmetic":
+        try:
+            images, rows, grid, ncol = run_arithmetic(G, clip, args, prompts)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+    elif mode == "analogies":
+        images, rows, grid, ncol, analogies = run_analogies(G, clip, args)
     else:
         images, rows, scores, spec = run_eval(G, clip, args, ckpt)
         grid, ncol = (images, min(len(images), 16)) if args.grid else (None, 1)
@@ -759,6 +1112,12 @@ def _main(argv):
             json.dump({**scores, "n": len(images), "seed": args.seed, "truncation": args.truncation,
                        "data": spec, "step": ckpt.get("step")}, f, indent=2)
         written.insert(0, "eval.json")
+    if mode == "analogies":
+        write_analogies(out, analogies, args, ckpt)
+        written.insert(0, "analogies.json")
+    if args.figure is not None and grid is not None:
+        save_figure(grid, args.figure, ncol)
+        print(f"wrote the grid to {args.figure}")
     print(f"wrote {', '.join(written)} to {out}")
     return out
 

@@ -116,6 +116,22 @@ def test_truncation_identity_and_prompt_mean(tiny):
     assert torch.allclose(pyr[0][0], pyr[0][3], atol=1e-5)
 
 
+def test_truncation_toward_a_blend_of_the_prompt_and_global_means(tiny):
+    """App. C's target between the two means: g = 0 is "prompt", g = 1 "global", g between blends."""
+    tokens, mask, eot = text(3)
+    _, _, t_global = tiny.text_encoder(tokens, mask, eot)
+    w = tiny.mapping(torch.randn(3, 128), t_global)
+    w_c, w_avg = tiny.mean_w(t_global, n=64), tiny.mapping.w_avg.expand_as(w)
+    assert not torch.allclose(w_c, w_avg, atol=1e-3)                      # the two targets differ
+    assert torch.equal(tiny.truncate(w, t_global, 0.3, 0.0, n=64), tiny.truncate(w, t_global, 0.3, "prompt", n=64))
+    assert torch.equal(tiny.truncate(w, t_global, 0.3, 1.0), tiny.truncate(w, t_global, 0.3, "global"))
+    w_m = 0.75 * w_c + 0.25 * w_avg
+    torch.testing.assert_close(tiny.truncate(w, t_global, 0.0, 0.25, n=64), w_m)
+    torch.testing.assert_close(tiny.truncate(w, t_global, 0.4, 0.25, n=64), w_m + 0.4 * (w - w_m))
+    with pytest.raises(AssertionError):
+        tiny.truncate(w, t_global, 0.5, "mean")
+
+
 def test_mean_w_is_deterministic_and_per_prompt(tiny):
     tokens, mask, eot = text(3)
     _, _, t_global = tiny.text_encoder(tokens, mask, eot)

@@ -396,3 +396,206 @@ def test_prompt_words_the_tiny_clip_never_saw_are_warned_once(run_dir, tmp_path,
     assert len(err) == 1 and "never saw 'dog', 'and', 'cat'" in err[0] and "--data shapes" in err[0], err
     cli(run_dir, tmp_path / "k", "--prompt", A)
     assert capsys.readouterr().err == ""                             # the grammar's words: no warning
+
+
+# ----------------------------------------------------------------------------- the latent-space tools
+# Each test fails when its mode does nothing: the mechanism is checked against its formula, and
+# the images against their ends (plain samples, the mean w).
+
+A2 = "a large red square on the left of a blue background"        # A - A2 + B3 = A3: shape, then colour
+B3 = "a large green square on the left of a blue background"
+A3 = "a large green circle on the left of a blue background"
+
+
+def synthesis_inputs(G, monkeypatch):
+    """Record (ws, t_local, mask) of every G.synthesis call; -> the list they go to."""
+    calls, real = [], G.synthesis.forward
+    monkeypatch.setattr(G.synthesis, "forward", lambda ws, t, m, **kw: calls.append((ws, t, m)) or real(ws, t, m, **kw))
+    return calls
+
+
+def test_truncation_sweep_runs_from_plain_samples_to_the_mean_w(run_dir, tmp_path, capsys):
+    out, rows = cli(run_dir, tmp_path / "t", "--truncation-sweep", "3", "--prompt", A, "--prompt", B, "--n", "2",
+                    "--truncation-target", "0.5", "--figure", str(tmp_path / "fig.png"))
+    assert [r["truncation"] for r in rows[:3]] == [1.0, 0.5, 0.0] and len(rows) == 2 * 2 * 3
+    assert [(r["caption"], r["seed"]) for r in rows[::3]] == [(A, 0), (A, 1), (B, 0), (B, 1)]
+    assert Image.open(out / "grid.png").size == (3 * 32, 4 * 32)                # cols = psi, rows = (prompt, seed)
+    assert "psi 0.00: 0.000" in capsys.readouterr().out                        # no height spread left at psi 0
+    fig = pixels(tmp_path / "fig.png")                                          # tiles 3x, 2 px gaps
+    assert fig.shape == (2 + 4 * (96 + 2), 2 + 3 * (96 + 2), 3) and (fig[:2] == 255).all()
+    assert (fig[2:98:3, 2:98:3] == pixels(out / "grid.png")[:32, :32]).all()
+    img = images(out, rows)
+    plain_out, plain_rows = cli(run_dir, tmp_path / "p", "--prompt", A, "--prompt", B, "--n", "2")
+    assert all(same(img[3 * i], x) for i, x in enumerate(images(plain_out, plain_rows)))  # psi 1: plain
+    assert same(img[2], img[5]) and not same(img[2], img[8])                    # psi 0: one image per prompt
+    assert np.abs(img[0] - img[3]).max() > 10 and not same(img[1], img[0])      # seeds differ; psi 0.5 moves
+    # psi 0 is the image of the target w_m = (w_c + w_avg) / 2, drawn by hand
+    G, clip, _ = sample.load_generator(run_dir)
+    t_local, mask, t_global = sample.text_condition(G, clip, [A])
+    w_m = 0.5 * G.mean_w(t_global) + 0.5 * G.mapping.w_avg
+    by_hand = G.synthesis(w_m[:, None].expand(-1, G.num_ws, -1), t_local, mask, noise_mode="const")[0]
+    assert same(img[2], sample.png_pixels(by_hand)[0])
+
+
+def test_slerp_keeps_the_ends_and_walks_the_arc_evenly():
+    a, b = torch.randn(3, 128), torch.randn(3, 128)
+    b[2] = a[2] * 2                                                             # parallel: no NaN, a lerp
+    assert torch.equal(sample.slerp(a, b, torch.zeros(3)), a) and torch.equal(sample.slerp(a, b, torch.ones(3)), b)
+    cos = torch.nn.functional.cosine_similarity
+    angle = torch.acos(cos(a, b)[:2])
+    for t in (0.25, 0.5):
+        mid = sample.slerp(a, b, torch.full((3,), t))
+        torch.testing.assert_close(torch.acos(cos(a[:2], mid[:2])), t * angle)   # the angle moves evenly
+        torch.testing.assert_close(torch.acos(cos(mid[:2], b[:2])), (1 - t) * angle)
+        torch.testing.assert_close(mid[2], a[2] * (1 + t))
+        torch.testing.assert_close(mid.norm(dim=1)[:2], torch.lerp(a.norm(dim=1), b.norm(dim=1), t)[:2])  # length
+
+
+def test_z_interpolate_ends_are_the_two_seeds_and_the_middle_neither(run_dir, tmp_path):
+    out, rows = cli(run_dir, tmp_path / "z", "--z-interpolate", "3", "--prompt", A, "--n", "2", "--seed", "4")
+    assert [(r["seed"], r["seed_b"], r["t"]) for r in rows] == [(4, 5, 0), (4, 5, 0.5), (4, 5, 1), (6, 7, 0),
+                                                                (6, 7, 0.5), (6, 7, 1)]
+    assert Image.open(out / "grid.png").size == (3 * 32, 2 * 32)
+    start, mid, end = images(out, rows[:3])
+    plain_out, plain_rows = cli(run_dir, tmp_path / "p", "--prompt", A, "--n", "2", "--seed", "4")
+    seed4, seed5 = images(plain_out, plain_rows)
+    assert same(start, seed4) and same(end, seed5)
+    assert np.abs(mid - start).max() > 2 and np.abs(mid - end).max() > 2
+
+
+def test_prompt_interpolation_lerps_the_text_and_w_together(run_dir, monkeypatch):
+    """Fig. 7: at alpha, t_local and w are the lerps of the two prompts' (same z)."""
+    G, clip, _ = sample.load_generator(run_dir)
+    calls = synthesis_inputs(G, monkeypatch)
+    sample.interpolated_images(G, clip, [A, A], [B, B], [0.25, 1.0], [3, 3])
+    ws, t_local, mask = calls[0]
+    L = clip.context_length
+    t_a, m_a, g_a = sample.text_condition(G, clip, [A], L)
+    t_b, m_b, g_b = sample.text_condition(G, clip, [B], L)
+    z = sample.seeded_z([3], G.cfg.z_dim, "cpu")
+    w_a, w_b = G.mapping(z, g_a), G.mapping(z, g_b)
+    torch.testing.assert_close(ws[0], (0.75 * w_a + 0.25 * w_b).expand(G.num_ws, -1))
+    torch.testing.assert_close(t_local[0], (0.75 * t_a + 0.25 * t_b)[0])
+    torch.testing.assert_close(ws[1], w_b.expand(G.num_ws, -1))                     # alpha 1: B's own w
+    assert not torch.allclose(w_a, w_b, atol=1e-3)                                # so w really moves
+
+
+def test_style_mix_takes_coarse_styles_from_one_seed_and_fine_from_the_other(run_dir, monkeypatch):
+    """At the crossover row, rows [0, row) of ws are the coarse seed's w and the rest the fine
+    seed's; the 4 and 8 px levels are the coarse seed's image, the finer ones are not."""
+    G, clip, _ = sample.load_generator(run_dir)
+    row = sample.default_crossover(G)
+    calls = synthesis_inputs(G, monkeypatch)
+    rgbs = []
+    hooks = [t.register_forward_hook(lambda m, i, o: rgbs.append(o)) for t in G.synthesis.torgbs]
+    try:
+        sample.mixed_images(G, clip, [(A, 0), (A, 0)], [(A, 1), (A, 0)], row)      # item 0 mixed, item 1 seed 0
+    finally:
+        for h in hooks:
+            h.remove()
+    ws = calls[0][0]
+    _, _, g = sample.text_condition(G, clip, [A])
+    w0, w1 = (G.mapping(sample.seeded_z([s], G.cfg.z_dim, "cpu"), g)[0] for s in (0, 1))
+    torch.testing.assert_close(ws[0, :row], w0.expand(row, -1))
+    torch.testing.assert_close(ws[0, row:], w1.expand(G.num_ws - row, -1))
+    for rgb, res in zip(rgbs, G.cfg.scales):
+        assert torch.equal(rgb[0], rgb[1]) == (res < 16), res
+
+
+def test_arithmetic_is_a_minus_b_plus_c_in_each_space(run_dir):
+    G, clip, _ = sample.load_generator(run_dir)
+    z = sample.seeded_z([0], G.cfg.z_dim, "cpu")
+    L = clip.context_length
+    feats = [clip.text_features([p], L) for p in (A, A2, B3)]
+    texts = [G.text_encoder(*f) for f in feats]                                  # (t_local, mask, t_global) each
+
+    def code(space):
+        ws, t_local, mask = sample.arithmetic_code(G, clip, [A], [A2], [B3], z, space)
+        assert torch.equal(ws[:, 0], ws[:, -1]) and torch.equal(mask, texts[0][1])
+        return ws[:, 0], t_local
+    t_sum = texts[0][0] - texts[1][0] + texts[2][0]
+    w, t_local = code("w")
+    torch.testing.assert_close(w, sum(s * G.mapping(z, t[2]) for s, t in zip((1, -1, 1), texts)))
+    torch.testing.assert_close(t_local, t_sum)
+    w, t_local = code("w-only")
+    torch.testing.assert_close(t_local, texts[2][0])                               # C's own text
+    w, t_local = code("t")
+    torch.testing.assert_close(w, G.mapping(z, texts[0][2] - texts[1][2] + texts[2][2]))
+    torch.testing.assert_close(t_local, t_sum)
+    tokens = feats[0][0] - feats[1][0] + feats[2][0]
+    t_ref, _, g_ref = G.text_encoder(tokens, feats[0][1], feats[0][2])
+    w, t_local = code("clip")
+    torch.testing.assert_close(w, G.mapping(z, g_ref)) and torch.testing.assert_close(t_local, t_ref)
+    with pytest.raises(ValueError, match="equal token counts"):
+        sample.arithmetic_code(G, clip, [A], [C], [B3], z, "t")
+
+
+def test_arithmetic_cli_columns_and_a_minus_b_plus_b_is_a(run_dir, tmp_path):
+    out, rows = cli(run_dir, tmp_path / "v", "--arithmetic", "t", "--prompt", A, "--prompt", A2, "--prompt", B3,
+                    "--prompt", A3, "--n", "2")
+    assert Image.open(out / "grid.png").size == (5 * 32, 2 * 32)
+    assert [r["caption"] for r in rows[:5]] == [A, A2, B3, f"{A} - {A2} + {B3}", A3]
+    assert rows[3]["space"] == "t" and [r["seed"] for r in rows] == [0] * 5 + [1] * 5
+    a, _, c, result, _ = images(out, rows[:5])
+    assert np.abs(result - c).max() > 2 and np.abs(result - a).max() > 2       # it does something
+    for space in ("clip", "t", "w"):                     # A - B + B = A (w-only keeps B's own text)
+        out, rows = cli(run_dir, tmp_path / space, "--arithmetic", space, "--prompt", A, "--prompt", A2,
+                        "--prompt", A2)
+        a, _, _, result = images(out, rows)
+        assert np.abs(result - a).max() <= 2, space
+
+
+def test_random_analogies_change_one_attribute_at_a_time(run_dir):
+    _, clip, _ = sample.load_generator(run_dir)
+    analogies = sample.random_analogies(clip, 24, seed=3)
+    assert analogies == sample.random_analogies(clip, 24, seed=3) and len(set(analogies)) == 24
+    for a, b, c, d, x in analogies:
+        pa, pb, pc, pd = (data.parse_shapes_caption(t) for t in (a, b, c, d))
+        assert [k for k in pa if pa[k] != pb[k]] == [x]                        # a -> b: the carried attribute
+        (y,) = [k for k in pb if pb[k] != pc[k]]                                # b -> c: one other attribute
+        assert y != x and pd == dict(pa, **{y: pc[y]})                          # d = a - b + c
+        assert len({int(clip.text_features([t])[2][0]) for t in (a, b, c, d)}) == 1
+    assert len({x for *_, x in analogies}) >= 4
+
+
+def test_analogies_mode_judges_every_space(run_dir, tmp_path, capsys):
+    out, rows = cli(run_dir, tmp_path / "an", "--analogies", "--n", "3")
+    scores = json.load(open(out / "analogies.json"))["accuracy"]
+    assert set(scores) == {"d drawn from its prompt", "c drawn from its prompt", *sample.ARITHMETIC_SPACES}
+    assert len(rows) == 3 * 8 and Image.open(out / "grid.png").size == (8 * 32, 3 * 32)
+    assert [r["column"] for r in rows[:8]] == ["a", "b", "c", "d", *sample.ARITHMETIC_SPACES]
+    assert "w-only" in capsys.readouterr().out
+    _, clip, _ = sample.load_generator(run_dir)                 # the scores, on the captions' own attributes:
+    a, b, c, d, x = zip(*sample.random_analogies(clip, 3, seed=0))
+    targets = [data.parse_shapes_caption(t) for t in d]
+    assert sample.analogy_scores(targets, targets, x) == {"all": 1.0, "carried": 1.0, "rest": 1.0}
+    as_c = sample.analogy_scores([data.parse_shapes_caption(t) for t in c], targets, x)
+    assert as_c == {"all": 0.0, "carried": 0.0, "rest": 1.0}                   # c has b's value of x only
+    assert set(scores["t"]["carried_by_attribute"]) == set(x)
+    assert set(scores["t"]["code_residual"]) == {"w", "t_local"}
+    G = sample.load_generator(run_dir)[0]                       # d - c + c lands on d's code, and w-only
+    res = sample.analogy_residuals(G, clip, list(d), list(c), list(c), list(d), [0, 1, 2])  # keeps c's text
+    assert all(res[s]["w"] < 1e-4 and res[s]["t_local"] < 1e-4 for s in ("clip", "t", "w")), res
+    assert res["w-only"]["w"] < 1e-4 and res["w-only"]["t_local"] == pytest.approx(1)
+    assert sample.carried_by_attribute(targets, targets, x) == dict.fromkeys(x, 1.0)
+
+
+def test_figure_of_plain_sampling_is_its_grid(run_dir, tmp_path):
+    out, rows = cli(run_dir, tmp_path / "f", "--prompt", A, "--n", "2", "--figure", str(tmp_path / "f.png"))
+    assert (out / "grid.png").is_file() and Image.open(tmp_path / "f.png").size == (2 + 2 * 98, 2 + 98)
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["--arithmetic", "t", "--prompt", A, "--prompt", A2], "three prompts"),
+    (["--arithmetic", "t", "--prompt", A, "--prompt", C, "--prompt", B3], "equal token counts"),
+    (["--arithmetic", "v", "--prompt", A], "invalid choice"),
+    (["--analogies", "--prompt", A], "draws its own captions"),
+    (["--truncation-sweep", "1", "--prompt", A], "--truncation-sweep"),
+    (["--truncation-target", "1.5", "--prompt", A], "--truncation-target"),
+    (["--truncation-target", "mean", "--prompt", A], "--truncation-target"),
+    (["--z-interpolate", "3", "--prompt", A, "--figure", "TMP"], "--figure"),
+    (["--z-interpolate", "3", "--prompt", A, "--figure", "TMP/nowhere/x.png"], "no folder"),
+])
+def test_latent_modes_refuse_bad_input_in_one_line(run_dir, tmp_path, capsys, argv, hint):
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    assert hint in bad(sample.main, ["--ckpt", str(run_dir), "--out", str(tmp_path / "o"), *argv], capsys, "sample.py")
