@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 import json
 import os
+import tempfile
 import typing
 from dataclasses import dataclass
 
@@ -140,15 +141,41 @@ def vision_clip_rule(value):
             "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
 
 
+def data_rule(value):
+    """A folder given to --data must be there, also for a dry run (shard patterns may live on the
+    cluster the run is planned for; the folder's contents: data.build_dataset)."""
+    if value in ("", "shapes") or ".tar" in value or os.path.isdir(value):
+        return None
+    import data  # data.py: its own words for the flag
+    return f"--data '{value}' {'is a file' if os.path.exists(value) else 'does not exist'}; {data.DATA_SPEC_HELP}"
+
+
 def out_rule(value):
-    return f"--out {value} is a file: give a run directory" if os.path.isfile(value) else None
+    return f"--out {value} is a file: give a run directory" if os.path.isfile(value) else writable_error(value, "--out")
+
+
+def writable_error(path, flag):
+    """None when `path` is a folder this process can write in, or one that os.makedirs can make;
+    else the one-line message: a file in the way (FILE/sub), or a parent that takes no new entries
+    (read-only, /proc). Tried by making and removing an empty folder in the nearest existing one."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{flag} {path}: {probe} is a file, not a folder: give a path under a folder, e.g. runs/NAME"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=probe))
+    except OSError as err:
+        return (f"{flag} {path}: cannot write in {probe} ({err.strerror or type(err).__name__}): "
+                "choose a folder you can write to, e.g. runs/NAME")
+    return None
 
 
 TRAIN_RULES = {
     "preset": tuple(TRAIN_PRESETS) + tuple(UPSAMPLER_ONLY_PRESETS),
     "full": ANY, "resume": ANY, "overwrite": ANY, "compile": ANY, "dry_run": ANY, "eval_fid": ANY,
     "stage": ("clip", "base", "upsampler"),
-    "data": ANY,                   # main: data.build_dataset, before anything is written
+    "data": data_rule,             # and main: data.build_dataset, before anything is written
     "out": out_rule,
     "max_steps": f"[1, {MAX_STEPS}]", "max_minutes": "[0, inf)",
     "batch_size": "[1, inf)", "batch_gpu": "[0, inf)",   # and micro_batches: batch_gpu divides batch_size
@@ -507,11 +534,15 @@ def check_models(cfg, g_cfg, d_cfg):
             else:
                 G = generator.Generator(g_cfg, text_dim=dim)
                 pyramid = G(torch.zeros(1, g_cfg.z_dim), tokens, mask, eot)
+    except NotImplementedError:  # an unwritten exercise of a student copy (make_student_copy.py): its hint
+        raise
     except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
         raise FlagError(f"bad {what}: {str(err).splitlines()[0] or type(err).__name__}") from None
     try:
         with torch.device("meta"):
             discriminator.Discriminator(d_cfg, text_dim=dim)(pyramid, tokens, mask, eot)
+    except NotImplementedError:
+        raise
     except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
         raise FlagError(f"bad discriminator configuration (--d.*): "
                         f"{str(err).splitlines()[0] or type(err).__name__}") from None
