@@ -203,11 +203,11 @@ def launch_flags(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu):
     for prefix, ours, theirs in zip(("", g_prefix, "d.", "loss."), (cfg, g_cfg, d_cfg, loss_cfg), preset):
         for f in dataclasses.fields(ours):
             value = getattr(ours, f.name)
+            if not prefix and f.name == "data" and not value:  # where the flag goes when it is given
+                value = PLACEHOLDER_DATA
             if (prefix or f.name not in planned_only) and value != getattr(theirs, f.name):
                 flags += [f"--{prefix}{f.name.replace('_', '-')}", flag_text(value)]
     flags += ["--batch-gpu", str(batch_gpu)]
-    if not cfg.data:
-        flags += ["--data", PLACEHOLDER_DATA]
     return flags
 
 
