@@ -141,9 +141,10 @@ def vision_clip_rule(value):
             "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
 
 
-def data_rule(value):
-    """A folder given to --data must be there, also for a dry run (shard patterns may live on the
-    cluster the run is planned for; the folder's contents: data.build_dataset)."""
+def data_error(value):
+    """A folder given to --data must be there, also for a dry run (train.main; shard patterns may
+    live on the cluster the run is planned for; the folder's contents: data.build_dataset). Not a
+    rule of check_values: a command parses on any machine (tests/test_commands.py)."""
     if value in ("", "shapes") or ".tar" in value or os.path.isdir(value):
         return None
     import data  # data.py: its own words for the flag
@@ -175,7 +176,7 @@ TRAIN_RULES = {
     "preset": tuple(TRAIN_PRESETS) + tuple(UPSAMPLER_ONLY_PRESETS),
     "full": ANY, "resume": ANY, "overwrite": ANY, "compile": ANY, "dry_run": ANY, "eval_fid": ANY,
     "stage": ("clip", "base", "upsampler"),
-    "data": data_rule,             # and main: data.build_dataset, before anything is written
+    "data": ANY,                   # main: data_error (--dry-run too), data.build_dataset, before anything is written
     "out": out_rule,
     "max_steps": f"[1, {MAX_STEPS}]", "max_minutes": "[0, inf)",
     "batch_size": "[1, inf)", "batch_gpu": "[0, inf)",   # and micro_batches: batch_gpu divides batch_size

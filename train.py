@@ -61,6 +61,7 @@ from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, exit_
                     save_checkpoint, save_snapshot, save_upsampler_snapshot, say, snapshot_prompts,
                     stored_clip_spec, write_config)
 from rundir import check_run_dir, clear_run_dir, trim_log  # one run per directory
+from config import data_error  # --data: a folder that is there
 from dry_run import dry_run
 # runtime.py: devices, processes, seeds, the data order, micro-batches and their buffers
 from runtime import (MicroBuffers, Runtime, check_in_sync, make_batches, micro_batches, reduce_grads,  # noqa: F401
@@ -541,6 +542,8 @@ def main(argv=None):
         cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
         check_models(cfg, g_cfg, d_cfg)
         clip_spec(cfg)
+        if data_error(cfg.data):  # a missing --data folder, before the dry run's plan too
+            raise FlagError(data_error(cfg.data))
         if cfg.dry_run:  # a plan for any machine: no device is touched, nothing is loaded or written
             planned = Runtime(torch.device("meta"), 0, 1, None, time.time())
             check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, planned)[0])
