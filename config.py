@@ -51,7 +51,7 @@ class TrainConfig:
     dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
     compile: bool = False         # torch.compile G and D for the D and G steps (GPU speed-up; runs, slower, on CPU)
     resume: bool = False          # continue from <out>/checkpoint.pt
-    overwrite: bool = False       # --out holds another run: delete its files (checkpoint, CLIPs, log, samples) and start anew
+    overwrite: bool = False       # delete the run in --out first (checkpoint, CLIPs, log, snapshots) and start anew
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
     vision_clip: str = "auto"     # CLIP of the vision-aided D: auto | same (--clip's) | tiny:PATH | NAME/TAG (vision_clip_spec)

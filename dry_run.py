@@ -24,8 +24,8 @@ the configuration planned here; its processes follow from the flags alone (proce
 micro-batch, up to the GPUs the preset is planned for, PLANNED_GPUS), so the line, planned again
 with --dry-run, prints the same plan. Without --gpu-memory, an estimate above the memory of the
 preset's GPUs (the full presets: A100s, 80 GB) prints a WARNING line with the --batch-gpu that fits.
-(The counts in the examples above are checked by tests/test_dry_run.py.) The last line printed is JSON (the counts and the estimate), for
-scripts and tests.
+The last line printed is JSON (the counts and the estimate), for scripts and tests; the counts in
+the examples above are checked against it by tests/test_dry_run.py.
 """
 import dataclasses
 import importlib
@@ -148,7 +148,7 @@ def describe_fit(gpu_gib, state_bytes, act_bytes_per_image, clip_bytes, batch_si
 
 
 def memory_warning(cfg, state_bytes, act_bytes_per_image, clip_bytes, batch_gpu, gpu_gib):
-    """Without --gpu-memory: a WARNING line (ending in a newline) when the plan's estimate at
+    """Without --gpu-memory: a WARNING line when the plan's estimate at
     `batch_gpu` exceeds the memory of the GPU its preset is planned for (PLANNED_GPUS), naming the
     --batch-gpu that fits it; '' when it fits (or the preset names no GPU)."""
     used = (state_bytes + clip_bytes + batch_gpu * act_bytes_per_image) / GIB
@@ -160,7 +160,7 @@ def memory_warning(cfg, state_bytes, act_bytes_per_image, clip_bytes, batch_gpu,
     except ValueError as err:
         fix = str(err)
     return (f"WARNING: about {used:.1f} GiB per GPU at --batch-gpu {batch_gpu}, more than the {gpu_gib:g} GiB "
-            f"GPUs the {cfg.preset} preset is planned for: {fix}\n")
+            f"GPUs the {cfg.preset} preset is planned for: {fix}")
 
 
 # -----------------------------------------------------------------------------
@@ -277,7 +277,9 @@ def dry_run(cfg, g_cfg, d_cfg, loss_cfg):
           f"{per_image / 2**20:.0f} MiB per image), {clip_bytes / GIB:.1f} GiB frozen CLIP")
     if fit:
         print(fit)
-    print(memory_warning(cfg, state, per_image, clip_bytes, batch_gpu, gpu_gib) or "", end="")
+    warning = memory_warning(cfg, state, per_image, clip_bytes, batch_gpu, gpu_gib)
+    if warning:
+        print(warning)
     print("launch: " + launch_line(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu, world))
     counts.update({"U_params": n_g, "U_D_params": n_d} if up else {"G_params": n_g, "D_params": n_d})
     print(json.dumps({**counts, "batch_size": cfg.batch_size, "batch_gpu": batch_gpu,

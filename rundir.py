@@ -79,7 +79,8 @@ def check_resumable(ckpt, path, stage, preset, models):
     to a dataclass since the checkpoint was written counts at its default."""
     found = ckpt["config"].get("stage", "base")
     if found != stage:
-        raise FlagError(f"{path} is {article(found)} {found}-stage run, not {article(stage)} {stage}-stage one: resume it with "
+        raise FlagError(f"{path} is {article(found)} {found}-stage run, not {article(stage)} {stage}-stage one: "
+                        f"resume it with "
                         f"--stage {found}, or use another --out")
     stored_preset = ckpt["config"]["train"]["preset"]
     if stored_preset != preset:

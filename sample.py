@@ -466,7 +466,8 @@ def build_parser():
     p.add_argument("--n", type=int, help="images per prompt (default 1; 4 with --style-mix; "
                                          "the run's eval_images with --eval)")
     p.add_argument("--seed", type=int, help=f"image k of a prompt uses seed + k (default 0; {EVAL_SEED} with --eval); "
-                                            f"every seed used must be <= {SEED_MAX} (a larger one is refused, not wrapped)")
+                                            f"every seed used must be <= {SEED_MAX}: a larger one is refused, "
+                                            "not wrapped")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help="psi in [0, 1]; 1 = none")
     p.add_argument("--truncation-target", choices=("prompt", "global"), default="prompt",
                    help="truncate toward the per-prompt mean w_c (paper) or the global mean w_avg")
