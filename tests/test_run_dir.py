@@ -113,3 +113,11 @@ def test_resume_drops_log_rows_past_the_checkpoint(tiny_run, tmp_path, capsys):
             f.write(json.dumps({"kind": "train", "step": step, "img_s": 1.0}) + "\n")
     train.main(["--out", str(run), "--clip", f"tiny:{run / 'clip.pt'}", *FAST, "--max-steps", "3", "--resume"])
     assert [r["step"] for r in log_rows(run)] == [1, 2, 3]
+
+
+def test_resume_of_another_stage_names_it_in_good_grammar(tiny_run, tmp_path, capsys):
+    """"not a upsampler-stage one" read wrong: the article follows the word."""
+    run = copy(tiny_run, tmp_path / "run")
+    err = refused(["--out", str(run), "--clip", f"tiny:{run / 'clip.pt'}", *UP_FAST, "--max-steps", "3",
+                   "--resume"], capsys)
+    assert "is a base-stage run, not an upsampler-stage one: resume it with --stage base" in err, err

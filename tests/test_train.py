@@ -346,7 +346,7 @@ BAD = [
     (["--stage", "upsampler", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--stage", "upsampler", "--lpips", "vgg", "--clip", "CLIP"], "--lpips random"),  # no VGG weights offline
     (["--max-steps", "ten"], "bad value for --max-steps"),
-    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--max-steps", "0"], "--max-steps must be in [1, 1000000000], got 0"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--dtype", "float8"], "unknown --dtype"),
     (["--clip-tower", "convnext"], "unknown --clip-tower"),
