@@ -129,7 +129,10 @@ def train_run(run_dir, argv, steps):
         return False
     if step is None and os.path.isfile(os.path.join(run_dir, "log.jsonl")):
         os.replace(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, f"log.unfinished-{int(time.time())}.jsonl"))
-    argv = argv + (["--resume"] if step is not None else [])
+    # --resume: from the checkpoint, or from step 0 in a folder an attempt left without one (train.py
+    # refuses to start a new run over its config.json: a run directory belongs to one run)
+    started = step is not None or os.path.isfile(os.path.join(run_dir, "config.json"))
+    argv = argv + (["--resume"] if started else [])
     print(f"[ablation] {'resuming' if step is not None else 'training'} {run_dir}"
           f"{f' from step {step}' if step is not None else ''}: python train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
@@ -350,6 +353,16 @@ def train_configs(argv, row=""):
         raise StudyError(f"train.py flags{f' of row {row!r}' if row else ''}: {err}") from None
 
 
+def clip_stage_flags(train_flags):
+    """The study's train.py flags that --stage clip reads (config.TRAIN_SCOPE: --data, --device, ...):
+    train.py refuses the GAN's own there (--batch-size, --g.*) as flags that do nothing."""
+    import config
+    from dry_run import flag_text
+    given = config.read_flags(train_flags)[""]
+    return [word for name, value in given.items() if "clip" in config.TRAIN_SCOPE[name][0]
+            for word in (f"--{name.replace('_', '-')}", flag_text(value))]
+
+
 def shared_clip(args):
     """The tiny CLIP every run shares: --clip, or <out>/clip/clip.pt (trained now if missing)."""
     if args.clip:
@@ -361,7 +374,8 @@ def shared_clip(args):
     path = os.path.join(folder, "clip.pt")
     if not os.path.isfile(path):
         print(f"[ablation] training the shared tiny CLIP -> {path}", flush=True)
-        run_train(["--stage", "clip", "--out", folder, "--clip-steps", str(args.clip_steps), *args.train_flags])
+        run_train(["--stage", "clip", "--out", folder, "--clip-steps", str(args.clip_steps),
+                   *clip_stage_flags(args.train_flags)])
     return "tiny:" + os.path.abspath(path)
 
 

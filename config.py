@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 import json
 import os
+import tempfile
 import typing
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class TrainConfig:
     dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
     compile: bool = False         # torch.compile G and D for the D and G steps (GPU speed-up; runs, slower, on CPU)
     resume: bool = False          # continue from <out>/checkpoint.pt
+    overwrite: bool = False       # delete the run in --out first (checkpoint, CLIPs, log, snapshots) and start anew
     clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
     clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
     vision_clip: str = "auto"     # CLIP of the vision-aided D: auto | same (--clip's) | tiny:PATH | NAME/TAG (vision_clip_spec)
@@ -84,8 +86,9 @@ TRAIN_PRESETS = {
                   clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
     # full: the paper's G EMA, decay 0.9999 per step at batch 1024 (update_ema's beta = 0.5 ** (batch /
     # (ema_kimg * 1000))): ema_kimg = 1024 ln 0.5 / (1000 ln 0.9999) = 7097.47; the ramp-up over the
-    # first images (ema_rampup) is StyleGAN2's, the project's choice (the paper gives none)
-    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=32, ema_kimg=7097.47, dtype="bfloat16",
+    # first images (ema_rampup) is StyleGAN2's, the project's choice (the paper gives none); --batch-gpu 16
+    # fits an A100 80 GB (the dry run: about 63 GiB; 32 would need about 106)
+    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=16, ema_kimg=7097.47, dtype="bfloat16",
                  clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
                  snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
 }
@@ -98,8 +101,14 @@ UPSAMPLER_TRAIN_PRESETS = {
     "tiny": dict(max_steps=1500, max_minutes=0.0, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
                  eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
                  lr_g=0.0025, lr_d=0.0025),
-    "full": dict(batch_size=256, batch_gpu=8, lpips="vgg"),
+    # full, full1024: the --batch-gpu that fits an A100 80 GB (the dry run: full about 57 GiB at 4, 8 needed
+    # about 101; full1024 about 53 GiB at 2)
+    "full": dict(batch_size=256, batch_gpu=4, lpips="vgg"),
+    "full1024": dict(batch_size=256, batch_gpu=2, lpips="vgg"),
 }
+# Upsampler presets with no base model of their own: their other train settings are those of the
+# named TRAIN_PRESETS entry (full1024: 128 -> 1024, ours; the paper shows such results, no model).
+UPSAMPLER_ONLY_PRESETS = {"full1024": "full"}
 LPIPS_NETS = ("vgg", "alex", "random")
 
 HARD_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # data.shapes_hard_negatives' order
@@ -117,6 +126,7 @@ HARD_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # data.s
 # Every field must have a rule (asserted below, at import): a new flag cannot skip the checks.
 ANY = "any"
 SEED_MAX = 2**32 - 1  # seeds of train.py and sample.py: 0 .. 4294967295 (torch.manual_seed takes < 2**64)
+MAX_STEPS = 10**9     # --max-steps, --clip-steps: a billion steps, 30 years at one step a second (a run can reach it)
 
 
 def device_rule(value):
@@ -131,17 +141,44 @@ def vision_clip_rule(value):
             "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
 
 
+def data_error(value):
+    """A folder given to --data must be there, also for a dry run (train.main; shard patterns may
+    live on the cluster the run is planned for; the folder's contents: data.build_dataset). Not a
+    rule of check_values: a command parses on any machine (tests/test_commands.py)."""
+    if value in ("", "shapes") or ".tar" in value or os.path.isdir(value):
+        return None
+    import data  # data.py: its own words for the flag
+    return f"--data '{value}' {'is a file' if os.path.exists(value) else 'does not exist'}; {data.DATA_SPEC_HELP}"
+
+
 def out_rule(value):
-    return f"--out {value} is a file: give a run directory" if os.path.isfile(value) else None
+    return f"--out {value} is a file: give a run directory" if os.path.isfile(value) else writable_error(value, "--out")
+
+
+def writable_error(path, flag):
+    """None when `path` is a folder this process can write in, or one that os.makedirs can make;
+    else the one-line message: a file in the way (FILE/sub), or a parent that takes no new entries
+    (read-only, /proc). Tried by making and removing an empty folder in the nearest existing one."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{flag} {path}: {probe} is a file, not a folder: give a path under a folder, e.g. runs/NAME"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=probe))
+    except OSError as err:
+        return (f"{flag} {path}: cannot write in {probe} ({err.strerror or type(err).__name__}): "
+                "choose a folder you can write to, e.g. runs/NAME")
+    return None
 
 
 TRAIN_RULES = {
-    "preset": tuple(TRAIN_PRESETS),
-    "full": ANY, "resume": ANY, "compile": ANY, "dry_run": ANY, "eval_fid": ANY,
+    "preset": tuple(TRAIN_PRESETS) + tuple(UPSAMPLER_ONLY_PRESETS),
+    "full": ANY, "resume": ANY, "overwrite": ANY, "compile": ANY, "dry_run": ANY, "eval_fid": ANY,
     "stage": ("clip", "base", "upsampler"),
-    "data": ANY,                   # main: data.build_dataset, before anything is written
+    "data": ANY,                   # main: data_error (--dry-run too), data.build_dataset, before anything is written
     "out": out_rule,
-    "max_steps": "[1, inf)", "max_minutes": "[0, inf)",
+    "max_steps": f"[1, {MAX_STEPS}]", "max_minutes": "[0, inf)",
     "batch_size": "[1, inf)", "batch_gpu": "[0, inf)",   # and micro_batches: batch_gpu divides batch_size
     "lr_g": "(0, inf)", "lr_d": "(0, inf)",
     "beta1": "[0, 1)", "beta2": "[0, 1)",                  # AdamW's
@@ -151,7 +188,7 @@ TRAIN_RULES = {
     "dtype": ("float32", "bfloat16"),
     "clip": ANY, "clip_pretrained": ANY,                  # clip_spec
     "vision_clip": vision_clip_rule,
-    "clip_steps": "[1, inf)",
+    "clip_steps": f"[1, {MAX_STEPS}]",
     "clip_tower": ("auto", "vit", "resnet"),
     "clip_batch_size": "[2, inf)",                         # a contrastive batch needs two pairs
     "workers": "[-1, inf)",
@@ -230,6 +267,68 @@ def check_values(given, rules, prefix=""):
         message = rule_error(f"--{prefix}{name.replace('_', '-')}", value, rules[name])
         if message:
             raise FlagError(message)
+
+# -----------------------------------------------------------------------------
+# Where each flag does something: the stages that read it, beside the rules above. A flag given
+# for a stage that does not read it is refused (check_scope: one line, exit status 2), the same
+# for every flag. Every field of every config is classified (asserted below, at import): a new
+# flag cannot skip the check. An entry is (stages, what the flag does: the message's words).
+CLIP_STAGE, BASE, UP = "clip", "base", "upsampler"
+EVERY, GAN = (CLIP_STAGE, BASE, UP), (BASE, UP)
+TRAIN_SCOPE = {
+    **{name: (EVERY, "") for name in ("preset", "full", "stage", "data", "out", "seed", "device", "overwrite")},
+    # the tiny CLIP's training: every stage that trains one (the GAN stages: only with --clip tiny, TINY_CLIP_FLAGS)
+    **{name: (EVERY, "trains a tiny CLIP") for name in ("clip_steps", "clip_tower", "clip_batch_size")},
+    "vision_clip": ((CLIP_STAGE, BASE), "picks the vision-aided D's CLIP (the upsampler has no vision-aided D)"),
+    **{name: (GAN, "configures the GAN's training (the CLIP stage trains a tiny CLIP: --clip-steps, "
+                   "--clip-batch-size, --clip-tower)")
+       for name in ("max_steps", "max_minutes", "batch_size", "batch_gpu", "lr_g", "lr_d", "beta1", "beta2",
+                    "ema_kimg", "ema_rampup", "dtype", "compile", "workers", "log_every", "snapshot_every",
+                    "eval_every", "eval_images", "ckpt_every", "hard_negatives", "hard_attribute")},
+    "resume": (GAN, "continues a GAN run's checkpoint (the CLIP stage has none)"),
+    "dry_run": (GAN, "plans a GAN run (the CLIP stage trains a tiny CLIP, minutes on a CPU)"),
+    "gpu_memory": (GAN, "plans a GAN run's --batch-gpu"),
+    "clip": (GAN, "picks the CLIP a GAN is conditioned on (the CLIP stage trains a tiny one)"),
+    "clip_pretrained": (GAN, "picks the CLIP a GAN is conditioned on (the CLIP stage trains a tiny one)"),
+    "eval_fid": ((BASE,), "scores the base stage's periodic evals"),
+    "lpips": ((UP,), "picks the upsampler's LPIPS"),
+    "warmup_steps": ((UP,), "is the upsampler's pixel-MSE warm-up"),
+    "warmup_lr": ((UP,), "is the upsampler's pixel-MSE warm-up"),
+}
+TINY_CLIP_FLAGS = ("clip_steps", "clip_tower", "clip_batch_size")  # GAN stages: only with --clip tiny (trained here)
+VISION_AIDED = ((BASE,), "configures the vision-aided D (the upsampler has none)")
+SUB_SCOPE = {
+    "g.": {name: ((BASE,), "configures the base generator (the upsampler's fields are --u.*, 06_upsampler.py's "
+                           "UpsamplerConfig)") for name in SUB_RULES["g."]},
+    "u.": {name: ((UP,), "configures the upsampler") for name in SUB_RULES["u."]},
+    "d.": {**{name: (GAN, "configures the GAN's D") for name in SUB_RULES["d."]},
+           "vision_hidden": VISION_AIDED, "vision_psi_layers": VISION_AIDED},
+    "loss.": {**{name: (GAN, "is a GAN loss term") for name in SUB_RULES["loss."]},
+              "vision_weight": VISION_AIDED, "vision_match": VISION_AIDED,
+              "mode_seeking_weight": ((BASE,), "is a term of the base G (its z)"),
+              "lpips_weight": ((UP,), "weighs the upsampler's LPIPS to the real image"),
+              "pixel_weight": ((UP,), "weighs the upsampler's pixel MSE to the real image")},
+}
+# every field of every config is classified (a new field without a scope fails here, at import)
+assert set(TRAIN_SCOPE) == set(TRAIN_RULES), set(TRAIN_SCOPE) ^ set(TRAIN_RULES)
+assert all(set(SUB_SCOPE[p]) == set(SUB_RULES[p]) for p in SUB_RULES)
+
+
+def check_scope(values, stage, clip):
+    """Refuse every flag given ({prefix: {field: value}}, read_flags) that does nothing for `stage`
+    (TRAIN_SCOPE, SUB_SCOPE), and the tiny CLIP's training flags when a GAN stage trains no tiny
+    CLIP (`clip`: the run's --clip, after the preset)."""
+    for prefix, given in values.items():
+        scope = SUB_SCOPE[prefix] if prefix else TRAIN_SCOPE
+        for name in given:
+            stages, what = scope[name]
+            flag = f"--{prefix}{name.replace('_', '-')}"
+            if stage not in stages:
+                raise FlagError(f"{flag} does nothing with --stage {stage}: it {what}; drop it, or use "
+                                f"--stage {' or '.join(stages)}")
+            if not prefix and name in TINY_CLIP_FLAGS and stage != CLIP_STAGE and clip != "tiny":
+                raise FlagError(f"{flag} does nothing with --clip {clip}: it {what}, which only --clip tiny "
+                                "does here; drop it, or use --clip tiny")
 
 # -----------------------------------------------------------------------------
 # Flags: argparse, generated from the dataclass fields
@@ -345,21 +444,19 @@ def parse_flags(argv):
     flags = values[""]
     preset, stage = flags.get("preset", "tiny"), flags.get("stage", "base")
     if flags.get("full"):  # --full is --preset full
-        if preset not in ("tiny", "full") and "preset" in flags:
+        if preset != "full" and "preset" in flags:
             raise FlagError(f"--full is --preset full: drop one of --full and --preset {preset}")
         preset = flags["preset"] = "full"
-    if preset not in TRAIN_PRESETS:
-        raise FlagError(f"unknown preset {preset!r}: choose one of {', '.join(TRAIN_PRESETS)}")
     if stage == "upsampler" and preset not in UPSAMPLER_TRAIN_PRESETS:
-        raise FlagError(f"no upsampler preset {preset!r}: use --preset tiny (32 -> 128) or --full (64 -> 512)")
-    if values["g."] and stage == "upsampler":
-        raise FlagError(f"--g.{next(iter(values['g.'])).replace('_', '-')}: --g.* configures the base generator; "
-                        "the upsampler's fields are --u.* (06_upsampler.py's UpsamplerConfig)")
-    if values["u."] and stage != "upsampler":
-        raise FlagError(f"--u.{next(iter(values['u.'])).replace('_', '-')}: --u.* configures the upsampler; "
+        raise FlagError(f"no upsampler preset {preset!r}: use --preset tiny (32 -> 128), --full (64 -> 512) "
+                        "or --preset full1024 (128 -> 1024)")
+    if stage != "upsampler" and preset in UPSAMPLER_ONLY_PRESETS:
+        raise FlagError(f"--preset {preset} is an upsampler preset (06_upsampler.py's U_PRESETS): "
                         "add --stage upsampler")
     stage_preset = UPSAMPLER_TRAIN_PRESETS[preset] if stage == "upsampler" else {}
-    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **stage_preset, "preset": preset, **flags})
+    train_preset = TRAIN_PRESETS[UPSAMPLER_ONLY_PRESETS.get(preset, preset)]
+    cfg = TrainConfig(**{**train_preset, **stage_preset, "preset": preset, **flags})
+    check_scope(values, cfg.stage, cfg.clip)  # flags that do nothing for this stage (TRAIN_SCOPE, SUB_SCOPE)
     check_train_config(cfg)
     cfg.out = cfg.out or os.path.join("runs", cfg.preset + ("-upsampler" if cfg.stage == "upsampler" else ""))
     if cfg.stage == "upsampler":
@@ -438,11 +535,15 @@ def check_models(cfg, g_cfg, d_cfg):
             else:
                 G = generator.Generator(g_cfg, text_dim=dim)
                 pyramid = G(torch.zeros(1, g_cfg.z_dim), tokens, mask, eot)
+    except NotImplementedError:  # an unwritten exercise of a student copy (make_student_copy.py): its hint
+        raise
     except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
         raise FlagError(f"bad {what}: {str(err).splitlines()[0] or type(err).__name__}") from None
     try:
         with torch.device("meta"):
             discriminator.Discriminator(d_cfg, text_dim=dim)(pyramid, tokens, mask, eot)
+    except NotImplementedError:
+        raise
     except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
         raise FlagError(f"bad discriminator configuration (--d.*): "
                         f"{str(err).splitlines()[0] or type(err).__name__}") from None

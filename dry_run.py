@@ -3,8 +3,8 @@ dry_run.py - `python train.py --dry-run`: the sizes and memory of a configuratio
 launches it, without building it for real (the models are made on the meta device: no weights, no
 memory, seconds on a CPU, on any machine: `--device cuda --dry-run` plans a GPU run on a laptop).
 
-    python train.py --full --dry-run                          # G 648.5M, D 381.7M, GiB per GPU, a launch line
-    python train.py --stage upsampler --full --dry-run        # the 64 -> 512 upsampler
+    python train.py --full --dry-run                          # G 653.6M, D 381.0M, GiB per GPU, a launch line
+    python train.py --stage upsampler --full --dry-run        # the 64 -> 512 upsampler: U 360.3M, D 405.2M
     python train.py --preset small --dry-run --gpu-memory 12  # the --batch-gpu that fits a 12 GB GPU
 
 The estimate of one process's memory:
@@ -20,8 +20,12 @@ accumulation makes up the global batch, with the same result (train.py seeds eve
 micro-batch).
 
 The launch line holds every flag whose value differs from the preset's (launch_line), so it runs
-the configuration planned here. The last line printed is JSON (the counts and the estimate), for
-scripts and tests.
+the configuration planned here; its processes follow from the flags alone (processes: one per
+micro-batch, up to the GPUs the preset is planned for, PLANNED_GPUS), so the line, planned again
+with --dry-run, prints the same plan. Without --gpu-memory, an estimate above the memory of the
+preset's GPUs (the full presets: A100s, 80 GB) prints a WARNING line with the --batch-gpu that fits.
+The last line printed is JSON (the counts and the estimate), for scripts and tests; the counts in
+the examples above are checked against it by tests/test_dry_run.py.
 """
 import dataclasses
 import importlib
@@ -143,15 +147,38 @@ def describe_fit(gpu_gib, state_bytes, act_bytes_per_image, clip_bytes, batch_si
             f"takes {accumulation} accumulation step{'s' * (accumulation != 1)} per GPU and step")
 
 
+def memory_warning(cfg, state_bytes, act_bytes_per_image, clip_bytes, batch_gpu, gpu_gib):
+    """Without --gpu-memory: a WARNING line when the plan's estimate at
+    `batch_gpu` exceeds the memory of the GPU its preset is planned for (PLANNED_GPUS), naming the
+    --batch-gpu that fits it; '' when it fits (or the preset names no GPU)."""
+    used = (state_bytes + clip_bytes + batch_gpu * act_bytes_per_image) / GIB
+    if cfg.gpu_memory or not gpu_gib or used <= gpu_gib - RESERVE_GIB:
+        return ""
+    try:
+        b = fit_batch_gpu(gpu_gib, state_bytes, act_bytes_per_image, clip_bytes, cfg.batch_size)[0]
+        fix = f"--batch-gpu {b} fits (--gpu-memory {gpu_gib:g} plans it)"
+    except ValueError as err:
+        fix = str(err)
+    return (f"WARNING: about {used:.1f} GiB per GPU at --batch-gpu {batch_gpu}, more than the {gpu_gib:g} GiB "
+            f"GPUs the {cfg.preset} preset is planned for: {fix}")
+
+
 # -----------------------------------------------------------------------------
 # The launch line
 
 
-def processes(batch_size, batch_gpu):
-    """How many processes the launch line starts: one per micro-batch (no accumulation), at most 8 a
-    node, beyond 8 only whole nodes; always a divisor of the micro-batches (train.micro_batches)."""
+# The GPUs each preset is planned for (README's presets table): how many, and the memory of each in
+# GiB. A plan launches at most that many processes, and warns when its estimate exceeds that memory.
+PLANNED_GPUS = {"tiny": (1, 0.0), "small": (1, 24.0), "full": (32, 80.0), "full1024": (32, 80.0)}
+
+
+def processes(batch_size, batch_gpu, most=32):
+    """How many processes the launch line starts: one per micro-batch up to `most` (the preset's
+    GPUs, PLANNED_GPUS), at most 8 a node, beyond 8 only whole nodes; always a divisor of the
+    micro-batches (train.micro_batches), the rest being gradient accumulation. A function of the
+    flags alone: the launch line, planned again, plans the same processes."""
     n_micro = batch_size // batch_gpu
-    return max(w for w in range(1, n_micro + 1) if n_micro % w == 0 and (w <= 8 or w % 8 == 0))
+    return max(w for w in range(1, min(n_micro, max(most, 1)) + 1) if n_micro % w == 0 and (w <= 8 or w % 8 == 0))
 
 
 def flag_text(value):
@@ -176,11 +203,11 @@ def launch_flags(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu):
     for prefix, ours, theirs in zip(("", g_prefix, "d.", "loss."), (cfg, g_cfg, d_cfg, loss_cfg), preset):
         for f in dataclasses.fields(ours):
             value = getattr(ours, f.name)
+            if not prefix and f.name == "data" and not value:  # where the flag goes when it is given
+                value = PLACEHOLDER_DATA
             if (prefix or f.name not in planned_only) and value != getattr(theirs, f.name):
                 flags += [f"--{prefix}{f.name.replace('_', '-')}", flag_text(value)]
     flags += ["--batch-gpu", str(batch_gpu)]
-    if not cfg.data:
-        flags += ["--data", PLACEHOLDER_DATA]
     return flags
 
 
@@ -219,22 +246,28 @@ def dry_run(cfg, g_cfg, d_cfg, loss_cfg):
     n_g, n_d, per_image = plan["G_params"], plan["D_params"], plan["act_bytes_per_image"]
     state, clips, clip_bytes = plan["state_bytes"], plan["clips"], plan["clip_bytes"]
     batch_gpu = cfg.batch_gpu or cfg.batch_size
-    world = processes(cfg.batch_size, batch_gpu)                  # the processes the plan launches
+    gpus, gpu_gib = PLANNED_GPUS.get(cfg.preset, (32, 0.0))
+    world = processes(cfg.batch_size, batch_gpu, gpus)            # the processes the plan launches
     fit = None
     if cfg.gpu_memory:
-        try:
+        try:  # the micro-batch first, then the processes it gives (as the launch line, planned again)
+            batch_gpu = fit_batch_gpu(cfg.gpu_memory, state, per_image, clip_bytes, cfg.batch_size)[0]
+            world = processes(cfg.batch_size, batch_gpu, gpus)
             fit = describe_fit(cfg.gpu_memory, state, per_image, clip_bytes, cfg.batch_size, world)
         except ValueError as err:
             raise FlagError(str(err)) from None
-        batch_gpu = fit_batch_gpu(cfg.gpu_memory, state, per_image, clip_bytes, cfg.batch_size, world)[0]
     acts = batch_gpu * per_image
+    counts = {}
     if up:
-        with torch.device("meta"):  # the base model it follows, for scale
-            n_bg = parameters(generator.Generator(generator.G_PRESETS[cfg.preset], text_width(cfg)))
-            n_bd = parameters(discriminator.Discriminator(discriminator.D_PRESETS[cfg.preset], text_width(cfg)))
+        base = ""
+        if cfg.preset in generator.G_PRESETS:  # the base model it follows, for scale (full1024 has none)
+            with torch.device("meta"):
+                counts["G_params"] = parameters(generator.Generator(generator.G_PRESETS[cfg.preset], text_width(cfg)))
+                counts["D_params"] = parameters(discriminator.Discriminator(discriminator.D_PRESETS[cfg.preset],
+                                                                            text_width(cfg)))
+            base = f"; base G {counts['G_params'] / 1e6:.1f}M, D {counts['D_params'] / 1e6:.1f}M"
         print(f"U {n_g / 1e6:.1f}M parameters ({g_cfg.in_resolution} -> {g_cfg.out_resolution} px), its D "
-              f"{n_d / 1e6:.1f}M (paper: 359.1M for the 64 -> 512 upsampler); base G {n_bg / 1e6:.1f}M, "
-              f"D {n_bd / 1e6:.1f}M")
+              f"{n_d / 1e6:.1f}M (paper: 359.1M for the 64 -> 512 upsampler){base}")
     else:
         print(f"G {n_g / 1e6:.1f}M parameters, D {n_d / 1e6:.1f}M (paper: 652.5M and 381.4M for full)")
     clip_name = ", ".join(clips) or "tiny"
@@ -244,9 +277,11 @@ def dry_run(cfg, g_cfg, d_cfg, loss_cfg):
           f"{per_image / 2**20:.0f} MiB per image), {clip_bytes / GIB:.1f} GiB frozen CLIP")
     if fit:
         print(fit)
+    warning = memory_warning(cfg, state, per_image, clip_bytes, batch_gpu, gpu_gib)
+    if warning:
+        print(warning)
     print("launch: " + launch_line(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu, world))
-    counts = ({"G_params": n_bg, "D_params": n_bd, "U_params": n_g, "U_D_params": n_d} if up else
-              {"G_params": n_g, "D_params": n_d})
+    counts.update({"U_params": n_g, "U_D_params": n_d} if up else {"G_params": n_g, "D_params": n_d})
     print(json.dumps({**counts, "batch_size": cfg.batch_size, "batch_gpu": batch_gpu,
                       "clip_gib": round(clip_bytes / GIB, 2),
                       "est_gib_per_gpu": round((state + acts + clip_bytes) / GIB, 2)}))

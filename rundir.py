@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from config import FlagError, clip_spec, vision_clip_spec
+from config import VISION_CLIP, FlagError, clip_spec, vision_clip_spec, writable_error
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
@@ -67,14 +68,19 @@ def stored_clip_spec(spec, out):
     return spec
 
 
+def article(word):
+    """'a' or 'an' before `word`: an upsampler-stage run, a base-stage one."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def check_resumable(ckpt, path, stage, preset, models):
     """A checkpoint continues only the same stage, preset and model configurations.
     models: {config key ("G", "U", "D"): (this run's config dict, its dataclass)}. A field added
     to a dataclass since the checkpoint was written counts at its default."""
     found = ckpt["config"].get("stage", "base")
     if found != stage:
-        article = "an" if found[0] in "aeiou" else "a"
-        raise FlagError(f"{path} is {article} {found}-stage run, not a {stage}-stage one: resume it with "
+        raise FlagError(f"{path} is {article(found)} {found}-stage run, not {article(stage)} {stage}-stage one: "
+                        f"resume it with "
                         f"--stage {found}, or use another --out")
     stored_preset = ckpt["config"]["train"]["preset"]
     if stored_preset != preset:
@@ -112,6 +118,8 @@ def open_resume(cfg, g_cfg, d_cfg, loss_cfg):
         if vision_aided:  # the vision-aided D's heads fit that CLIP's feature maps only
             clip_specs["vision_clip"] = vision_clip_spec(cfg) or clip_specs["clip"]
     path = os.path.join(cfg.out, "checkpoint.pt")
+    if not os.path.isfile(path) and run_files(cfg.out):  # stopped before its first checkpoint: from step 0
+        return started_without_checkpoint(cfg, path)
     if not os.path.isfile(path):
         raise FlagError(f"no checkpoint at {path} to resume: drop --resume to start a new run there, "
                         "or point --out at the run directory")
@@ -142,6 +150,109 @@ def open_resume(cfg, g_cfg, d_cfg, loss_cfg):
         raise FlagError(f"{path} was trained {was} the vision-aided D: resume with "
                         f"--loss.vision-weight {'> 0' if ckpt.get('VD') else '0'}, as that run")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# One run per directory: --resume continues it, --overwrite deletes it, nothing mixes two runs
+
+RUN_NAMES = ("checkpoint.pt", "config.json", "log.jsonl", "losses.png", "eval.png", "samples_prompts.txt",
+             "clip.pt", VISION_CLIP)
+RUN_PATTERN = re.compile(r"samples_\d{6}\.png|checkpoint\.pt\.tmp\d+")  # snapshots, a cut-short checkpoint write
+CLIP_NAMES = ("clip.pt", VISION_CLIP)  # a tiny CLIP the GAN stages reuse (--clip tiny: a cache; --clip tiny:PATH)
+
+
+def run_files(out):
+    """The files of a train.py run in the folder `out` (RUN_NAMES, RUN_PATTERN), sorted."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n in RUN_NAMES or RUN_PATTERN.fullmatch(n))
+
+
+def clip_stage_config(out):
+    """Is <out>/config.json the config of a --stage clip run (no G, no U)? A GAN run reuses its CLIP."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            config = json.load(f)
+        return isinstance(config, dict) and config.get("train", {}).get("stage") == "clip"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def kept_files(cfg):
+    """The tiny CLIP files in --out that this run was pointed at (--clip tiny:OUT/clip.pt,
+    --vision-clip tiny:OUT/vision_clip.pt): its inputs, which --overwrite keeps."""
+    specs = [cfg.clip, cfg.vision_clip]
+    paths = {os.path.abspath(s[len("tiny:"):]) for s in specs if s.startswith("tiny:")}
+    return {n for n in CLIP_NAMES if os.path.abspath(os.path.join(cfg.out, n)) in paths}
+
+
+def check_run_dir(cfg):
+    """Before any work (no CLIP trained, no file written): --out must be a folder this process can
+    write, and a run directory belongs to one run. --out holding another run's checkpoint, log or
+    CLIP is refused in one line (FlagError), unless --resume continues it (open_resume checks that
+    it is this run) or --overwrite deletes it. The GAN stages may start in a folder that holds only
+    a tiny CLIP (and its --stage clip config.json): they reuse it (--clip tiny caches it there).
+    -> the files --overwrite deletes (clear_run_dir), [] otherwise."""
+    error = writable_error(cfg.out, "--out")
+    if error:
+        raise FlagError(error)
+    if cfg.overwrite and cfg.resume:
+        raise FlagError("--overwrite deletes the run in --out and --resume continues it: give one of them")
+    found = run_files(cfg.out)
+    if cfg.overwrite:
+        return [n for n in found if n not in kept_files(cfg)]
+    if cfg.stage != "clip":
+        found = [n for n in found if n not in CLIP_NAMES and not (n == "config.json" and clip_stage_config(cfg.out))]
+        if cfg.resume:
+            return []
+    if found:
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        what = ("--stage clip would replace its files: choose another --out" if cfg.stage == "clip" else
+                "add --resume to continue it, or choose another --out")
+        raise FlagError(f"--out {cfg.out} holds a run ({listed}): {what}; --overwrite deletes that run and starts anew")
+    return []
+
+
+def clear_run_dir(cfg, names, rt):
+    """--overwrite: delete the earlier run's files (check_run_dir) on rank 0, then every process goes on."""
+    if rt.main and names:
+        for name in names:
+            os.remove(os.path.join(cfg.out, name))
+        print(f"--overwrite: deleted the earlier run's {len(names)} file(s) in {cfg.out} ({', '.join(names[:4])}"
+              f"{', ...' if len(names) > 4 else ''})")
+    if rt.world > 1:
+        dist.barrier()
+
+
+def trim_log(cfg, step):
+    """--resume from `step`: drop the log rows of later steps (a run killed after its last checkpoint
+    logged steps that are now trained again), so that log.jsonl describes one run, step after step."""
+    path = os.path.join(cfg.out, "log.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def started_without_checkpoint(cfg, path):
+    """--resume of a run that stopped before its first checkpoint (its folder holds its CLIP, maybe its
+    config.json and log): the same stage and preset (config.json), then step 0. -> None."""
+    try:
+        with open(os.path.join(cfg.out, "config.json")) as f:
+            train_cfg = json.load(f).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        train_cfg = {}
+    for key in ("stage", "preset"):
+        if train_cfg.get(key, getattr(cfg, key)) not in (getattr(cfg, key), "clip"):
+            raise FlagError(f"{cfg.out} holds a {train_cfg[key]!r} {key} run, not a {getattr(cfg, key)!r} one: "
+                            f"resume it with --{key} {train_cfg[key]}, or use another --out")
+    print(f"note: no checkpoint at {path} yet (the run stopped before its first): --resume starts at step 0 "
+          f"with the files in {cfg.out}")
+    return None
 
 
 def write_config(cfg, g_cfg, d_cfg, loss_cfg):

@@ -83,6 +83,7 @@ import json
 import os
 import random
 import re
+import string
 import sys
 import time
 import zipfile
@@ -94,7 +95,7 @@ import data
 import metrics
 from metrics import (EVAL_SEED, SHAPES_ATTRIBUTES, clip_score, embed_images, eval_metrics, eval_pairs,  # noqa: F401
                      frechet_distance, shapes_alignment)  # re-exported: sample.X is what train.py and tests call
-from config import ANY, SEED_MAX, FlagError, FlagParser, check_values, device_rule
+from config import ANY, SEED_MAX, FlagError, FlagParser, check_values, device_rule, writable_error
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
@@ -131,6 +132,9 @@ def run_clip(ckpt, path, device):
     to the run directory), refused in one line if a tiny CLIP's file changed since (trained anew):
     G_ema's images would not follow the prompts."""
     spec = resolve_clip_spec(ckpt["clip"], os.path.dirname(path))
+    if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):  # no retraining advice: it would not be this CLIP
+        raise ValueError(f"{spec[5:]} is missing: {path} was trained on the features of that tiny CLIP, and one "
+                         "trained anew would not give them; put the run's own file back (e.g. from a copy of the run)")
     expected = (ckpt.get("clip_sha") or {}).get("clip")  # runs saved before fingerprints have none
     if expected and os.path.isfile(spec[5:]) and clip_lib.tiny_clip_fingerprint(spec) != expected:
         raise ValueError(f"{spec[5:]} is not the tiny CLIP {path} was trained with (the file changed since, "
@@ -732,7 +736,9 @@ def build_parser():
     p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (blank lines skipped)")
     p.add_argument("--n", type=int, help="images per prompt (default 1; 4 with --style-mix; "
                                          "the run's eval_images with --eval)")
-    p.add_argument("--seed", type=int, help=f"image k of a prompt uses seed + k (default 0; {EVAL_SEED} with --eval)")
+    p.add_argument("--seed", type=int, help=f"image k of a prompt uses seed + k (default 0; {EVAL_SEED} with --eval); "
+                                            f"every seed used must be <= {SEED_MAX}: a larger one is refused, "
+                                            "not wrapped")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help="psi in [0, 1]; 1 = none")
     p.add_argument("--truncation-target", type=truncation_target, default="prompt", metavar="TARGET",
                    help="prompt | global | G in [0, 1]: truncate toward the per-prompt mean w_c, the global mean "
@@ -862,8 +868,13 @@ def check_args(args, mode, prompts):
         raise UsageError(f"--n {args.n}: must be >= 2 with --eval (a Frechet distance needs two images)")
     if args.out is not None and os.path.isfile(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
+    out = args.out if args.out is not None else default_out(args, mode)
+    if out is not None and writable_error(out, "--out"):  # FILE/sub, a read-only parent, /proc/x
+        raise UsageError(writable_error(out, "--out") + ("" if args.out is not None else " (give --out)"))
     if args.out is not None:
         earlier_outputs(args.out)  # refuses a folder sample.py did not write, before any model is loaded
+    if args.seed is not None and args.n is not None:  # with a default left, again once it is known
+        check_seeds(args.seed, args.n, mode)
     if args.fid is not None and mode != "eval":
         raise UsageError(f"--{'no-' * (not args.fid)}fid is part of --eval: add --eval, or drop it")
 
@@ -916,6 +927,26 @@ def write_analogies(out, scores, args, ckpt):
                    "step": ckpt.get("step")}, f, indent=2)
 
 
+def default_out(args, mode):
+    """Where the outputs go without --out (see the module docstring); None when the run is not
+    found (loading it says so)."""
+    try:
+        if args.lowres is not None:
+            return os.path.join(os.path.dirname(resolve_checkpoint(args.upsampler)), "upsampled")
+        return os.path.join(os.path.dirname(resolve_checkpoint(args.ckpt)), mode)
+    except FileNotFoundError:
+        return None
+
+
+def check_seeds(seed, n, mode):
+    """Every seed recorded in captions.jsonl must be one --seed accepts: seeds seed .. seed + count - 1
+    (count: n, 2n with --style-mix) stay <= SEED_MAX, else one line (refused, not wrapped)."""
+    count = n * (2 if mode == "style_mix" else 1)
+    if seed + count - 1 > SEED_MAX:
+        raise UsageError(f"--seed {seed} with {count} seeds would use seeds up to {seed + count - 1}, past "
+                         f"{SEED_MAX} (the largest --seed): use --seed {max(SEED_MAX - count + 1, 0)} or less")
+
+
 def pick_device(name):
     """--device (already one of auto | cpu | cuda | cuda:N) -> the device to use."""
     if name == "auto":
@@ -923,6 +954,17 @@ def pick_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
     return name
+
+
+def typed_words(prompt):
+    """The words of a prompt as typed: split at white space, punctuation stripped at their ends."""
+    return [w.strip(string.punctuation) for w in prompt.split() if w.strip(string.punctuation)]
+
+
+def known_word(word, known):
+    """A typed word means something to a tiny CLIP when it is plain ASCII and every lower-case
+    letter run in it (data.words: 'don't' -> don, t) is in `known`; 'émoji', '日本語', '🐶' never are."""
+    return word.isascii() and all(w in known for w in data.words(word))
 
 
 def warn_unknown_words(ckpt, prompts):
@@ -938,7 +980,7 @@ def warn_unknown_words(ckpt, prompts):
         return
     if known is None:
         return
-    unknown = list(dict.fromkeys(w for p in prompts for w in data.words(p) if w not in known))
+    unknown = list(dict.fromkeys(w for p in prompts for w in typed_words(p) if not known_word(w, known)))
     if unknown:
         print(f"sample.py: warning: the run's tiny CLIP never saw {', '.join(map(repr, unknown))} in its training "
               f"captions (--data {spec}): such words carry no meaning to it", file=sys.stderr)
@@ -1010,6 +1052,7 @@ def run_lowres(args, prompts, device):
         raise UsageError(f"--lowres {args.lowres}: not an image PIL can read ({type(err).__name__})") from err
     prompt = prompts[0] if prompts else ""
     n, seed = args.n or 1, args.seed or 0
+    check_seeds(seed, n, "samples")
     out = args.out or os.path.join(os.path.dirname(resolve_checkpoint(args.upsampler)), "upsampled")
     print(f"--lowres {args.lowres}: {size[0]}x{size[1]}, centre-cropped to a square and resized to {r}x{r} "
           f"(the upsampler's input); upsampling x{U.cfg.factor} to {R}x{R} with prompt {prompt!r} on {device}")
@@ -1061,6 +1104,7 @@ def _main(argv):
         args.n = {"style_mix": 4, "eval": ckpt["config"]["train"].get("eval_images", 128), "analogies": 64}.get(mode, 1)
     if args.seed is None:
         args.seed = EVAL_SEED if mode == "eval" else 0
+    check_seeds(args.seed, args.n, mode)
     if mode == "eval" and args.fid is None:  # Inception features say little about flat shapes: alignment
         args.fid = eval_data_spec(args, ckpt) != "shapes"  # measures those
     print(f"{mode}: {ckpt['config']['train']['preset']} G_ema of {resolve_checkpoint(args.ckpt)} "

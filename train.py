@@ -60,6 +60,8 @@ from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, exit_
                     log_eval_row, log_train_row, mean_stats, open_resume, out_of_time, plot_losses, progress_bar,
                     save_checkpoint, save_snapshot, save_upsampler_snapshot, say, snapshot_prompts,
                     stored_clip_spec, write_config)
+from rundir import check_run_dir, clear_run_dir, trim_log  # one run per directory
+from config import data_error  # --data: a folder that is there
 from dry_run import dry_run
 # runtime.py: devices, processes, seeds, the data order, micro-batches and their buffers
 from runtime import (MicroBuffers, Runtime, check_in_sync, make_batches, micro_batches, reduce_grads,  # noqa: F401
@@ -135,6 +137,8 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
         step, nimg = ckpt["step"], ckpt["nimg"]
         if rt.main:
             say(f"resumed {ckpt_path} at step {step}")
+    if cfg.resume and rt.main:  # the log rows of steps trained again (after the last checkpoint) go
+        trim_log(cfg, step)
 
     config = {"train": dataclasses.asdict(cfg), "U" if up else "G": dataclasses.asdict(g_cfg),
               "D": dataclasses.asdict(d_cfg), "loss": dataclasses.asdict(loss_cfg)}
@@ -538,11 +542,14 @@ def main(argv=None):
         cfg, g_cfg, d_cfg, loss_cfg = parse_flags(argv)
         check_models(cfg, g_cfg, d_cfg)
         clip_spec(cfg)
+        if data_error(cfg.data):  # a missing --data folder, before the dry run's plan too
+            raise FlagError(data_error(cfg.data))
         if cfg.dry_run:  # a plan for any machine: no device is touched, nothing is loaded or written
             planned = Runtime(torch.device("meta"), 0, 1, None, time.time())
             check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, planned)[0])
             check_mbstd(cfg, d_cfg, micro_batches(cfg, planned)[0])
             return dry_run(cfg, g_cfg, d_cfg, loss_cfg)
+        doomed = check_run_dir(cfg)  # --out: writable, and no other run's files there (--resume, --overwrite)
         rt = setup_runtime(cfg)
         check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])
         check_mbstd(cfg, d_cfg, micro_batches(cfg, rt)[0])
@@ -559,6 +566,7 @@ def main(argv=None):
                                          group=1 if up else max(d_cfg.mbstd_group, 1))  # P captions x k draws
         except (FileNotFoundError, ValueError) as err:
             raise FlagError(str(err)) from None
+        clear_run_dir(cfg, doomed, rt)  # --overwrite: the earlier run's files go, after every check passed
         ckpt = open_resume(cfg, g_cfg, d_cfg, loss_cfg)  # before any CLIP is trained or config.json rewritten
         if cfg.stage == "clip":
             os.makedirs(cfg.out, exist_ok=True)

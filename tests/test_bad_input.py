@@ -77,8 +77,11 @@ def test_every_flag_has_a_bad_value():
 
 def test_every_preset_keeps_the_rules():
     """The presets' own values are inside every rule (the checks run on the flags given)."""
-    for preset in config.TRAIN_PRESETS:
-        for stage in ("base", "upsampler") if preset in config.UPSAMPLER_TRAIN_PRESETS else ("base",):
+    for preset in config.TRAIN_RULES["preset"]:
+        stages = [s for s, presets in (("base", config.TRAIN_PRESETS), ("upsampler", config.UPSAMPLER_TRAIN_PRESETS))
+                  if preset in presets]
+        assert stages, preset
+        for stage in stages:
             cfg, g_cfg, d_cfg, loss_cfg = config.parse_flags(["--preset", preset, "--stage", stage])
             for prefix, values in (("", cfg), ("u." if stage == "upsampler" else "g.", g_cfg), ("d.", d_cfg),
                                    ("loss.", loss_cfg)):
@@ -93,7 +96,8 @@ def test_train_flag_bad_value(tmp_path, capsys, flag, value, stage):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     value = str(a_file) if value == "FILE" else value
-    argv = ["--out", str(out), "--max-steps", "1", "--clip-steps", "2", *stage, flag, value]
+    tiny_clip = [] if flag == "--clip" else ["--clip-steps", "2"]  # (--clip-steps needs --clip tiny)
+    argv = ["--out", str(out), "--max-steps", "1", *tiny_clip, *stage, flag, value]
     if flag == "--out":
         argv = ["--max-steps", "1", *stage, flag, value]
     with pytest.raises(SystemExit) as exit_info:
@@ -133,6 +137,112 @@ def test_issue_rows_are_one_line_before_any_work(tmp_path, capsys, argv, hint):
     assert not out.exists()
 
 
+# ----------------------------------------------------------------------------- flags that do nothing
+
+def scope_cases():
+    """Every field, given for every stage outside its scope (config.TRAIN_SCOPE, SUB_SCOPE), at a
+    value its rule accepts: a new flag is in this table by construction."""
+    import dry_run
+    defaults = {"": config.TrainConfig(), "g.": dry_run.generator.G_PRESETS["tiny"],
+                "u.": dry_run.upsampler.U_PRESETS["tiny"], "d.": dry_run.discriminator.D_PRESETS["tiny"],
+                "loss.": config.losses.LOSS_PRESETS["base"]}
+    cases = []
+    for prefix, scope in (("", config.TRAIN_SCOPE), *config.SUB_SCOPE.items()):
+        for name, (stages, _) in scope.items():
+            flag = f"--{prefix}{name.replace('_', '-')}"
+            value = dry_run.flag_text(getattr(defaults[prefix], name))
+            cases += [pytest.param(stage, flag, value, id=f"{stage}:{flag}")
+                      for stage in ("clip", "base", "upsampler") if stage not in stages]
+    return cases
+
+
+def test_every_field_has_a_scope():
+    """The import-time assert, restated: every field of every config is classified."""
+    for prefix, cls in (("", config.TrainConfig), *config.SUB_CONFIGS.items()):
+        scope = config.SUB_SCOPE[prefix] if prefix else config.TRAIN_SCOPE
+        assert set(scope) == {f.name for f in dataclasses.fields(cls)}, prefix
+        assert all(set(stages) <= {"clip", "base", "upsampler"} and stages for stages, _ in scope.values())
+
+
+@pytest.mark.parametrize("stage, flag, value", scope_cases())
+def test_a_flag_outside_its_stage_is_refused(stage, flag, value):
+    with pytest.raises(config.FlagError) as err:
+        config.parse_flags(["--stage", stage, flag, value])
+    assert str(err.value).startswith(f"{flag} does nothing with --stage {stage}: "), err.value
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--stage", "clip", "--g.channels", "32,32,32,16"], "--g.channels does nothing with --stage clip"),
+    (["--stage", "clip", "--loss.r1-gamma", "1"], "--loss.r1-gamma does nothing with --stage clip"),
+    (["--stage", "clip", "--max-steps", "5"], "--max-steps does nothing with --stage clip"),
+    (["--stage", "clip", "--dry-run"], "--dry-run does nothing with --stage clip"),
+    (["--stage", "clip", "--resume"], "--resume does nothing with --stage clip"),
+    (["--stage", "upsampler", "--loss.vision-weight", "2"], "--loss.vision-weight does nothing with --stage upsampler"),
+    (["--stage", "upsampler", "--vision-clip", "same"], "--vision-clip does nothing with --stage upsampler"),
+    (["--stage", "upsampler", "--loss.mode-seeking-weight", "1"], "a term of the base G"),
+    (["--lpips", "alex"], "--lpips does nothing with --stage base"),
+    (["--full", "--preset", "tiny"], "--full is --preset full: drop one of --full and --preset tiny"),
+    (["--preset", "small", "--clip-steps", "5"], "--clip-steps does nothing with --clip ViT-B-32/openai"),
+    (["--preset", "full1024"], "--preset full1024 is an upsampler preset"),
+])
+def test_issue_flags_that_do_nothing_are_one_line_before_any_work(tmp_path, capsys, argv, hint):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(out), *argv])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()
+    assert len(err) == 1 and hint in err[0], err
+    assert not out.exists() and "[clip] training" not in printed.out
+
+
+def test_flags_of_their_stage_are_accepted():
+    config.parse_flags(["--stage", "clip", "--clip-steps", "3", "--clip-tower", "vit", "--vision-clip", "same",
+                        "--seed", "2", "--overwrite"])
+    config.parse_flags(["--stage", "upsampler", "--u.z-dim", "32", "--loss.lpips-weight", "1", "--lpips", "alex"])
+    config.parse_flags(["--loss.vision-weight", "1", "--d.vision-hidden", "64", "--g.z-dim", "32", "--eval-fid"])
+    config.parse_flags(["--preset", "small", "--clip", "tiny", "--clip-steps", "5"])   # a tiny CLIP: trained
+
+
+# ----------------------------------------------------------------------------- issue 38's rows
+
+def test_out_in_the_way_is_one_line_before_any_work(tmp_path, capsys):
+    """--out under a file, or where nothing can be made (/proc), or in a read-only folder: one line
+    that says what to do, exit status 2, nothing trained or written."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = [(f"{a_file}/sub", "is a file, not a folder"), ("/proc/x", "cannot write in /proc")]
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        cases.append((str(tmp_path / "ro" / "run"), "cannot write in"))
+    for out, hint in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--out", out, "--max-steps", "2"])
+        assert exit_info.value.code == 2
+        printed = capsys.readouterr()
+        err = printed.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("train.py: --out ") and hint in err[0], err
+        assert "runs/NAME" in err[0] and "[clip] training" not in printed.out
+
+
+def test_a_missing_data_folder_is_refused_by_the_dry_run_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", "/no/such/folder", "--dry-run"])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()
+    assert len(err) == 1 and "--data '/no/such/folder' does not exist" in err[0], err
+    assert "launch:" not in printed.out
+
+
+def test_max_steps_has_a_range_a_run_can_reach(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--max-steps", "99999999999999999999999"])
+    assert exit_info.value.code == 2
+    assert f"--max-steps must be in [1, {config.MAX_STEPS}]" in capsys.readouterr().err
+    assert config.parse_flags(["--max-steps", str(config.MAX_STEPS)])[0].max_steps == config.MAX_STEPS
+
+
 def test_eval_fid_offline_is_one_line_before_data_or_clip(tmp_path, capsys, monkeypatch):
     """--eval-fid with no Inception weights and no network: one line naming --eval-fid false, before
     the data set is read or a CLIP trained."""
@@ -168,6 +278,9 @@ SAMPLE_TEXT = {
     "prompt": [(["--ckpt", "RUN", "--prompt", " "], "empty --prompt")],
     "prompts": [(["--ckpt", "RUN", "--prompts", "RUN/none.txt"], "--prompts")],
     "out": [(["--ckpt", "RUN", "--prompt", A, "--out", "TEXT"], "is a file"),
+            (["--ckpt", "RUN", "--prompt", A, "--out", "TEXT/sub"], "is a file, not a folder"),
+            (["--ckpt", "RUN", "--eval", "--n", "2", "--out", "TEXT/sub"], "is a file, not a folder"),
+            (["--ckpt", "RUN", "--prompt", A, "--out", "/proc/x"], "cannot write in /proc"),
             (["--ckpt", "RUN", "--prompt", A, "--out", "FOREIGN"], "no captions.jsonl of sample.py")],
     "grid": [(["--ckpt", "RUN", "--prompt", A, "--grid", "maybe"], "unrecognized arguments: maybe")],
     "eval": [(["--ckpt", "RUN", "--eval", "--prompt", A], "--eval uses the data set's captions")],
@@ -177,6 +290,8 @@ SAMPLE_TEXT = {
     "prompt_mix": [(["--ckpt", "RUN", "--prompt", A, "--prompt", A, "--prompt-mix", "0"], "choose a row of ws")],
     "lowres": [(["--upsampler", "RUN", "--lowres", "RUN/none.png", "--prompt", A], "no such file")],
     "device": [(["--ckpt", "RUN", "--prompt", A, "--device", "tpu"], "unknown --device 'tpu'")],
+    "seed": [(["--ckpt", "RUN", "--prompt", A, "--seed", "4294967295", "--n", "2"], "use --seed 4294967294 or less"),
+             (["--ckpt", "RUN", "--prompt", A, "--seed", "4294967293", "--n", "2", "--style-mix"], "up to 4294967296")],
 }
 
 

@@ -173,3 +173,49 @@ def test_dry_run_counts_saved_activations():
         fakes = G(z, *text)
     d_step = 3 * dry_run.saved_activation_bytes(lambda: D(fakes, *text), params)
     assert per_image == max(g_step, d_step) / 2 > 0
+
+
+# ----------------------------------------------------------------------------- plans that reproduce themselves
+
+def plan(capsys, argv):
+    """train.py ARGV --dry-run -> (its lines, the launch line, the JSON counts, the launch line's flags)."""
+    lines, flags = dry(capsys, *argv)
+    launch = next(line for line in lines if line.startswith("launch: "))
+    return lines, launch, json.loads(lines[-1]), flags
+
+
+@pytest.mark.parametrize("argv", [
+    ["--preset", "small", "--gpu-memory", "12"],
+    ["--full", "--gpu-memory", "80"],
+    ["--stage", "upsampler", "--full"],
+])
+def test_the_launch_line_pasted_back_twice_plans_the_same_run(capsys, argv):
+    """The issue's rows: the printed launch line, given back to --dry-run (twice), prints the same
+    launch line and estimate (small at 12 GB planned 1 process, pasted back 2; full at 80 GB 4
+    nodes, pasted back 8)."""
+    _, launch, counts, flags = plan(capsys, argv)
+    for _ in range(2):
+        lines, again, counts_again, flags = plan(capsys, flags)
+        assert again == launch and counts_again == counts
+        assert not any(line.startswith("WARNING") for line in lines), lines
+    if argv[0] == "--full":  # dry_run.py's docstring quotes these counts
+        assert f"G {counts['G_params'] / 1e6:.1f}M, D {counts['D_params'] / 1e6:.1f}M" in dry_run.__doc__
+        assert "--nproc_per_node=8 --nnodes=4 " in launch                # the preset's 32 GPUs, accumulation 2
+    if argv[0] == "--stage":  # the full upsampler preset fits an A100 80 GB; its counts are in the docstring
+        assert counts["est_gib_per_gpu"] <= 80 - 1.0 and counts["batch_gpu"] == 4
+        assert f"U {counts['U_params'] / 1e6:.1f}M, D {counts['U_D_params'] / 1e6:.1f}M" in dry_run.__doc__
+
+
+def test_a_batch_over_the_presets_gpu_warns_with_the_batch_that_fits(capsys):
+    lines, _, counts, _ = plan(capsys, ["--full", "--batch-gpu", "32"])
+    warning = [line for line in lines if line.startswith("WARNING")]
+    assert len(warning) == 1 and "more than the 80 GiB GPUs the full preset is planned for" in warning[0], lines
+    assert "--batch-gpu 16 fits" in warning[0] and counts["est_gib_per_gpu"] > 80
+
+
+def test_the_full1024_upsampler_is_selectable_and_fits(capsys):
+    """README's presets table lists the upsampler `full1024` (128 -> 1024, 352.4M, D 422.3M)."""
+    lines, launch, counts, _ = plan(capsys, ["--stage", "upsampler", "--preset", "full1024"])
+    assert round(counts["U_params"] / 1e6, 1) == 352.4 and round(counts["U_D_params"] / 1e6, 1) == 422.3
+    assert counts["est_gib_per_gpu"] <= 80 - 1.0 and not any(line.startswith("WARNING") for line in lines)
+    assert "--preset full1024 --stage upsampler" in launch

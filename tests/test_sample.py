@@ -599,3 +599,33 @@ def test_figure_of_plain_sampling_is_its_grid(run_dir, tmp_path):
 def test_latent_modes_refuse_bad_input_in_one_line(run_dir, tmp_path, capsys, argv, hint):
     argv = [a.replace("TMP", str(tmp_path)) for a in argv]
     assert hint in bad(sample.main, ["--ckpt", str(run_dir), "--out", str(tmp_path / "o"), *argv], capsys, "sample.py")
+
+
+def test_prompt_words_are_named_as_typed(run_dir, tmp_path, capsys):
+    """Accented letters, other scripts and emoji were cut to their ASCII letters ('émoji' -> 'moji')
+    or dropped: the warning names every such word as the prompt has it."""
+    cli(run_dir, tmp_path / "w", "--prompt", "un grand cercle rouge ☃ 日本語 émoji 🐶")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "never saw 'un', 'grand', 'cercle', 'rouge', '☃', '日本語', 'émoji', '🐶' in" in err[0], err
+    cli(run_dir, tmp_path / "k", "--prompt", "A large, red circle; on the left of a blue background.")
+    assert capsys.readouterr().err == ""                             # case and punctuation: the grammar's words
+
+
+def test_every_recorded_seed_can_be_given_back(run_dir, tmp_path):
+    """The largest seeds: captions.jsonl records only seeds that --seed accepts (past them: refused,
+    tests/test_bad_input.py), and each one gives its image back."""
+    _, rows = cli(run_dir, tmp_path / "top", "--prompt", A, "--seed", "4294967294", "--n", "2")
+    assert [r["seed"] for r in rows] == [4294967294, 4294967295]
+    _, again = cli(run_dir, tmp_path / "again", "--prompt", A, "--seed", str(rows[1]["seed"]))
+    assert same(pixels(tmp_path / "top" / rows[1]["file"]), pixels(tmp_path / "again" / again[0]["file"]))
+
+
+def test_a_missing_tiny_clip_asks_for_the_runs_own_file(run_dir, tmp_path, capsys):
+    """No message may suggest a command that destroys a run: a run whose clip.pt is gone asks for that
+    file back, not for `train.py --stage clip --out RUN`."""
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    (moved / "clip.pt").unlink()
+    err = bad(sample.main, ["--ckpt", str(moved), "--prompt", A, "--out", str(tmp_path / "o")], capsys, "sample.py")
+    assert "clip.pt is missing" in err and "put the run's own file back" in err and "--stage clip" not in err, err

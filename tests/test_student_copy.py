@@ -174,3 +174,19 @@ def test_full_copy_passes_every_grading_test(round_trips):
     assert cut == {} and (out / "tests" / "conftest.py").exists()
     status, output = future.result()
     assert status == 0, output[-3000:]
+
+
+def test_train_in_a_student_copy_blames_the_unwritten_exercise(tmp_path):
+    """`python train.py --max-steps 2` in a copy with 01's regions cut: the NotImplementedError and its
+    hint, not "bad generator configuration" (train.py builds G on the meta device first), and no run
+    directory written."""
+    out = tmp_path / "copy"
+    msc.make_copy(str(out), ["01_kernel_selection.py"])
+    hints = [r.hint for r in msc.find_regions(open(os.path.join(ROOT, "01_kernel_selection.py")).read())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", "runs/x"], cwd=out,
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0 and "bad generator configuration" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("NotImplementedError: ") and any(h in last for h in hints), done.stderr[-2000:]
+    assert not (out / "runs").exists()

@@ -269,6 +269,7 @@ def test_full_dry_run_prints_parameter_counts(capsys):
     assert abs(counts["D_params"] / 381.4e6 - 1) < 0.05
     # ViT-L/14 (text 123.7M fp32, image 304.0M bf16) + ViT-B/32 (text 63.4M fp32, image 87.8M bf16)
     assert abs(counts["clip_gib"] - 1.43) < 0.02 and counts["est_gib_per_gpu"] > counts["clip_gib"]
+    assert counts["est_gib_per_gpu"] <= 80 - 1.0 and counts["batch_gpu"] == 16   # an A100 80 GB, as README says
 
 
 def test_dry_run_launch_line_fits_the_batch(capsys):
@@ -337,15 +338,15 @@ BAD = [
     # the upsampler stage
     (["--stage", "upsampler", "--lpips", "squeeze"], "unknown --lpips"),
     (["--stage", "upsampler", "--g.z-dim", "64"], "--u.*"),
-    (["--u.z-dim", "64"], "add --stage upsampler"),
+    (["--u.z-dim", "64"], "use --stage upsampler"),
     (["--stage", "upsampler", "--preset", "small"], "no upsampler preset"),
     (["--stage", "upsampler", "--u.in-resolution", "48"], "bad upsampler configuration"),
     (["--stage", "upsampler", "--d.resolution", "64"], "must equal"),
-    (["--warmup-steps", "5"], "add --stage upsampler"),
+    (["--warmup-steps", "5"], "use --stage upsampler"),
     (["--stage", "upsampler", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--stage", "upsampler", "--lpips", "vgg", "--clip", "CLIP"], "--lpips random"),  # no VGG weights offline
     (["--max-steps", "ten"], "bad value for --max-steps"),
-    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--max-steps", "0"], "--max-steps must be in [1, 1000000000], got 0"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--dtype", "float8"], "unknown --dtype"),
     (["--clip-tower", "convnext"], "unknown --clip-tower"),
