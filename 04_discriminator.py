@@ -106,8 +106,6 @@ class DiscriminatorConfig:
     projection: bool = False          # add <A(flatten h), t_D> to every MS-I/O exit (project's choice, see Predictor)
     vision_hidden: int = 64           # width of each vision-aided head (project's choice)
     vision_psi_layers: int = 2        # modulated 1x1 convs per vision-aided head (project's choice)
-    mbstd_group: int = 0              # minibatch std over groups of this many images (0: off; paper: off)
-    mbstd_where: str = "last"         # where: "last" (before the 1x1 flatten, StyleGAN2's) | "entries" (each image input)
 
     def __post_init__(self):
         # a tuple may arrive as a list (a checkpoint's plain-dict config, a JSON CLI flag)
@@ -116,8 +114,6 @@ class DiscriminatorConfig:
             f"resolution {self.resolution}: a power of 2, >= 8")
         assert self.blocks_per_scale >= 1 and self.psi_layers >= 1
         assert self.downsample in ("blur", "max"), f"downsample {self.downsample!r}: 'blur' or 'max'"
-        assert self.mbstd_group >= 0, f"mbstd_group {self.mbstd_group}: 0 (off) or a group size"
-        assert self.mbstd_where in ("last", "entries"), f"mbstd_where {self.mbstd_where!r}: 'last' or 'entries'"
 
     @property
     def levels(self):
@@ -198,39 +194,6 @@ class DownBlock(nn.Module):
         return (y + self.skip(x)) * math.sqrt(0.5)            # (n, C_out, r', r')
 
 
-class MinibatchStd(nn.Module):
-    """Minibatch standard deviation (Karras et al. 2018; StyleGAN2's D epilogue), one extra channel:
-
-        (n, C, r, r) -> groups of G consecutive images -> std over the group, per channel and
-        pixel -> mean over channels -> (n, 1, r, r), the same map for every image of a group
-        -> concatenated: (n, C + 1, r, r)
-    A D that judges one image at a time cannot tell a G that draws one picture per caption from
-    one that draws them all: every single image is plausible. With groups of images that share a
-    caption (train.py builds such batches: P captions x G draws, real and generated alike), real
-    groups vary by what the caption leaves open and a collapsed G's groups do not, and this
-    channel shows it. Project's choice: the paper keeps it off; we keep the r x r map (StyleGAN2
-    averages it to one number) so that D sees WHERE the group varies, e.g. in height.
-    Rows come as streams of B images stacked (n = streams * B): with B a multiple of G (train.py
-    checks it) no group crosses a stream. A batch that G does not divide uses gcd(G, n).
-    """
-
-    def __init__(
-        self,
-        group,   # G, images per group (4 in StyleGAN2)
-    ):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x):                                     # (n, C, r, r)
-        n, C, H, W = x.shape
-        G = math.gcd(self.group, n)                           # images per group, divides n
-        y = x.float().view(n // G, G, C, H, W)                # (n/G, G, C, r, r)
-        std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt()    # (n/G, C, r, r)  sqrt(E[(y - E y)^2])
-        std = std.mean(dim=1, keepdim=True)                   # (n/G, 1, r, r)  over channels
-        std = std.repeat_interleave(G, dim=0).to(x.dtype)     # (n, 1, r, r)    every image of its group
-        return torch.cat([x, std], dim=1)                     # (n, C + 1, r, r)
-
-
 class Flatten1x1(nn.Module):
     """The last stage's end (paper: it "flattens the spatial extent into a 1x1 tensor"):
 
@@ -271,7 +234,6 @@ class Scale(nn.Module):
         heads,         # attention heads
         mode="blur",   # DownBlock's downsampling, "blur" or "max"
         flatten=None,  # r: end in Flatten1x1 at r px (output (n, C(r/2), 1, 1)); None: halve
-        mbstd=0,       # with flatten: MinibatchStd over groups of this many images before it (0: none)
     ):
         super().__init__()
         layers = []
@@ -281,9 +243,7 @@ class Scale(nn.Module):
                 layers.append(ImageSelfAttention(in_channels, heads))  # residual inside
             layers.append(DownBlock(in_channels, out_channels if halve else in_channels, down=halve, mode=mode))
         if flatten is not None:
-            if mbstd:
-                layers.append(MinibatchStd(mbstd))                                 # (n, C(r) + 1, r, r)
-            layers.append(Flatten1x1(in_channels + bool(mbstd), out_channels, flatten))  # (n, C(r/2), 1, 1)
+            layers.append(Flatten1x1(in_channels, out_channels, flatten))  # (n, C(r/2), 1, 1)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):                                     # (n, C(r), r, r)
@@ -430,17 +390,13 @@ class Discriminator(nn.Module):
         ### END SOLUTION
 
         # image branch phi: fromRGB per entry level, one Scale per resolution
-        # (with mbstd_where "entries": RGB + the group's pixel std, 4 channels)
-        self.entry_std = MinibatchStd(cfg.mbstd_group) if cfg.mbstd_group and cfg.mbstd_where == "entries" else None
         self.from_rgb = nn.ModuleDict({
-            str(i): EqualConv2d(3 + (self.entry_std is not None), width(self.resolutions[i]), 1, activation="lrelu")
-            for i in self.entries})
+            str(i): EqualConv2d(3, width(self.resolutions[i]), 1, activation="lrelu") for i in self.entries})
         # (the last one, at 4 px, flattens to 1x1 instead of halving)
         self.scales = nn.ModuleList([
             Scale(width(r), width(r // 2), cfg.blocks_per_scale,
                   attention=cfg.attention and r in cfg.attn_resolutions, heads=cfg.attn_heads,
-                  mode=cfg.downsample, flatten=r if j == levels - 1 else None,
-                  mbstd=cfg.mbstd_group if cfg.mbstd_where == "last" else 0)
+                  mode=cfg.downsample, flatten=r if j == levels - 1 else None)
             for j, r in enumerate(self.resolutions)])
         # one predictor per exit j, on C(r_j / 2)-wide features of side exit_resolutions[j]
         self.predictors = nn.ModuleDict({
@@ -473,8 +429,7 @@ class Discriminator(nn.Module):
         h, streams, out = None, [], {}
         for j, scale in enumerate(self.scales):
             if str(j) in self.from_rgb:                       # late entry of x_j at its own resolution
-                x = pyramid[j] if self.entry_std is None else self.entry_std(pyramid[j])  # (B, 3 [+ 1], r_j, r_j)
-                x = self.from_rgb[str(j)](x)                  # (B, C(r_j), r_j, r_j)
+                x = self.from_rgb[str(j)](pyramid[j])         # (B, C(r_j), r_j, r_j)
                 h = x if h is None else torch.cat([h, x])     # (n*B, C(r_j), r_j, r_j) streams stacked
                 streams.append(j)                             # entry of each stacked stream, in order
             h = scale(h)                                      # (n*B, C(r_j/2), r_j/2, r_j/2), 1x1 at the last

@@ -541,10 +541,9 @@ class LPIPS(nn.Module):
 # -----------------------------------------------------------------------------
 # Composite helpers: what train.py calls, once per D step and once per G step
 #
-# Several (image, caption) groups go through D in ONE call, concatenated along the batch,
-# and the predictions are split back per group. D's only batch-coupled layer is the optional
-# minibatch std (--d.mbstd-group k, off in the paper's text-to-image D): it couples k
-# consecutive rows, and as k divides every stream's B, no group mixes two streams. `fake_pyr` must have been generated from the
+# Several (image, caption) groups go through D in ONE call, concatenated along the batch
+# (the D has no batch-coupled layer: minibatch-std is off in the text-to-image D), and
+# the predictions are split back per group. `fake_pyr` must have been generated from the
 # same captions as `text` (row i from caption i), so that caption perm[i] is wrong for
 # both the real image i and the generated image i.
 

@@ -213,8 +213,7 @@ SUB_RULES = {
     "d.": dict(resolution="[8, inf)", channel_base=WIDTH, channel_max=WIDTH, blocks_per_scale=COUNT, attention=ANY,
                attn_resolutions="[4, inf)", attn_heads=COUNT, multi_scale=ANY, text_width=WIDTH, text_depth=DEPTH,
                text_heads=COUNT, t_dim=WIDTH, psi_layers=COUNT, downsample=("blur", "max"), projection=ANY,
-               vision_hidden=WIDTH, vision_psi_layers=COUNT, mbstd_group="[0, inf)",
-               mbstd_where=("last", "entries")),
+               vision_hidden=WIDTH, vision_psi_layers=COUNT),
     "loss.": dict(match_d=ANY, match_fake=ANY, match_g=ANY, match_weight="[0, inf)", clip_weight="[0, inf)",
                   clip_temperature="(0, inf)", vision_weight="[0, inf)", vision_match=ANY, r1_gamma="[0, inf)",
                   r1_interval="[1, inf)", lpips_weight="[0, inf)", pixel_weight="[0, inf)",
@@ -504,15 +503,6 @@ def text_width(cfg):
     """Width of the CLIP text tower's token features: a known open_clip model's, else the tiny CLIP's
     (the real width comes from the loaded CLIP; this one builds models on the meta device)."""
     return {"ViT-L-14": 768, "ViT-B-32": 512, "ViT-B-16": 512, "ViT-H-14": 1024}.get(cfg.clip.split("/")[0], 128)
-
-
-def check_mbstd(cfg, d_cfg, batch_gpu):
-    """--d.mbstd-group k: D's minibatch-std groups must not straddle micro-batches (a group is k
-    draws of one caption: shapes builds its batches so)."""
-    k = d_cfg.mbstd_group
-    if cfg.stage == "base" and k > 1 and batch_gpu % k:
-        raise FlagError(f"--d.mbstd-group {k} needs a micro-batch that it divides (--batch-gpu is {batch_gpu}): "
-                        f"give --batch-gpu a multiple of {k}")
 
 
 def check_models(cfg, g_cfg, d_cfg):

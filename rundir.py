@@ -357,10 +357,8 @@ def plot_losses(cfg):
 
 
 def snapshot_prompts(dataset, n=8):
-    """A fixed set of prompts for the sample grids: the first n captions of the data set (of its
-    first n caption groups, when k consecutive samples share one)."""
-    k = getattr(dataset, "group", 1)
-    return [dataset[i * k][1] for i in range(n)]
+    """A fixed set of prompts for the sample grids: the first n captions of the data set."""
+    return [dataset[i][1] for i in range(n)]
 
 
 @torch.no_grad()

@@ -55,7 +55,7 @@ import data
 import metrics
 # config.py: TrainConfig, the presets and flags; rundir.py: checkpoints, logs, snapshots, stopping
 from config import (HARD_ATTRIBUTES, UPSAMPLER_TRAIN_PRESETS, VISION_CLIP, FlagError, TrainConfig,  # noqa: F401
-                    check_mbstd, check_mode_seeking, check_models, clip_spec, parse_flags, print_help, vision_clip_spec)
+                    check_mode_seeking, check_models, clip_spec, parse_flags, print_help, vision_clip_spec)
 from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, exit_interrupted, exit_nonfinite,
                     log_eval_row, log_train_row, mean_stats, open_resume, out_of_time, plot_losses, progress_bar,
                     save_checkpoint, save_snapshot, save_upsampler_snapshot, say, snapshot_prompts,
@@ -547,12 +547,10 @@ def main(argv=None):
         if cfg.dry_run:  # a plan for any machine: no device is touched, nothing is loaded or written
             planned = Runtime(torch.device("meta"), 0, 1, None, time.time())
             check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, planned)[0])
-            check_mbstd(cfg, d_cfg, micro_batches(cfg, planned)[0])
             return dry_run(cfg, g_cfg, d_cfg, loss_cfg)
         doomed = check_run_dir(cfg)  # --out: writable, and no other run's files there (--resume, --overwrite)
         rt = setup_runtime(cfg)
         check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])
-        check_mbstd(cfg, d_cfg, micro_batches(cfg, rt)[0])
         if not cfg.data:
             raise FlagError("--data is required for this preset: an image folder or 'shards/{00000..00099}.tar'")
         if cfg.eval_fid and rt.main:  # the Inception weights first: offline, one line in about a second
@@ -562,8 +560,7 @@ def main(argv=None):
                 raise FlagError(str(err)) from None
         up = cfg.stage == "upsampler"
         try:  # the upsampler learns from real images at its OUTPUT size (made small on the fly)
-            dataset = data.build_dataset(cfg.data, g_cfg.out_resolution if up else g_cfg.resolution, seed=cfg.seed,
-                                         group=1 if up else max(d_cfg.mbstd_group, 1))  # P captions x k draws
+            dataset = data.build_dataset(cfg.data, g_cfg.out_resolution if up else g_cfg.resolution, seed=cfg.seed)
         except (FileNotFoundError, ValueError) as err:
             raise FlagError(str(err)) from None
         clear_run_dir(cfg, doomed, rt)  # --overwrite: the earlier run's files go, after every check passed

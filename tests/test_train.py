@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import data
-import config
 import train
 from conftest import FAST, assert_same, bad, log_rows, state
 
@@ -879,19 +878,3 @@ def test_tiny_upsampler_lpips_note_says_it_is_the_preset(capsys):
     train.build_lpips(cfg, train.Runtime(torch.device("cpu"), 0, 1, None, 0.0))
     note = capsys.readouterr().out
     assert "the tiny upsampler's preset" in note and "cannot be downloaded" not in note
-
-
-def test_grouped_batches_hold_whole_groups_in_a_seeded_order():
-    """--d.mbstd-group 4 on shapes: every micro-batch is P captions x 4 draws, the same for a
-    resumed run; a micro-batch the group does not divide is refused before any work."""
-    import runtime
-    cfg, _, d_cfg, _ = config.parse_flags(["--d.mbstd-group", "4", "--batch-size", "8"])
-    dataset = data.build_dataset("shapes", 32, seed=0, group=4)
-    rt = runtime.Runtime(torch.device("cpu"), 0, 1, None, 0.0)
-    batches = runtime.make_batches(dataset, cfg, rt, 8, [0], 0)
-    steps = [next(batches)[1] for _ in range(3)]
-    for captions in steps:
-        assert len(set(captions[:4])) == 1 and len(set(captions[4:])) == 1
-    assert list(next(runtime.make_batches(dataset, cfg, rt, 8, [0], 2))[1]) == list(steps[2])
-    with pytest.raises(config.FlagError, match="mbstd-group 3"):
-        config.check_mbstd(cfg, dataclasses.replace(d_cfg, mbstd_group=3), 8)
