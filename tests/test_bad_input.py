@@ -290,6 +290,10 @@ SAMPLE_TEXT = {
     "prompt_mix": [(["--ckpt", "RUN", "--prompt", A, "--prompt", A, "--prompt-mix", "0"], "choose a row of ws")],
     "lowres": [(["--upsampler", "RUN", "--lowres", "RUN/none.png", "--prompt", A], "no such file")],
     "device": [(["--ckpt", "RUN", "--prompt", A, "--device", "tpu"], "unknown --device 'tpu'")],
+    "truncation_target": [(["--ckpt", "RUN", "--prompt", A, "--truncation-target", "2"], "prompt, global, or a number")],
+    "arithmetic": [(["--ckpt", "RUN", "--prompt", A, "--prompt", A, "--prompt", A, "--arithmetic", "u"], "invalid choice")],
+    "analogies": [(["--ckpt", "RUN", "--analogies", "--prompt", A], "--analogies draws its own captions")],
+    "figure": [(["--ckpt", "RUN", "--prompt", A, "--figure", "x.jpg"], "give a .png file name")],
     "seed": [(["--ckpt", "RUN", "--prompt", A, "--seed", "4294967295", "--n", "2"], "use --seed 4294967294 or less"),
              (["--ckpt", "RUN", "--prompt", A, "--seed", "4294967293", "--n", "2", "--style-mix"], "up to 4294967296")],
 }
