@@ -53,9 +53,10 @@ log2(R) - 1 levels (R .. 4 px), the same as this file's output. U_D_PRESETS belo
 DiscriminatorConfig with each upsampler preset. The real pyramid is train.py's
 image_pyramid(real, levels) of the high-res image.
 
-Metrics (upsampling_metrics, logged by train.py --stage upsampler at eval intervals): mean
-absolute error to the real high-res image against bicubic's, and sharpness (RMS gradient
-magnitude) of the output, of bicubic and of the real image. A GAN upsampler should beat
+Metrics (upsampling_metrics here, on U's own clean path; train.py --stage upsampler logs
+sample.py's evaluate_upsampler at eval intervals, the path a user takes, default input noise
+and none): mean absolute error to the real high-res image against bicubic's, and sharpness (RMS
+gradient magnitude) of the output, of bicubic and of the real image. A GAN upsampler should beat
 bicubic on both: lower error and sharper, close to the real image's sharpness.
 
 Run:  python 06_upsampler.py    (tiny 32 -> 128 upsampler on random text, seconds on a CPU)
