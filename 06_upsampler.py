@@ -177,8 +177,9 @@ U_PRESETS = {
     # attention at 16 px only (256 tokens; at 32 px it would cost most of the step).
     # About 0.57M parameters with text_dim 128; forward + backward at batch 8 ~0.25 s on one core.
     # M at the full learning rate, as the tiny base G (NOTES.md, "What lets U learn on MSE").
-    # Input noise up to 0.05, not 0.2 (NOTES.md, "Input noise strength").
-    "tiny": UpsamplerConfig(mapping_lr_mul=1.0, noise_aug_sigma=0.05),
+    # Input noise up to 0.02, not 0.2 or 0.05: the noise this small U learns to remove within the
+    # stage's 1,500 steps (NOTES.md, "Input noise strength" and "Upsampler input noise").
+    "tiny": UpsamplerConfig(mapping_lr_mul=1.0, noise_aug_sigma=0.02),
     # The paper's 64 -> 512 upsampler (359.1M). From the paper: the asymmetric U-Net with 3
     # downsampling residual blocks (64 -> 32 -> 16 -> 8, one per scale) and 6 upsampling
     # residual blocks with attention (8 -> 16 -> ... -> 512, one per scale), skips at equal
