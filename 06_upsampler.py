@@ -22,7 +22,7 @@ the decoder has to invent the detail of a big one. Both paths are residual block
 Training: the same losses as the base model (MS-I/O D, matching-aware, CLIP), plus LPIPS to
 the real high-res image with weight 10 (05_losses.py, LOSS_PRESETS["upsampler"]); no
 vision-aided loss. The tiny preset adds what a CPU budget needs (train.py, not the paper): a
-pixel-MSE warm-up before the GAN steps, and a pixel MSE among the GAN losses.
+pixel-MSE warm-up before the GAN steps (with the input noise), and a pixel MSE among the GAN losses.
 
 Why these pieces.
 - Text conditioning (M and cross-attention): at 8x, most of the output pixels are not in
@@ -32,8 +32,10 @@ Why these pieces.
   random strength on the input during training (augment_lowres) teaches it not to trust
   single pixels, so it also upsamples other models' images. The paper applies it "during
   training and inference": sample.py adds inference_sigma(cfg) by default (--noise-aug to
-  change it). The module itself adds none in eval mode unless asked (noise_aug), so that
-  its metrics are deterministic.
+  change it), so U must learn to remove that noise, from its first training step on: a U
+  warmed up on clean inputs sharpens the noise, and its default output ends further from
+  the real image than bicubic's (NOTES.md, "Upsampler input noise"). The module itself adds
+  none in eval mode unless asked (noise_aug), so that its metrics are deterministic.
 - Residual over the interpolated input (this project's choice): the output is
   resize(x_lr, R) + learned residual, not an image from scratch. The coarse structure is
   right from step 0 (the ToRGB layers start at 1/1000 of their usual size, rgb_init: the

@@ -28,7 +28,8 @@ The upsampler stage (06_upsampler.py, paper Sec. 3.4) runs the same loop with U(
 in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
 Its first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstruction warm-up:
-U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator.
+U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator;
+its input already carries the noise augmentation that inference adds (06's augment_lowres).
 
 The frozen CLIPs: --clip gives the text features and the CLIP loss; --vision-clip the backbone of the
 vision-aided D (auto: the --clip model, except that a tiny CLIP with a ViT image tower, --clip-tower
