@@ -42,8 +42,8 @@ Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema):
                     size) and lowres.png (the resized input). Default --out <UP>/upsampled.
     --noise-aug S   with --upsampler: the std S of the Gaussian noise added to its input first
                     (the paper's augmentation "during training and inference": it hides a base
-                    model's artifacts). Default: half the run's training maximum
-                    (06_upsampler.inference_sigma; tiny 0.025); 0 = off.
+                    model's artifacts). Default: a quarter of the run's training maximum
+                    (06_upsampler.inference_sigma; tiny 0.005); 0 = off.
 Rows of ws are named by G.synthesis.w_names (tiny: 0 4px.block0, 1 4px.torgb, 2 8px.block0, ...);
 a bad ROW is answered with the list.
 
@@ -533,7 +533,7 @@ def build_parser():
                                                        "the --ckpt images, or the --lowres image")
     p.add_argument("--noise-aug", type=float, default=None, metavar="SIGMA",
                    help="with --upsampler: std of Gaussian noise added to its input (in [-1, 1] units; "
-                        "training used up to the run's noise_aug_sigma); default half of that, 0 = off")
+                        "training used up to the run's noise_aug_sigma); default a quarter of that, 0 = off")
     p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "
                                                       "and resized to the upsampler's input size, then upsampled")
     dests = {a.dest for a in p._actions if a.dest != "help"}
