@@ -207,9 +207,9 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                     # ---- the upsampler's reconstruction warm-up (ESRGAN-style; project's choice, the paper leaves it open):
                     # U alone, pixel MSE to the real image, its own Adam. Its input gets the noise of the GAN
                     # steps and of inference from step one (augment_lowres, sigma ~ U(0, noise_aug_sigma)): trained
-                    # on clean inputs, U sharpens sample.py's noise instead of removing it (NOTES.md, "Upsampler
-                    # input noise"). No noise inputs: a pixel loss cannot predict random detail, it would teach
-                    # U to switch them off.
+                    # on clean inputs, U sharpens sample.py's noise instead of removing it
+                    # (NOTES.md, "Upsampler input noise"). No noise inputs: a pixel loss cannot predict random
+                    # detail, it would teach U to switch them off.
                     G.requires_grad_(True)
                     opt_W.zero_grad(set_to_none=True)
                     for micro, reals, lowres, captions in work:
