@@ -315,8 +315,9 @@ def log_eval_row(cfg, step, metrics):
     """One evaluation row: the base stage's alignment and CLIP scores, or the upsampler's errors."""
     log_row(cfg, {"kind": "eval", "step": step, **metrics})
     if "mae_bicubic" in metrics:  # the upsampler, against bicubic upsampling of the same input
+        clean = f"; no noise {metrics['mae_ratio_clean']:.2f}" if "mae_ratio_clean" in metrics else ""
         say(f"eval  mae {metrics['mae']:.4f} (bicubic {metrics['mae_bicubic']:.4f}, ratio "
-            f"{metrics['mae'] / max(metrics['mae_bicubic'], 1e-12):.2f})  sharpness "
+            f"{metrics['mae'] / max(metrics['mae_bicubic'], 1e-12):.2f}{clean})  sharpness "
             f"{metrics['sharpness']:.4f} (bicubic {metrics['sharpness_bicubic']:.4f}, "
             f"real {metrics['sharpness_real']:.4f})")
     else:

@@ -58,8 +58,8 @@ Upsampler (06_upsampler.py, a run of train.py --stage upsampler; its G_ema):
                     size) and lowres.png (the resized input). Default --out <UP>/upsampled.
     --noise-aug S   with --upsampler: the std S of the Gaussian noise added to its input first
                     (the paper's augmentation "during training and inference": it hides a base
-                    model's artifacts). Default: half the run's training maximum
-                    (06_upsampler.inference_sigma; tiny 0.025); 0 = off.
+                    model's artifacts). Default: a quarter of the run's training maximum
+                    (06_upsampler.inference_sigma; tiny 0.005); 0 = off.
 Rows of ws are named by G.synthesis.w_names (tiny: 0 4px.block0, 1 4px.torgb, 2 8px.block0, ...);
 a bad ROW is answered with the list.
 
@@ -247,6 +247,54 @@ def upsample(U, clip, lowres, prompts, seeds, batch=32, noise_aug=None):
             x = x + noise_aug * seeded_normal(seeds[sl], x.shape[1:], device)  # (b, 3, r, r) per-seed noise
         return U(x, z, tokens, mask, eot, noise_aug=0.0, noise_mode="const")[0].clamp(-1, 1)
     return in_batches(len(prompts), batch, make)
+
+
+def as_png(images):
+    """(N, 3, H, W) in [-1, 1] -> the same images as a PNG stores them and data.load_image reads
+    them back: 8 bits per channel (png_pixels' rounding), float32 in [-1, 1] again."""
+    pixels = torch.from_numpy(png_pixels(images)).permute(0, 3, 1, 2).float()  # (N, 3, H, W) 0..255
+    return (pixels / 127.5 - 1.0).to(images.device)
+
+
+@torch.no_grad()
+def evaluate_upsampler(U, clip, highres, captions, seeds=None, noise_aug=None, batch=32):
+    """How close U brings real images, made small, back to the real ones, on the path a user takes:
+    `sample.py --upsampler RUN --lowres IMG --prompt CAPTION --seed S` with IMG the small image.
+
+    highres (n, 3, R, R) real images in [-1, 1], one caption each. Each is made small (06's
+    make_lowres) and stored as a PNG would (as_png), then upsampled by upsample() twice: at
+    noise_aug (None: the default, upsampler.inference_sigma(U.cfg)) and at 0 (--noise-aug 0).
+    seeds: one per image (z and input noise as --seed S draws them); default 0 .. n-1.
+    -> dict of floats, MAEs in [-1, 1] units (x 127.5 for 0-255):
+        noise_aug                      the default path's sigma
+        mae, mae_ratio                 default path: mean |x - highres|, and that / mae_bicubic
+        mae_clean, mae_ratio_clean     the same with no input noise
+        mae_bicubic                    bicubic upsampling of the small image (upsampler.resize)
+        sharpness, sharpness_clean, sharpness_bicubic, sharpness_real   RMS gradient (06's sharpness)
+    The target: both ratios well below 1 (NOTES.md, "Upsampler input noise"), sharpness near real.
+    """
+    n, R = highres.shape[0], U.cfg.out_resolution
+    assert highres.shape == (n, 3, R, R) and len(captions) == n, (highres.shape, R, len(captions))
+    seeds = list(range(n)) if seeds is None else list(seeds)
+    sigma = upsampler.inference_sigma(U.cfg) if noise_aug is None else float(noise_aug)
+    lowres = as_png(upsampler.make_lowres(highres, U.cfg.in_resolution))   # (n, 3, r, r) the small PNG
+    was_training = U.training
+    U.eval()                                                                # as load_upsampler returns it
+    try:
+        out = upsample(U, clip, lowres, captions, seeds, batch, sigma)      # (n, 3, R, R) the default path
+        clean = upsample(U, clip, lowres, captions, seeds, batch, 0.0)      # (n, 3, R, R) --noise-aug 0
+    finally:
+        U.train(was_training)
+    highres = highres.to(out.device)
+    bicubic = upsampler.resize(lowres.to(out.device), R).clamp(-1, 1)      # (n, 3, R, R) the baseline
+    mae_bicubic = (bicubic - highres).abs().mean().item()
+    mae, mae_clean = ((x - highres).abs().mean().item() for x in (out, clean))
+    return {"noise_aug": sigma,
+            "mae": mae, "mae_ratio": mae / max(mae_bicubic, 1e-12),
+            "mae_clean": mae_clean, "mae_ratio_clean": mae_clean / max(mae_bicubic, 1e-12),
+            "mae_bicubic": mae_bicubic,
+            "sharpness": upsampler.sharpness(out), "sharpness_clean": upsampler.sharpness(clean),
+            "sharpness_bicubic": upsampler.sharpness(bicubic), "sharpness_real": upsampler.sharpness(highres)}
 
 
 def text_condition(G, clip, prompts, length=None):
@@ -773,7 +821,7 @@ def build_parser():
                                                        "the --ckpt images, or the --lowres image")
     p.add_argument("--noise-aug", type=float, default=None, metavar="SIGMA",
                    help="with --upsampler: std of Gaussian noise added to its input (in [-1, 1] units; "
-                        "training used up to the run's noise_aug_sigma); default half of that, 0 = off")
+                        "training used up to the run's noise_aug_sigma); default a quarter of that, 0 = off")
     p.add_argument("--figure", metavar="PNG", help="also write the grid to this file, tiles 3x larger with "
                                                      "gaps (a README picture)")
     p.add_argument("--lowres", metavar="IMAGE", help="with --upsampler, no --ckpt: an image file, centre-cropped "

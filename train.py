@@ -28,7 +28,8 @@ The upsampler stage (06_upsampler.py, paper Sec. 3.4) runs the same loop with U(
 in place of G(z), the same MS-I/O D on its output pyramid, no vision-aided D, and LPIPS to the
 real high-res image in the G step (--lpips vgg | alex | random, weight --loss.lpips-weight).
 Its first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstruction warm-up:
-U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator.
+U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator;
+its input already carries the noise augmentation that inference adds (06's augment_lowres).
 
 The frozen CLIPs: --clip gives the text features and the CLIP loss; --vision-clip the backbone of the
 vision-aided D (auto: the --clip model, except that a tiny CLIP with a ViT image tower, --clip-tower
@@ -208,8 +209,11 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
 
                 if step < cfg.warmup_steps:
                     # ---- the upsampler's reconstruction warm-up (ESRGAN-style; project's choice, the paper leaves it open):
-                    # U alone, pixel MSE to the real image, its own Adam; no input noise and no noise inputs
-                    # (a pixel loss cannot predict random detail: it would teach U to switch it off)
+                    # U alone, pixel MSE to the real image, its own Adam. Its input gets the noise of the GAN
+                    # steps and of inference from step one (augment_lowres, sigma ~ U(0, noise_aug_sigma)): trained
+                    # on clean inputs, U sharpens sample.py's noise instead of removing it
+                    # (NOTES.md, "Upsampler input noise"). No noise inputs: a pixel loss cannot predict random
+                    # detail, it would teach U to switch them off.
                     G.requires_grad_(True)
                     opt_W.zero_grad(set_to_none=True)
                     for micro, reals, lowres, captions in work:
@@ -217,7 +221,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                         z = torch.randn(len(captions), g_cfg.z_dim, device=device)
                         w_avgs.enter(micro)
                         with rt.autocast():
-                            out = G_fwd(lowres, z, *clip.text_features(captions), noise_aug=0.0, noise_mode="none")
+                            out = G_fwd(lowres, z, *clip.text_features(captions), noise_aug=None, noise_mode="none")
                         w_avgs.leave(micro)
                         loss = (out[0].float() - reals).square().mean()          # the finest level, (b, 3, R, R)
                         check_finite(loss, "warm-up", step)
@@ -322,8 +326,8 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
                 if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                     bar.set_postfix_str("evaluating")
                     if up:
-                        scores = upsampler.upsampling_metrics(G_ema, eval_lr, eval_hr,
-                                                              *clip.text_features(eval_captions))
+                        # the path a user gets (sample.py --lowres: default input noise), and with none
+                        scores = sample_lib().evaluate_upsampler(G_ema, clip, eval_hr, eval_captions)
                     else:
                         scores = sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
                                                        shapes=cfg.data == "shapes", fid=fid)

@@ -280,7 +280,7 @@ class _StubCLIP:
 def test_upsampler_chain_adds_moderate_input_noise_by_default():
     """The paper applies the upsampler's Gaussian noise augmentation at inference too: by
     default sample.upsample (the base -> upsampler chain and --lowres) adds noise of std
-    inference_sigma(U.cfg) (half the training maximum) to U's input; --noise-aug 0 adds none,
+    inference_sigma(U.cfg) (a quarter of the training maximum) to U's input; --noise-aug 0 adds none,
     another value that std; the noise of an image comes from its seed."""
     torch.manual_seed(0)
     up = sample.upsampler
