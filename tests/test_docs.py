@@ -41,7 +41,7 @@ def prose_and_cells(text):
 
 def test_readme_is_short_with_short_sentences_and_cells():
     text = read("README.md")
-    assert len(text.splitlines()) <= 270  # 250 + the latent-space section (issue 39, item 3)
+    assert len(text.splitlines()) <= 250
     sentences, cells = prose_and_cells(text)
     words = [len(s.split()) for s in sentences]
     assert statistics.median(words) <= 20, statistics.median(words)
