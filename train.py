@@ -56,13 +56,12 @@ import data
 import metrics
 # config.py: TrainConfig, the presets and flags; rundir.py: checkpoints, logs, snapshots, stopping
 from config import (HARD_ATTRIBUTES, UPSAMPLER_TRAIN_PRESETS, VISION_CLIP, FlagError, TrainConfig,  # noqa: F401
-                    check_mode_seeking, check_models, clip_spec, parse_flags, print_help, vision_clip_spec)
-from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, exit_interrupted, exit_nonfinite,
-                    log_eval_row, log_train_row, mean_stats, open_resume, out_of_time, plot_losses, progress_bar,
-                    save_checkpoint, save_snapshot, save_upsampler_snapshot, say, snapshot_prompts,
-                    stored_clip_spec, write_config)
-from rundir import check_run_dir, clear_run_dir, trim_log  # one run per directory
-from config import data_error  # --data: a folder that is there
+                    check_mode_seeking, check_models, clip_spec, data_error, parse_flags, print_help,
+                    vision_clip_spec)
+from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, check_run_dir, clear_run_dir,
+                    exit_interrupted, exit_nonfinite, log_eval_row, log_train_row, mean_stats, open_resume,
+                    out_of_time, plot_losses, progress_bar, save_checkpoint, save_snapshot, save_upsampler_snapshot,
+                    say, snapshot_prompts, stored_clip_spec, trim_log, write_config)
 from dry_run import dry_run
 # runtime.py: devices, processes, seeds, the data order, micro-batches and their buffers
 from runtime import (MicroBuffers, Runtime, check_in_sync, make_batches, micro_batches, reduce_grads,  # noqa: F401
