@@ -510,7 +510,7 @@ def load_clip(spec: str, device="cpu", cache_size: int = 100_000) -> FrozenCLIP:
     path = _cached_weights(cfg)
     if path is None:
         hint = (f"could not load pretrained CLIP {spec} (no internet or cache?: {{}}): train a tiny one with "
-                f"`python train.py --stage clip` and pass `--clip tiny`, or pass `--clip {name} --clip-pretrained none` for random weights")
+                f"`python train.py --stage clip` and pass `--clip tiny`, or pass `--clip {name}/none` for random weights")
         reason = _offline_reason(cfg)
         if reason is not None:
             raise CLIPLoadError(hint.format(reason))

@@ -78,8 +78,6 @@ class GeneratorConfig:
     cross_attention: bool = True              # Table 1 switch: cross-attention to t_local after it
     kernel_size: int = 3                      # K of the synthesis convs
     noise: bool = True                        # StyleGAN2's per-pixel noise inputs in every conv (off in "tiny", see there)
-    synthesis_input: str = "const"            # 4 px input: const (StyleGAN2, the paper's base) | fourier (moved and scaled by w)
-    z_path: str = "mixed"                     # M: mixed (one MLP on [z, t_global]) | separate (StyleGAN-T: an MLP of z, joined to the text's half of w)
 
     def __post_init__(self):
         # tuples may arrive as lists (from a checkpoint's plain-dict config or a CLI flag)
@@ -201,18 +199,12 @@ def normalize_2nd_moment(x, eps=1e-8):
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()  # (B, F)
 
 
-MAPPING_Z_PATHS = ("mixed", "separate")
-
-
 class MappingNetwork(nn.Module):
     """w = M(z, t_global): an MLP on [normalised z, normalised embedding of t_global].
 
     The concatenation follows StyleGAN2-ADA's conditional mapping (project's choice; the paper
     only says M takes z and t_global). Also tracks w_avg, the running mean of w over training,
     the target of global truncation.
-    z_path "separate" (a project option, after StyleGAN-T): the MLP sees z alone and fills the
-    first S - S/2 entries of w; the text's normalised embedding fills the other S/2. Nothing
-    mixes them before the style affines, so no layer of M can learn to drown z in the text.
     """
 
     def __init__(
@@ -223,18 +215,12 @@ class MappingNetwork(nn.Module):
         num_layers,   # EqualLinear layers (paper: 4)
         lr_mul,       # learning-rate multiplier of the layers (StyleGAN2: 0.01)
         w_avg_beta,   # EMA decay of w_avg
-        z_path="mixed",  # "mixed" | "separate" (see the class docstring)
     ):
         super().__init__()
-        assert z_path in MAPPING_Z_PATHS, f"z_path {z_path!r}: one of {MAPPING_Z_PATHS}"
-        self.z_dim, self.text_width, self.w_dim, self.z_path = z_dim, text_width, w_dim, z_path
+        self.z_dim, self.text_width, self.w_dim = z_dim, text_width, w_dim
         self.w_avg_beta = w_avg_beta
-        if z_path == "mixed":
-            self.embed = EqualLinear(text_width, w_dim)       # t_global -> S, the text's "class embedding"
-            widths = [z_dim + w_dim] + [w_dim] * num_layers   # input, then every layer's output
-        else:
-            self.embed = EqualLinear(text_width, w_dim // 2)  # t_global -> S/2, the text's half of w
-            widths = [z_dim] + [w_dim - w_dim // 2] * num_layers  # z alone -> the z half of w
+        self.embed = EqualLinear(text_width, w_dim)           # t_global -> S, the text's "class embedding"
+        widths = [z_dim + w_dim] + [w_dim] * num_layers       # input, then every layer's output
         self.layers = nn.ModuleList([
             EqualLinear(widths[i], widths[i + 1], lr_mul=lr_mul, activation="lrelu") for i in range(num_layers)
         ])
@@ -245,14 +231,10 @@ class MappingNetwork(nn.Module):
         B = z.shape[0]
         assert z.shape == (B, self.z_dim), z.shape
         assert t_global.shape == (B, self.text_width), t_global.shape
-        text = normalize_2nd_moment(self.embed(t_global))      # (B, S) mixed, (B, S/2) separate; unit RMS
-        x = normalize_2nd_moment(z)                             # (B, z_dim), unit RMS
-        if self.z_path == "mixed":
-            x = torch.cat([x, text], dim=1)                     # (B, z_dim + S)
+        text = normalize_2nd_moment(self.embed(t_global))      # (B, S), unit RMS
+        x = torch.cat([normalize_2nd_moment(z), text], dim=1)   # (B, z_dim + S)
         for layer in self.layers:
-            x = layer(x)                                        # (B, S) or (B, S - S/2) leaky ReLU * sqrt(2)
-        if self.z_path == "separate":
-            x = torch.cat([x, text], dim=1)                     # (B, S): [MLP(z), embedding of t_global]
+            x = layer(x)                                        # (B, S) leaky ReLU * sqrt(2)
         update = self.training if update_w_avg is None else update_w_avg
         if update:
             with torch.no_grad():                               # w_avg <- beta w_avg + (1 - beta) mean_batch(w)
@@ -265,56 +247,6 @@ class MappingNetwork(nn.Module):
 
 
 NOISE_MODES = ("random", "const", "none")
-SYNTHESIS_INPUTS = ("const", "fourier")
-
-
-class FourierInput(nn.Module):
-    """The 4 px input as Fourier features of pixel coordinates, moved and scaled per sample by w.
-
-        p' = (p - t) * exp(-s)                  p: a pixel centre in [-1/2, 1/2]^2, (t, s) = A(w)
-        f_c(p) = sin(2 pi <omega_c, p'> + phi_c)  fixed random frequencies omega_c, phases phi_c
-        x = W f                                 a learned 1x1 mixing to C_4 channels
-
-    Why (project's choice, not the paper's: GigaGAN's G starts from a learned constant): a
-    conv stack that starts from one constant can only move or resize what it draws by
-    learning that from the modulations, so every z of a caption tends to put the shape in
-    the same place. Here one affine of w translates (t) and scales (s) the whole input field,
-    as StyleGAN3's and StyleGAN-T's synthesis inputs do (they translate and rotate), so
-    placement and extent have a direct path from z and the text. A starts at zero: the
-    input begins as a fixed pattern, like the constant.
-    """
-
-    def __init__(
-        self,
-        channels,        # C_4, output channels
-        w_dim,           # S, width of w
-        size=4,          # side of the input grid (px)
-        features=64,     # C_f, number of sinusoids
-        bandwidth=2.0,   # largest |omega| in cycles per image side (Nyquist of a 4 px grid)
-    ):
-        super().__init__()
-        self.size, self.channels = size, channels
-        g = torch.Generator().manual_seed(0)                  # fixed, saved with the model as buffers
-        radius = bandwidth * torch.rand(features, generator=g).sqrt()  # uniform over the disc
-        angle = 2 * math.pi * torch.rand(features, generator=g)
-        self.register_buffer("omega", torch.stack([radius * angle.cos(), radius * angle.sin()], 1))  # (C_f, 2)
-        self.register_buffer("phi", 2 * math.pi * torch.rand(features, generator=g))               # (C_f,)
-        ticks = (torch.arange(size) + 0.5) / size - 0.5      # pixel centres in [-1/2, 1/2]
-        yy, xx = torch.meshgrid(ticks, ticks, indexing="ij")
-        self.register_buffer("grid", torch.stack([xx, yy], -1))  # (size, size, 2), (x, y) per pixel
-        self.affine = EqualLinear(w_dim, 3)                   # w -> (t_x, t_y, s)
-        nn.init.zeros_(self.affine.weight)                    # starts unmoved: t = 0, s = 0
-        self.mix = nn.Parameter(torch.randn(channels, features))  # W, unit-normal, scaled at run time
-
-    def forward(self, w):
-        """w (B, S) -> x (B, C_4, size, size)."""
-        B = w.shape[0]
-        a = self.affine(w)                                    # (B, 3)
-        t, s = a[:, None, None, :2], a[:, None, None, 2:]     # (B, 1, 1, 2), (B, 1, 1, 1)
-        p = (self.grid - t) * torch.exp(-s)                   # (B, size, size, 2) moved, scaled
-        f = torch.sin(2 * math.pi * p @ self.omega.T + self.phi)  # (B, size, size, C_f)
-        x = f @ (self.mix / math.sqrt(self.mix.shape[1])).T  # (B, size, size, C_4) equalized 1x1
-        return x.permute(0, 3, 1, 2)                          # (B, C_4, size, size)
 
 
 class SynthesisBlock(nn.Module):
@@ -411,11 +343,7 @@ class Synthesis(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.scales = cfg.scales                                # [4, 8, ..., R]
-        assert cfg.synthesis_input in SYNTHESIS_INPUTS, cfg.synthesis_input
-        if cfg.synthesis_input == "const":
-            self.const = nn.Parameter(torch.randn(cfg.channels[0], 4, 4))  # (C_4, 4, 4) learned input
-        else:
-            self.fourier = FourierInput(cfg.channels[0], cfg.w_dim)        # (B, C_4, 4, 4) from ws[:, 0]
+        self.const = nn.Parameter(torch.randn(cfg.channels[0], 4, 4))  # (C_4, 4, 4) learned input
         blocks, torgbs, names, scale_blocks = [], [], [], []
         for s, res in enumerate(self.scales):
             scale_blocks.append([])
@@ -467,10 +395,7 @@ class Synthesis(nn.Module):
         masks = self._per_block(local_mask, "local_mask")
         for t, m in zip(t_locals, masks):
             assert t.shape[0] == B and t.shape[2] == self.cfg.text_width and m.shape == t.shape[:2], (t.shape, m.shape)
-        if self.cfg.synthesis_input == "const":
-            x = self.const.unsqueeze(0).expand(B, -1, -1, -1)   # (B, C_4, 4, 4)
-        else:
-            x = self.fourier(ws[:, 0])                          # (B, C_4, 4, 4), placed by the first style
+        x = self.const.unsqueeze(0).expand(B, -1, -1, -1)       # (B, C_4, 4, 4)
         img, pyramid = None, []
         for s, res in enumerate(self.scales):
             for i in self.scale_blocks[s]:
@@ -532,7 +457,7 @@ class Generator(nn.Module):
         self.cfg, self.text_dim = cfg, text_dim
         self.text_encoder = TextEncoder(text_dim, cfg.text_width, cfg.text_depth, cfg.text_heads)
         self.mapping = MappingNetwork(cfg.z_dim, cfg.text_width, cfg.w_dim, cfg.mapping_layers,
-                                      cfg.mapping_lr_mul, cfg.w_avg_beta, cfg.z_path)
+                                      cfg.mapping_lr_mul, cfg.w_avg_beta)
         self.synthesis = Synthesis(cfg)
         self.num_ws = self.synthesis.num_ws
 

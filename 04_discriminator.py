@@ -102,8 +102,6 @@ class DiscriminatorConfig:
     text_heads: int = 2               # attention heads in D's T
     t_dim: int = 64                   # C_t, width of the text descriptor t_D (project's choice)
     psi_layers: int = 4               # modulated 1x1 convs in each psi_j (paper: "4-layer 1x1 conv")
-    downsample: str = "blur"          # how a DownBlock halves H, W: "blur" (StyleGAN2) or "max" (2x2 max-pool)
-    projection: bool = False          # add <A(flatten h), t_D> to every MS-I/O exit (project's choice, see Predictor)
     vision_hidden: int = 64           # width of each vision-aided head (project's choice)
     vision_psi_layers: int = 2        # modulated 1x1 convs per vision-aided head (project's choice)
 
@@ -113,7 +111,6 @@ class DiscriminatorConfig:
         assert self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0, (
             f"resolution {self.resolution}: a power of 2, >= 8")
         assert self.blocks_per_scale >= 1 and self.psi_layers >= 1
-        assert self.downsample in ("blur", "max"), f"downsample {self.downsample!r}: 'blur' or 'max'"
 
     @property
     def levels(self):
@@ -153,11 +150,6 @@ D_PRESETS = {
 # Building blocks of the image branch phi
 
 
-def max_pool2x(x):
-    """(n, C, H, W) -> (n, C, H/2, W/2): the largest of each 2x2 block (DownBlock's "max" mode)."""
-    return nn.functional.max_pool2d(x, 2)
-
-
 class DownBlock(nn.Module):
     """StyleGAN2's residual D block (Karras et al. 2020, Fig. 7c), optionally halving H, W.
 
@@ -166,9 +158,6 @@ class DownBlock(nn.Module):
         out  = (main + skip) / sqrt(2)          keeps unit variance
     The stride-2 step is "blur, keep every second pixel" (01's downsample2x) followed by a
     stride-1 conv at the lower resolution: anti-aliased like StyleGAN2's blur + stride-2 conv.
-    mode="max" (an option of this project, off in every preset): a 2x2 max-pool instead. Blurring
-    before every halving averages away the corners that tell shapes apart at 32 px
-    (NOTES.md, "D downsampling: blur or max-pool").
     """
 
     def __init__(
@@ -176,12 +165,9 @@ class DownBlock(nn.Module):
         in_channels,   # C_in at resolution r
         out_channels,  # C_out at the output resolution
         down=True,     # True: output at r / 2, False: output at r
-        mode="blur",   # "blur": 01's downsample2x; "max": 2x2 max-pool (DiscriminatorConfig.downsample)
     ):
         super().__init__()
         self.down = down
-        assert mode in ("blur", "max"), f"DownBlock mode {mode!r}: 'blur' or 'max'"
-        self.halve = downsample2x if mode == "blur" else max_pool2x  # (n, C, r, r) -> (n, C, r/2, r/2)
         self.conv0 = EqualConv2d(in_channels, in_channels, 3, activation="lrelu")
         self.conv1 = EqualConv2d(in_channels, out_channels, 3, activation="lrelu")
         self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False)
@@ -189,7 +175,7 @@ class DownBlock(nn.Module):
     def forward(self, x):                                     # (n, C_in, r, r)
         y = self.conv0(x)                                     # (n, C_in, r, r)
         if self.down:
-            y, x = self.halve(y), self.halve(x)               # (n, C_in, r/2, r/2) both paths
+            y, x = downsample2x(y), downsample2x(x)           # (n, C_in, r/2, r/2) both paths
         y = self.conv1(y)                                     # (n, C_out, r', r')
         return (y + self.skip(x)) * math.sqrt(0.5)            # (n, C_out, r', r')
 
@@ -232,7 +218,6 @@ class Scale(nn.Module):
         blocks,        # residual blocks at this scale (>= 1)
         attention,     # put ImageSelfAttention before every block
         heads,         # attention heads
-        mode="blur",   # DownBlock's downsampling, "blur" or "max"
         flatten=None,  # r: end in Flatten1x1 at r px (output (n, C(r/2), 1, 1)); None: halve
     ):
         super().__init__()
@@ -241,7 +226,7 @@ class Scale(nn.Module):
             halve = b == blocks - 1 and flatten is None       # the last block halves, unless we flatten
             if attention:
                 layers.append(ImageSelfAttention(in_channels, heads))  # residual inside
-            layers.append(DownBlock(in_channels, out_channels if halve else in_channels, down=halve, mode=mode))
+            layers.append(DownBlock(in_channels, out_channels if halve else in_channels, down=halve))
         if flatten is not None:
             layers.append(Flatten1x1(in_channels, out_channels, flatten))  # (n, C(r/2), 1, 1)
         self.layers = nn.Sequential(*layers)
@@ -317,7 +302,6 @@ class Predictor(nn.Module):
         cond_dim,      # width of the condition c
         psi_layers,    # number of modulated 1x1 convs in psi (paper: 4)
         size=None,     # h of the feature map: adds the learned position map when h > 1; None: none
-        projection=False,  # add a projection term <A(flatten h), c> (needs size)
     ):
         super().__init__()
         assert psi_layers >= 1, psi_layers
@@ -327,11 +311,6 @@ class Predictor(nn.Module):
         last = ModulatedConv1x1(channels, 1, cond_dim, demodulate=False, activation=False)
         self.psi = nn.ModuleList(hidden + [last])             # psi_j of Eq. 7
         self.unconditional = EqualConv2d(channels, 1, 1)      # conv1x1 of Eq. 7
-        # projection=True (project's choice, not in the paper): a projection-discriminator term
-        # (Miyato & Koyama 2018) on the FLATTENED map, <A(flatten h), c> / sqrt(cond_dim)
-        # (NOTES.md, "Projection readout").
-        assert not projection or size, "projection needs the map size"
-        self.project = EqualLinear(channels * size * size, cond_dim) if projection else None
 
     def forward(self, h, c):                                  # h (n, C, H, W), c (n, cond_dim)
         if self.position is not None:
@@ -340,10 +319,7 @@ class Predictor(nn.Module):
         for layer in self.psi:
             x = layer(x, c)                                   # (n, C, H, W), last layer (n, 1, H, W)
         logits = x + self.unconditional(h)                    # (n, 1, H, W)  Eq. 7
-        logits = logits.mean(dim=(1, 2, 3))                   # (n,) one logit per image
-        if self.project is not None:
-            logits = logits + (self.project(h.flatten(1)) * c).sum(1) / math.sqrt(c.shape[1])  # (n,)
-        return logits
+        return logits.mean(dim=(1, 2, 3))                     # (n,) one logit per image
 
 
 # -----------------------------------------------------------------------------
@@ -396,12 +372,12 @@ class Discriminator(nn.Module):
         self.scales = nn.ModuleList([
             Scale(width(r), width(r // 2), cfg.blocks_per_scale,
                   attention=cfg.attention and r in cfg.attn_resolutions, heads=cfg.attn_heads,
-                  mode=cfg.downsample, flatten=r if j == levels - 1 else None)
+                  flatten=r if j == levels - 1 else None)
             for j, r in enumerate(self.resolutions)])
         # one predictor per exit j, on C(r_j / 2)-wide features of side exit_resolutions[j]
         self.predictors = nn.ModuleDict({
             str(j): Predictor(width(self.resolutions[j] // 2), cfg.t_dim, cfg.psi_layers,
-                              size=self.exit_resolutions[j], projection=cfg.projection)
+                              size=self.exit_resolutions[j])
             for j in self.exits})
 
     @property
@@ -579,6 +555,3 @@ if __name__ == "__main__":
 # 4. The text in D. Replace t_D by zeros in forward. Look for: the demo's "some prediction ignores
 #    the text" assertion fails, and D could no longer tell a real image with a wrong caption (Eq. 8)
 #    from one with its own. Check: python 04_discriminator.py
-# 5. Downsampling. Train python train.py --d.downsample max --max-steps 1000 --out runs/max and the
-#    default to the same step; compare the shape accuracy of the eval lines (DownBlock's docstring
-#    says why max-pooling may help at 32 px).

@@ -11,8 +11,8 @@ itself - D step, lazy R1, G step, EMA - stays written out in train.py).
         L_G = sum_p E[softplus(-D_p(G(c), c))]
     matching-aware loss (Eq. 8): a wrong caption c^ turns any pair into a FAKE pair,
         V_match = E[softplus(D(x, c^))] + E[softplus(D(G(c), c^))]      (D minimises it)
-        Table 1 rows: "Matching-aware D" keeps the (x, c^) term only (match_fake=False),
-        "Matching-aware G and D" both (match_fake=True, the default): table1_matching.
+        Table 1 rows: "Matching-aware D" keeps the (x, c^) term only (table1_matching="d"),
+        "Matching-aware G and D" both ("g_and_d"; the default "g_and_d+g" adds G's own term).
     CLIP contrastive loss (Eq. 9), frozen CLIP, generated images against the batch's captions:
         L_CLIP = E[-log exp(e_img(G(c_0)) . e_txt(c_0) / tau) / sum_n exp(e_img(G(c_0)) . e_txt(c_n) / tau)]
     vision-aided loss: the same non-saturating loss on a second discriminator that sees
@@ -20,11 +20,6 @@ itself - D step, lazy R1, G step, EMA - stays written out in train.py).
     R1 (Mescheder et al. 2018) on real images and every real pyramid level, lazy:
         R1 = sum_levels E_b ||d(sum_p D_p(x, c)) / d x_level||^2,  applied as gamma/2 * R1 * interval
     LPIPS (Zhang et al. 2018) for the upsampler, weight 10.
-    mode seeking (Mao et al. 2019; project choice, not in the paper, off unless weighted):
-        L_ms = 1 / mean_pairs(mean|G(c, z1) - G(c, z2)| / mean|z1 - z2|), pairs of one caption
-    relativistic pairing with R1 + R2 (R3GAN, Huang et al. 2024; project option, off by default):
-        L_D = sum_p E_b[softplus(D_p(G(c_b), c_b) - D_p(x_b, c_b))],  L_G the same with the two swapped;
-        matching pairs ranked the same way, softplus(D(x, c^) - D(x, c)); R2 is R1 at the generated images
 
 Why. The plain GAN loss only asks "is this a real image?"; a text-conditioned D can answer
 that while ignoring the text. The matching-aware pairs make ignoring the text costly for D,
@@ -49,19 +44,15 @@ only part of Eq. 8 that depends on G is softplus(D(G(c), c^)). Two readings are 
        alignment.
 match_g implements (ii) (this project's choice, on by default; the paper gives no formula):
 the G-side term has the SAME sign as D's, and grows with D(G(c), c^). tests/test_losses.py
-checks the sign. table1_matching switches it off: the paper's rows are D-side terms only.
+checks the sign. --loss.table1-matching d | g_and_d switches it off: the paper's rows are
+D-side terms only.
 
 How train.py uses it (one step; the loop stays in train.py):
-    text = clip.text_features(captions); emb = clip.embed_text(captions)
-    perm, valid = mismatched_permutation(captions, return_valid=True)
-    wrong = permute_text(text, perm); ids = caption_ids(captions)
-    vision = VisionAided(vd, clip, emb, emb[perm])   # the vision-aided D and what it reads
-    D step:  loss, logs = discriminator_loss(D, real_pyr, G(z, *text), text, wrong, cfg, wrong_valid=valid,
-                                             vision=vision)
-    R1 step: every cfg.r1_interval steps, loss, logs = lazy_r1_loss(D, real_pyr, text, cfg)
-    G step:  loss, logs = generator_loss(D, G(z, *text), text, wrong, cfg, wrong_valid=valid, clip=clip,
-                                         text_embed=emb, caption_ids=ids, vision=vision)
-    (upsampler: vision=None, plus lpips=LPIPS("vgg"), lpips_target=the real high-res image)
+    caps = Captions(text, wrong, valid, embed, ids, vision)   # everything about the batch's captions
+    D step:  loss, logs = discriminator_loss(D, real_pyr, G(z, *caps.text), caps, cfg)
+    R1 step: every cfg.r1_interval steps, loss, logs = lazy_r1_loss(D, real_pyr, caps.text, cfg)
+    G step:  loss, logs = generator_loss(D, G(z, *caps.text), caps, cfg, clip=clip)
+    (upsampler: no vision-aided D, plus lpips=LPIPS("vgg"), target=the real high-res image)
 
 Run:  python 05_losses.py        (a CPU demo with toy stand-ins, a few seconds)
 
@@ -73,7 +64,6 @@ Shape legend (shared by every numbered file):
 """
 import os
 import socket
-import dataclasses
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -90,9 +80,7 @@ _clip = importlib.import_module("00_clip")  # freeze_into_buffers: the frozen LP
 class LossConfig:
     """Weights and switches of every loss term; each marked paper value or project choice."""
 
-    match_d: bool = True            # paper value: on, Eq. 8 for D: (real, c^) is fake (Table 1 "Matching-aware D")
-    match_fake: bool = True         # paper value: on, D's (G(c), c^) is fake too (Table 1 "Matching-aware G and D")
-    match_g: bool = True            # project choice, not a paper row: G's term (ii), softplus(D(G(c), c^))
+    table1_matching: str = "g_and_d+g"  # Eq. 8's pairs: paper rows off | d | g_and_d; g_and_d+g, the default, adds the project choice match_g
     match_weight: float = 1.0       # paper value: Eq. 6 adds V_match to V_GAN with weight 1
     clip_weight: float = 1.0        # project choice: lambda_CLIP of Eq. 9 (the paper gives no number)
     clip_temperature: float = 0.01  # project choice: CLIP's own trained scale (logit_scale = 100)
@@ -101,17 +89,28 @@ class LossConfig:
     r1_gamma: float = 0.2048        # paper value: low end of its 0.2048-2.048 range (tiny: 1.0, see LOSS_PRESETS)
     r1_interval: int = 16           # paper value: lazy R1 every 16 D steps (StyleGAN2's interval)
     lpips_weight: float = 10.0      # paper value: LPIPS weight of the 64 -> 512 upsampler
-    pixel_weight: float = 0.0       # project choice, not in the paper: weight of a pixel MSE to lpips_target
-    mode_seeking_weight: float = 0.0  # project choice, not in the paper: MSGAN's diversity term (base G only)
-    relativistic: bool = False      # project option, not in the paper: R3GAN's pairing for the (x, c) terms
-    r2_gamma: float = 0.0           # project option, not in the paper: R3GAN's R2, R1's penalty on generated images
+    pixel_weight: float = 0.0       # project choice, not in the paper: weight of a pixel MSE to the target image
 
-    def __post_init__(self):
-        for name in ("match_weight", "clip_weight", "vision_weight", "r1_gamma", "lpips_weight", "pixel_weight",
-                     "mode_seeking_weight", "r2_gamma"):
-            assert getattr(self, name) >= 0, f"{name} {getattr(self, name)}: a weight, >= 0 (0 turns the term off)"
-        assert self.clip_temperature > 0, f"clip_temperature {self.clip_temperature}: > 0"
-        assert self.r1_interval >= 1, f"r1_interval {self.r1_interval}: >= 1 (steps between R1 steps)"
+    # The three switches of Eq. 8's pairs, read by the losses below (MATCHING: each row's values)
+    @property
+    def match_d(self):      # D sees (x, c^) as fake (Table 1 "Matching-aware D")
+        return MATCHING[self.table1_matching][0]
+
+    @property
+    def match_fake(self):   # D sees (G(c), c^) as fake too (Table 1 "Matching-aware G and D")
+        return MATCHING[self.table1_matching][1]
+
+    @property
+    def match_g(self):      # project choice, not a paper row: G's term (ii), softplus(D(G(c), c^))
+        return MATCHING[self.table1_matching][2]
+
+
+# --loss.table1-matching: Table 1's matching-aware rows -> (match_d, match_fake, match_g).
+# "off": every row up to "+attention" (no mismatched pair); "d": "+Matching-aware D", D sees
+# (x, c^) as fake; "g_and_d": "+Matching-aware G and D", (G(c), c^) too; "g_and_d+g": that row
+# plus G's own term (ii) (the module docstring), this project's default and not a paper row.
+MATCHING = {"off": (False, False, False), "d": (True, False, False),
+            "g_and_d": (True, True, False), "g_and_d+g": (True, True, True)}
 
 
 # Named loss settings: the base model and the upsampler, and "<stage>_tiny" where the tiny preset
@@ -162,7 +161,7 @@ def mismatched_permutation(captions, generator=None, return_valid=False):
     mismatched pairs possible, 2 (B - m), and the rest stay matched (all of them if every
     caption is the same). Those rows must be left out of the matching-aware loss: ask for
     `return_valid=True` to get the (B,) bool mask of truly mismatched rows, which
-    discriminator_loss / generator_loss take as `wrong_valid`; otherwise a warning is issued.
+    discriminator_loss / generator_loss read as Captions.valid; otherwise a warning is issued.
     The only Python loop is the string -> id lookup in caption_ids; perm and valid are CPU tensors.
     """
     ids = caption_ids(captions)  # (B,)
@@ -237,24 +236,6 @@ def g_adversarial_loss(fake_preds):
     ### END SOLUTION
 
 
-# Relativistic pairing (R3GAN, Huang et al. 2024; a project option, off by default): each real
-# image is paired with the generated image of the same caption, and the loss asks only that
-# the one score above the other: softplus(D(lower) - D(higher)). D's step calls it with
-# (fake, real), G's with (real, fake). Paired with R1 on reals and R2 on fakes, R3GAN reports
-# every mode of Stacked-MNIST where the non-saturating loss misses some. Patch maps are
-# averaged per image first, as R1 does (one score per image and prediction). A relativistic
-# D's logits have no fixed zero, so the matching-aware pairs are ranked too (project's
-# choice): an image with a wrong caption below the same image with its own caption, for D
-# (x and G(c)) and for G's term. The vision-aided D keeps the non-saturating loss.
-
-def relativistic_loss(lower_preds, higher_preds, valid=None):
-    """sum_p mean_b softplus(lower_p,b - higher_p,b): row b of both lists is one pair (masked
-    mean over the valid rows if given)."""
-    return sum(_masked_mean(F.softplus(_row_means(lo) - _row_means(hi)), valid)
-               for lo, hi in zip(lower_preds, higher_preds, strict=True))
-
-
-
 # -----------------------------------------------------------------------------
 # Matching-aware loss (Eq. 8): an image paired with a wrong caption c^ is a FAKE pair
 #
@@ -262,23 +243,6 @@ def relativistic_loss(lower_preds, higher_preds, valid=None):
 # generated one too ("Matching-aware G and D"). The real pair is the one that matters: without
 # it, D could call "fake" on any generated image and ignore the text. Rows whose permutation
 # could not avoid their own caption are masked out by `valid`.
-
-def table1_matching(cfg, row):
-    """The matching-aware switches of a row of the paper's Table 1, as a LossConfig derived from cfg.
-
-    "+attention" (before the matching-aware rows): no mismatched pair at all.
-    "+matching_aware_d": D sees (x, c^) as fake; the (G(c), c^) pair is never built.
-    "+matching_aware_g_and_d": D sees (x, c^) and (G(c), c^) as fake (every later row).
-    The project's G-side term (match_g) is off in all of them: it is not a paper row.
-    """
-    rows = {
-        "+attention": dict(match_d=False, match_fake=False, match_g=False),
-        "+matching_aware_d": dict(match_d=True, match_fake=False, match_g=False),
-        "+matching_aware_g_and_d": dict(match_d=True, match_fake=True, match_g=False),
-    }
-    assert row in rows, f"unknown Table 1 matching row {row!r}; choose from {list(rows)}"
-    return dataclasses.replace(cfg, **rows[row])
-
 
 def d_matching_loss(real_wrong_preds, fake_wrong_preds, valid=None):
     """Eq. 8 for D: sum_p E[softplus(D_p(x, c^))] + E[softplus(D_p(G(c), c^))]; both pairs fake.
@@ -339,32 +303,6 @@ def clip_contrastive_loss(image_embed, text_embed, temperature, caption_ids=None
 
 
 # -----------------------------------------------------------------------------
-# Mode seeking (Mao et al. 2019, "MSGAN"; project choice, NOT in the paper, off by default)
-#
-# A conditional G can settle on one image per caption: each image looks real and matches
-# its text, and as a batch of random captions rarely holds one caption twice, no D term
-# sees that two seeds give the same picture. Mode seeking rewards G for images that move
-# when z moves: for pairs of rows with the SAME caption and different z,
-#     ratio = mean_pairs( mean|G(c, z1) - G(c, z2)| / mean|z1 - z2| ),   L_ms = 1 / (ratio + eps)
-# (MSGAN's form; its gradient fades as the images spread, so it does not push without end).
-# train.py builds such pairs by giving the G step's rows P..2P-1 the captions of rows 0..P-1.
-
-def mode_seeking_loss(images, z, eps=1e-5):
-    """images (2P, ...) and z (2P, Z): row i and row P + i are a pair (same caption, other z)."""
-    P = images.shape[0] // 2
-    assert P >= 1 and images.shape[0] == 2 * P == z.shape[0], (images.shape, z.shape)
-    d_image = (images[:P].float() - images[P:].float()).abs().flatten(1).mean(1)  # (P,) mean abs per pair
-    d_z = (z[:P].float() - z[P:].float()).abs().mean(1)                          # (P,)
-    return 1.0 / ((d_image / d_z).mean() + eps)
-
-
-def mode_seeking_captions(captions):
-    """The G step's captions for mode seeking: the first half twice (an odd last row stays)."""
-    P = len(captions) // 2
-    return captions[:P] * 2 + captions[2 * P:]
-
-
-# -----------------------------------------------------------------------------
 # R1 (Mescheder et al. 2018) on real images and every real pyramid level, lazy
 #
 # R1 penalises the gradient of D at the real data, which keeps D smooth where the data
@@ -390,32 +328,22 @@ def r1_penalty(real_pyramid, preds):
     return penalty
 
 
-def lazy_r1_loss(D, real_pyr, text, cfg, fake_pyr=None):
+def lazy_r1_loss(D, real_pyr, text, cfg):
     """The regulariser of one lazy R1 step: gamma/2 * R1 * r1_interval, and its logs.
 
     train.py calls it when `step % cfg.r1_interval == 0`, after the D loss step, then
     backward and a second D optimiser step (StyleGAN2's "Dreg" phase; adding it to that
     step's D loss instead is equivalent up to Adam's statistics). Real images meet their own
-    captions; the levels are fresh leaves so each gets its own gradient. With cfg.r2_gamma > 0
-    and fake_pyr (generated images of the same captions), R3GAN's R2 is added: the same
-    penalty at the generated images, r2_gamma/2 * R2 * r1_interval.
+    captions; the levels are fresh leaves so each gets its own gradient.
     """
-    loss, logs, everything = 0.0, {}, []
-    terms = [("R1", real_pyr, cfg.r1_gamma)] + [("R2", fake_pyr, cfg.r2_gamma)] * (fake_pyr is not None)
-    for name, pyramid, gamma in terms:
-        if gamma <= 0:
-            continue
-        leaves = [x.detach().requires_grad_(True) for x in pyramid]  # finest first, leaves
-        preds = D(leaves, *text)  # P predictions
-        penalty = r1_penalty(leaves, preds)
-        term = gamma / 2 * penalty * cfg.r1_interval  # gamma/2 * penalty, times the interval (lazy)
-        loss = loss + term
-        logs.update({f"{name}/penalty": _num(penalty), f"{name}/loss": _num(term)})
-        everything += preds
+    leaves = [x.detach().requires_grad_(True) for x in real_pyr]  # finest first, leaves
+    preds = D(leaves, *text)  # P predictions
+    penalty = r1_penalty(leaves, preds)
+    loss = cfg.r1_gamma / 2 * penalty * cfg.r1_interval  # gamma/2 * penalty, times the interval (lazy)
     # + 0 * logits: every D parameter takes part in the graph (the last biases do not reach
     # the input gradient), which DistributedDataParallel requires
-    loss = loss + 0.0 * sum(p.float().sum() for p in everything)
-    return loss, logs
+    loss = loss + 0.0 * sum(p.float().sum() for p in preds)
+    return loss, {"R1/penalty": _num(penalty), "R1/loss": _num(loss)}
 
 
 # -----------------------------------------------------------------------------
@@ -594,147 +522,130 @@ def _call_vd(vd, features, embeds):
 
 
 class VisionAided(NamedTuple):
-    """The vision-aided D's inputs to discriminator_loss / generator_loss, as one argument."""
+    """The vision-aided D and what it reads (Captions.vision)."""
     vd: nn.Module                    # the vision-aided D (04): (CLIP feature maps, text embedding) -> logits
     clip: Any                        # the frozen CLIP whose image features it reads (image_features)
     text_embed: torch.Tensor         # (B, E) that CLIP's embeddings of the captions c
     wrong_text_embed: torch.Tensor   # (B, E) and of the wrong captions c^ (Eq. 8)
 
 
-def discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, vision=None):
+class Captions(NamedTuple):
+    """Everything the losses read about a batch's captions (train.py's captions_of builds it from
+    the text-feature cache). Row i of each field belongs to image i."""
+    text: tuple                  # (tokens (B, L, D), mask (B, L) bool, eot (B,) long) of the captions c
+    wrong: tuple = None          # the same triple of the wrong captions c^ (mismatched_permutation; Eq. 8)
+    valid: torch.Tensor = None   # (B,) bool: rows whose c^ really differs from c (None: all)
+    embed: torch.Tensor = None   # (B, E) the CLIP loss's embeddings of c (Eq. 9)
+    ids: torch.Tensor = None     # (B,) caption_ids: rows with one id are the same caption
+    vision: VisionAided = None   # the vision-aided D and its inputs; None: no such D
+
+
+def discriminator_loss(D, real_pyr, fake_pyr, caps, cfg):
     """D's loss of one step: non-saturating (Eq. 6) + matching-aware (Eq. 8) + vision-aided.
 
-    D            the MS-I/O discriminator: D(pyramid, tokens, mask, eot) -> P predictions
-    real_pyr     real images, a pyramid finest first; real image i's caption is text row i
-    fake_pyr     generated pyramid from the same captions (detached here: no gradient to G)
-    text         (tokens, mask, eot) of the batch's captions
-    wrong_text   the same triple reordered by mismatched_permutation (None if cfg.match_d is off)
-    wrong_valid  (B,) bool rows that really got a wrong caption (None: all)
-    vision       VisionAided(vd, clip, text_embed, wrong_text_embed): the vision-aided D, the frozen
-                 CLIP it reads, (B, E) caption embeddings right and permuted; None: no such term
+    D         the MS-I/O discriminator: D(pyramid, tokens, mask, eot) -> P predictions
+    real_pyr  real images, a pyramid finest first; real image i's caption is caps.text row i
+    fake_pyr  generated pyramid from the same captions (detached here: no gradient to G)
+    caps      Captions: the text, the wrong captions c^, the valid rows, the vision-aided D
     Pairs D sees:  (real, c) real;  (fake, c) fake;  (real, c^) fake if cfg.match_d;
-                   (fake, c^) fake if cfg.match_d and cfg.match_fake (else never built).
+                   (fake, c^) fake if cfg.match_fake (Table 1's rows: LossConfig.table1_matching).
     """
     assert [x.shape for x in real_pyr] == [x.shape for x in fake_pyr], "real and fake pyramids differ"
-    assert text[0].shape[0] == real_pyr[0].shape[0], "one caption per image"
+    assert caps.text[0].shape[0] == real_pyr[0].shape[0], "one caption per image"
     fake_pyr = [x.detach() for x in fake_pyr]  # the D step never updates G
-    match_fake = cfg.match_d and cfg.match_fake
-    if cfg.match_d and not match_fake:  # Table 1 "Matching-aware D": (real, c^) but no (fake, c^)
-        preds = _call_d_pairs(D, [(real_pyr, text), (fake_pyr, text), (real_pyr, wrong_text)])
-    else:  # the full grid, one image-branch pass: (real, c), (fake, c) [, (real, c^), (fake, c^)]
-        texts = [text, wrong_text] if cfg.match_d else [text]  # Eq. 6 pairs, then Eq. 8 pairs (both fake)
-        grid = _call_d(D, [real_pyr, fake_pyr], texts)  # [text][pyramid][p]
-        preds = [pair for row in grid for pair in row]
-    # (real, c) up and (fake, c) down: each on its own, or as pairs with cfg.relativistic
-    adv = relativistic_loss(preds[1], preds[0]) if cfg.relativistic else d_adversarial_loss(preds[0], preds[1])
+    if cfg.match_d and not cfg.match_fake:  # Table 1 "Matching-aware D": (real, c^) but no (fake, c^)
+        real, fake, real_wrong = _call_d_pairs(D, [(real_pyr, caps.text), (fake_pyr, caps.text),
+                                                   (real_pyr, caps.wrong)])
+        fake_wrong = None
+    elif cfg.match_d:  # the full grid, one image-branch pass: [caption][image] -> P predictions each
+        (real, fake), (real_wrong, fake_wrong) = _call_d(D, [real_pyr, fake_pyr], [caps.text, caps.wrong])
+    else:
+        (real, fake), = _call_d(D, [real_pyr, fake_pyr], [caps.text])
+    adv = d_adversarial_loss(real, fake)  # (real, c) up, (fake, c) down
     loss = adv
     logs = {"D/adv": _num(adv),
-            "D/real_logit": _num(sum(_row_means(p).mean() for p in preds[0]) / len(preds[0])),  # mean logit
-            "D/fake_logit": _num(sum(_row_means(p).mean() for p in preds[1]) / len(preds[1]))}
+            "D/real_logit": _num(sum(_row_means(p).mean() for p in real) / len(real)),  # mean logit
+            "D/fake_logit": _num(sum(_row_means(p).mean() for p in fake) / len(fake))}
     if cfg.match_d:
-        if cfg.relativistic:  # (x, c^) below (x, c), and (G(c), c^) below (G(c), c)
-            match = relativistic_loss(preds[2], preds[0], wrong_valid)
-            if match_fake:
-                match = match + relativistic_loss(preds[3], preds[1], wrong_valid)
-        else:
-            match = d_matching_loss(preds[2], preds[3] if match_fake else None, wrong_valid)
+        match = d_matching_loss(real_wrong, fake_wrong, caps.valid)
         loss = loss + cfg.match_weight * match
         logs["D/match"] = _num(match)
-    if vision is not None and cfg.vision_weight > 0:
-        vd, clip, text_embed, wrong_text_embed = vision
+    if caps.vision is not None and cfg.vision_weight > 0:
+        vd, clip, text_embed, wrong_text_embed = caps.vision
         with torch.no_grad():  # CLIP is frozen and the D step needs no gradient to the images
             both = clip.image_features(torch.cat([real_pyr[0], fake_pyr[0]]))  # one pass, list of (2B, C_i, h_i, w_i)
             feats_real = [f[: len(f) // 2] for f in both]  # list of (B, C_i, h_i, w_i)
             feats_fake = [f[len(f) // 2:] for f in both]
-        vgroups = [(feats_real, text_embed), (feats_fake, text_embed)]
+        groups = [(feats_real, text_embed), (feats_fake, text_embed)]
         if cfg.vision_match and cfg.match_d:  # the same mismatched pairs as D's
-            vgroups += [(feats_real, wrong_text_embed)] + [(feats_fake, wrong_text_embed)] * match_fake
-        logits = _call_vd(vd, [g[0] for g in vgroups], [g[1] for g in vgroups])  # [group][k]
+            groups += [(feats_real, wrong_text_embed)] + [(feats_fake, wrong_text_embed)] * cfg.match_fake
+        logits = _call_vd(vd, [g[0] for g in groups], [g[1] for g in groups])  # [group][k]
         vision = d_adversarial_loss(logits[0], logits[1])
         if len(logits) > 2:
             vision = vision + cfg.match_weight * d_matching_loss(
-                logits[2], logits[3] if len(logits) == 4 else None, wrong_valid)
+                logits[2], logits[3] if len(logits) == 4 else None, caps.valid)
         loss = loss + cfg.vision_weight * vision
         logs["D/vision"] = _num(vision)
     logs["D/loss"] = _num(loss)
     return loss, logs
 
 
-def generator_loss(D, fake_pyr, text, wrong_text, cfg, *, wrong_valid=None, clip=None, text_embed=None,
-                   caption_ids=None, vision=None, lpips=None, lpips_target=None, z=None, real_pyr=None):
-    """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS)
-    (+ mode seeking).
+def generator_loss(D, fake_pyr, caps, cfg, *, clip=None, lpips=None, target=None):
+    """G's loss of one step: non-saturating + matching-aware (G side) + CLIP + vision-aided (+ LPIPS).
 
     Arguments as in discriminator_loss, plus
-    clip, text_embed, caption_ids   the frozen CLIP of the CLIP loss (Eq. 9, embed_image), the (B, E)
-                  caption embeddings and (B,) ids of identical captions (caption_ids(captions));
-                  vision.clip may be another model (the paper: ViT-B/32 for the vision-aided D,
-                  ViT-L/14 for text)
-    lpips, lpips_target   an LPIPS module and the real high-res images (upsampler only);
-                  lpips_target also serves cfg.pixel_weight's MSE
-    z             (B, Z) the latents of fake_pyr, for cfg.mode_seeking_weight > 0; the captions must
-                  then be paired as mode_seeking_captions pairs them (row i and row P + i alike)
-    real_pyr      real images of the same captions, for cfg.relativistic (row i pairs with fake i)
-    Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c)
-    should look real; with cfg.match_g (the project's option), (fake, c^) should look fake
-    (reading (ii) of the module docstring).
-    D and vision.vd also receive gradients here: train.py switches their requires_grad off for the
-    G step (as StyleGAN2 does), or zeroes their gradients before the next D step.
+    clip     the frozen CLIP of the CLIP loss (Eq. 9: embed_image against caps.embed, copies of a
+             caption told by caps.ids); caps.vision.clip may be another model (the paper: ViT-B/32
+             for the vision-aided D, ViT-L/14 for the text)
+    lpips    an LPIPS module, and target the real high-res images (the upsampler only); target
+             also serves cfg.pixel_weight's MSE
+    Gradients flow into fake_pyr (every level) and from there into G. Pairs: (fake, c) should
+    look real; with cfg.match_g (the project's option), (fake, c^) should look fake (reading
+    (ii) of the module docstring). D and the vision-aided D also receive gradients here:
+    train.py switches their requires_grad off for the G step (as StyleGAN2 does).
     """
-    texts = [text, wrong_text] if cfg.match_g else [text]
-    if cfg.relativistic:  # the reals ride along in the same D call: (real, c) is row 0's second pyramid
-        assert real_pyr is not None, "cfg.relativistic pairs each fake with a real image: pass real_pyr"
-        grid = _call_d(D, [fake_pyr, real_pyr], texts)  # [text][pyramid][p]
-        preds = [row[0] for row in grid]  # (fake, c), (fake, c^)
-        adv = relativistic_loss([p.detach() for p in grid[0][1]], preds[0])  # fake above its real
+    if cfg.match_g:  # [caption][image] -> P predictions: (fake, c), (fake, c^)
+        (fake,), (fake_wrong,) = _call_d(D, [fake_pyr], [caps.text, caps.wrong])
     else:
-        preds = [row[0] for row in _call_d(D, [fake_pyr], texts)]  # (fake, c), (fake, c^): [text][p]
-        adv = g_adversarial_loss(preds[0])
+        (fake,), = _call_d(D, [fake_pyr], [caps.text])
+    adv = g_adversarial_loss(fake)
     loss = adv
     logs = {"G/adv": _num(adv)}
-    if cfg.match_g:  # relativistic: G's image with its caption above it with a wrong one
-        match = relativistic_loss(preds[1], preds[0], wrong_valid) if cfg.relativistic else \
-            g_matching_loss(preds[1], wrong_valid)
+    if cfg.match_g:
+        match = g_matching_loss(fake_wrong, caps.valid)
         loss = loss + cfg.match_weight * match
         logs["G/match"] = _num(match)
     image = fake_pyr[0]  # (B, 3, H, W) the finest level is the output image
-    vd, vclip, v_embed, v_wrong = vision if vision is not None else (None,) * 4
+    vd, vclip, v_embed, v_wrong = caps.vision if caps.vision is not None else (None,) * 4
     feats = None  # CLIP feature maps of the image, for the vision-aided term
     if clip is not None and cfg.clip_weight > 0:
-        assert text_embed is not None, "the CLIP loss needs text_embed = clip.embed_text(captions)"
+        assert caps.embed is not None, "the CLIP loss needs caps.embed = clip.embed_text(captions)"
         if vd is not None and cfg.vision_weight > 0 and vclip is clip and hasattr(clip, "image_features_and_embedding"):
             feats, image_embed = clip.image_features_and_embedding(image)  # one ViT pass serves both terms
         else:
             image_embed = clip.embed_image(image)  # (B, E), differentiable w.r.t. the image
-        clip_loss = clip_contrastive_loss(image_embed, text_embed, cfg.clip_temperature, caption_ids)
+        clip_loss = clip_contrastive_loss(image_embed, caps.embed, cfg.clip_temperature, caps.ids)
         loss = loss + cfg.clip_weight * clip_loss
         logs["G/clip"] = _num(clip_loss)
     if vd is not None and cfg.vision_weight > 0:
         if feats is None:
             feats = vclip.image_features(image)  # list of (B, C_i, h_i, w_i), differentiable
-        vgroups = [(feats, v_embed)]
-        if cfg.vision_match and cfg.match_g:
-            vgroups.append((feats, v_wrong))
-        logits = _call_vd(vd, [g[0] for g in vgroups], [g[1] for g in vgroups])
+        groups = [(feats, v_embed)] + [(feats, v_wrong)] * (cfg.vision_match and cfg.match_g)
+        logits = _call_vd(vd, [g[0] for g in groups], [g[1] for g in groups])
         vision = g_adversarial_loss(logits[0])
         if len(logits) == 2:
-            vision = vision + cfg.match_weight * g_matching_loss(logits[1], wrong_valid)
+            vision = vision + cfg.match_weight * g_matching_loss(logits[1], caps.valid)
         loss = loss + cfg.vision_weight * vision
         logs["G/vision"] = _num(vision)
     if lpips is not None and cfg.lpips_weight > 0:
-        perceptual = lpips(image, lpips_target).mean()  # mean over the batch of (B,) distances
+        perceptual = lpips(image, target).mean()  # mean over the batch of (B,) distances
         loss = loss + cfg.lpips_weight * perceptual
         logs["G/lpips"] = _num(perceptual)
-    if lpips_target is not None and cfg.pixel_weight > 0:
+    if target is not None and cfg.pixel_weight > 0:
         # pins colours and edges to the real image where a random-backbone LPIPS barely does
-        pixel = (image.float() - lpips_target).square().mean()
+        pixel = (image.float() - target).square().mean()
         loss = loss + cfg.pixel_weight * pixel
         logs["G/pixel"] = _num(pixel)
-    if z is not None and cfg.mode_seeking_weight > 0 and image.shape[0] >= 2:
-        n = image.shape[0] // 2 * 2  # the paired rows (an odd last row has no partner)
-        seeking = mode_seeking_loss(image[:n], z[:n])
-        loss = loss + cfg.mode_seeking_weight * seeking
-        logs["G/mode_seeking"] = _num(seeking)
     logs["G/loss"] = _num(loss)
     return loss, logs
 
@@ -827,14 +738,12 @@ def demo():
 
     clip = _ToyCLIP()
     emb = clip.embed_text(captions)  # (B, 3)
-    extra = dict(wrong_valid=valid)
     results = {}
     for name, sign in (("good D", 1.0), ("reversed D", -1.0)):
         D, vd = _ToyD(sign), _ToyVD(sign)
-        vision = VisionAided(vd, clip, emb, emb[perm])
-        d_loss, d_logs = discriminator_loss(D, real_pyr, fake_pyr, text, wrong_text, cfg, vision=vision, **extra)
-        g_loss, g_logs = generator_loss(D, fake_pyr, text, wrong_text, cfg, vision=vision, clip=clip, text_embed=emb,
-                                         caption_ids=caption_ids(captions), **extra)
+        caps = Captions(text, wrong_text, valid, emb, caption_ids(captions), VisionAided(vd, clip, emb, emb[perm]))
+        d_loss, d_logs = discriminator_loss(D, real_pyr, fake_pyr, caps, cfg)
+        g_loss, g_logs = generator_loss(D, fake_pyr, caps, cfg, clip=clip)
         r1_loss, r1_logs = lazy_r1_loss(D, real_pyr, text, cfg)
         results[name] = (d_loss.item(), g_logs["G/adv"] + g_logs["G/match"] + g_logs["G/vision"])
         print(f"{name:11s}", {k: round(v, 3) for k, v in {**d_logs, **g_logs, **r1_logs}.items()})

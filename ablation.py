@@ -55,9 +55,9 @@ ROWS = {
     "no self-attention": ["--g.self_attention", "false"],
     "no cross-attention": ["--g.cross_attention", "false"],
     "no kernel bank (N = 1)": ["--g.n_kernels", "1,1,1,1"],  # one entry per G scale (4 at 32 px)
-    # Table 1's row before "+matching-aware G and D" (05_losses.table1_matching(cfg, "+attention")):
-    # no mismatched pair for D, real or generated, and none of the project's G-side term
-    "no matching-aware loss": ["--loss.match_d", "false", "--loss.match_fake", "false", "--loss.match_g", "false"],
+    # Table 1's rows before "+matching-aware D" (05_losses.MATCHING["off"]): no mismatched pair for
+    # D, real or generated, and none of the project's G-side term
+    "no matching-aware loss": ["--loss.table1-matching", "off"],
     "no CLIP loss": ["--loss.clip_weight", "0"],
     "no multi-scale D (MS-I/O)": ["--d.multi_scale", "false"],
     "no vision-aided D": ["--loss.vision_weight", "0"],

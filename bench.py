@@ -10,7 +10,7 @@ bench.py - how fast this GigaGAN trains and samples on this machine, all figures
 It prints, in this order:
   peak      the machine's float32 (and bfloat16) matmul rate, n x n x n, in GFLOP/s;
   train     for the tiny preset and the benchmark size (32 px, batch 8, G 7.8M / D 1.3M, a random
-            ViT-B/32 CLIP: `--clip ViT-B-32 --clip-pretrained none`), with every loss term and
+            ViT-B/32 CLIP: `--clip ViT-B-32/none`), with every loss term and
             without the CLIP and vision-aided terms (`--loss.clip_weight 0 --loss.vision_weight 0`),
             in float32 and bfloat16: FLOPs per step, step time, img/s and utilisation (achieved
             FLOP/s over the float32 peak);
@@ -96,7 +96,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # The two sizes measured (train.py flags). "bench" is the README's benchmark command.
 CONFIGS = {
     "tiny": [],
-    "bench": ["--clip", "ViT-B-32", "--clip-pretrained", "none", "--batch-size", "8",
+    "bench": ["--clip", "ViT-B-32/none", "--batch-size", "8",
               "--g.channels", "256,256,256,128", "--g.w_dim", "256", "--g.text_width", "256",
               "--d.channel_base", "1024", "--d.channel_max", "128"],
 }
@@ -137,8 +137,8 @@ def matmul_gflops(n, dtype, repeats):
 TEXT_CACHE = {}  # load_clip spec -> {caption: cached text features}, shared by this script's runs
 
 
-def run_train(argv):
-    """train.main(argv) with its printing captured; returns the captured text.
+def run_train(argv, timer=None):
+    """train.main(argv, timer) with its printing captured; returns the captured text.
 
     Every run starts with the text features its frozen CLIP computed for the same spec in earlier
     runs: runs with the same seed see the same captions, so after one warm-up run of a size the
@@ -156,7 +156,7 @@ def run_train(argv):
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            train.main(argv)
+            train.main(argv, timer=timer)
     finally:
         clip_lib.load_clip = load
         for spec, clip in loaded:
@@ -281,103 +281,74 @@ def bench_train(configs, args, workdir, peak):
 # Where a step's time goes (--breakdown): train.main again, with timers around its pieces
 
 class PhaseTimer:
-    """Inclusive wall time per label, inside a window of steps only. Labels nest (a D forward
-    runs inside a loss); `phase` names the loss last entered (D, R1 or G) for the backward and
-    optimiser calls, which train.py makes itself."""
+    """train.main's `timer`: `with timer(label):` around each part of a step (data, D step with its
+    lazy R1, G step, EMA). Inside a part, the model calls wrapped below (G, D, the vision-aided D,
+    CLIP's image tower, backward, optimiser steps) are timed under that part's name. Only the
+    window after the first step counts (allocation, the first lazy R1)."""
 
-    def __init__(self):
-        self.totals, self.active, self.phase, self.window = {}, False, "D", []
+    def __init__(self, steps):
+        self.totals, self.phase, self.window, self.steps = {}, "data", [], steps
 
-    def wrap(self, owner, name, label):
-        """Replace owner.name by a timed copy; -> an undo function (nothing if the name is gone)."""
-        fn = getattr(owner, name, None)
-        if fn is None:
-            log(f"note   breakdown: {getattr(owner, '__name__', owner)}.{name} not found, not timed")
-            return lambda: None
+    @contextlib.contextmanager
+    def __call__(self, label):
+        self.phase = label
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(label, time.perf_counter() - t0)
+            if label == "EMA":                                  # the end of a step
+                self.window.append(time.perf_counter())
+
+    def add(self, key, seconds):
+        if 1 <= len(self.window) <= self.steps:                 # after the first step, up to the last
+            self.totals[key] = self.totals.get(key, 0.0) + seconds
+
+    def wrap(self, owner, name, what):
+        """Time owner.name (a model's or torch's method) under "<part>: <what>"; -> an undo function."""
+        fn = getattr(owner, name)
         timer = self
 
         def timed(*args, **kwargs):
-            if label in ("D loss", "R1 loss", "G loss"):
-                timer.phase = label.split()[0]
-            key = label(timer) if callable(label) else label
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                if timer.active:
-                    timer.totals[key] = timer.totals.get(key, 0.0) + time.perf_counter() - t0
+                timer.add(f"{timer.phase}: {what}", time.perf_counter() - t0)
         setattr(owner, name, timed)
         return lambda: setattr(owner, name, fn)
 
-    def mark_step(self, first, last):
-        """Called at every log line (--log-every 1): opens the window after the first step."""
-        if first:                                                # a new run: a new window
-            self.window, self.totals, self.active = [], {}, True
-        self.window.append(time.perf_counter())
-        if last:
-            self.active = False
-
 
 def bench_breakdown(name, terms, workdir, steps, clip=None, dtype="float32"):
-    """One configuration's step, split into its pieces: a table of seconds per step."""
+    """One configuration's step, split into its parts: a table of milliseconds per step."""
     extra = list(CONFIGS[name]) + TERMS[terms] + (["--clip", clip] if name == "tiny" else [])
-    G_cls, D_cls = generator.Generator, importlib.import_module("04_discriminator").Discriminator
-    VD_cls = importlib.import_module("04_discriminator").VisionAidedDiscriminator
-    timer = PhaseTimer()
-    grad = lambda what: lambda t: f"{what} ({'G step' if torch.is_grad_enabled() else 'D step, no grad'})"
-    undo = [
-        timer.wrap(G_cls, "forward", grad("G forward")),
-        timer.wrap(D_cls, "forward", lambda t: f"{t.phase}: D forward"),
-        timer.wrap(VD_cls, "forward", lambda t: f"{t.phase}: vision-aided D forward"),
-        timer.wrap(clip_lib.FrozenCLIP, "image_features_and_embedding", lambda t: f"{t.phase}: CLIP image tower"),
-        timer.wrap(losses, "discriminator_loss", "D loss"),
-        timer.wrap(losses, "lazy_r1_loss", "R1 loss"),
-        timer.wrap(losses, "generator_loss", "G loss"),
-        timer.wrap(torch.Tensor, "backward", lambda t: f"{t.phase}: backward"),
-        timer.wrap(torch.optim.AdamW, "step", lambda t: f"{t.phase}: optimiser step"),
-        timer.wrap(train, "update_ema", "EMA"),
-        timer.wrap(train, "caption_pairs", "captions: text features from the cache"),
-    ]
-    batches_fn = getattr(train, "make_batches", None)
-    if batches_fn is not None:
-        def make_batches(*args, **kwargs):                       # time each next(batches)
-            it = batches_fn(*args, **kwargs)
-            while True:
-                t0 = time.perf_counter()
-                item = next(it)
-                if timer.active:
-                    timer.totals["data"] = timer.totals.get("data", 0.0) + time.perf_counter() - t0
-                yield item
-        train.make_batches = make_batches
-        undo.append(lambda: setattr(train, "make_batches", batches_fn))
-    log_fn = train.log_train_row
-
-    def log_train_row(cfg, step, *args, **kwargs):
-        timer.mark_step(first=step == 1, last=step == 1 + steps)
-        return log_fn(cfg, step, *args, **kwargs)
-    train.log_train_row = log_train_row
-    undo.append(lambda: setattr(train, "log_train_row", log_fn))
+    disc = importlib.import_module("04_discriminator")
+    timer = PhaseTimer(steps)
     out = os.path.join(workdir, f"breakdown_{name}_{terms}")
     run_train([*extra, *QUIET, "--max-steps", str(1 + steps), "--log-every", "1000", "--out", out + "_warm"])
+    undo = [timer.wrap(generator.Generator, "forward", "G forward"),
+            timer.wrap(disc.Discriminator, "forward", "D forward"),
+            timer.wrap(disc.VisionAidedDiscriminator, "forward", "vision-aided D forward"),
+            timer.wrap(clip_lib.FrozenCLIP, "image_features_and_embedding", "CLIP image tower"),
+            timer.wrap(torch.Tensor, "backward", "backward"),
+            timer.wrap(torch.optim.AdamW, "step", "optimiser step")]
     try:
-        run_train([*extra, "--dtype", dtype, *QUIET, "--max-steps", str(1 + steps), "--log-every", "1", "--out", out])
+        run_train([*extra, "--dtype", dtype, *QUIET, "--max-steps", str(1 + steps), "--log-every", "1", "--out", out],
+                  timer=timer)
     finally:
         for u in reversed(undo):
             u()
     step_s = (timer.window[-1] - timer.window[0]) / steps
     per_step = {k: v / steps for k, v in sorted(timer.totals.items())}
-    top = ("data", "captions: text features from the cache", "G forward (D step, no grad)", "D loss", "D: backward",
-           "D: optimiser step", "R1 loss", "R1: backward", "R1: optimiser step", "G forward (G step)", "G loss",
-           "G: backward", "G: optimiser step", "EMA")
-    rest = step_s - sum(per_step.get(k, 0.0) for k in top)
+    parts = ("data", "D step", "G step", "EMA")
+    rest = step_s - sum(per_step.get(k, 0.0) for k in parts)
     log(f"breakdown {name} {terms} {dtype}: {step_s:.3f} s/step over {steps} steps (one lazy R1 per {R1_INTERVAL})")
-    for k in top:
-        if k in per_step:
-            log(f"  {k:45s} {1000 * per_step[k]:8.1f} ms  {100 * per_step[k] / step_s:5.1f}%")
-            for sub in per_step:
-                if sub not in top and sub.startswith(k.split(" ")[0] + ":") and k.endswith("loss"):
-                    log(f"    {sub:43s} {1000 * per_step[sub]:8.1f} ms  {100 * per_step[sub] / step_s:5.1f}%")
-    log(f"  {'the rest (Python, logging, small ops)':45s} {1000 * rest:8.1f} ms  {100 * rest / step_s:5.1f}%")
+    for k in parts:
+        log(f"  {k:45s} {1000 * per_step.get(k, 0.0):8.1f} ms  {100 * per_step.get(k, 0.0) / step_s:5.1f}%")
+        for sub in per_step:
+            if sub.startswith(k + ": "):
+                log(f"    {sub:43s} {1000 * per_step[sub]:8.1f} ms  {100 * per_step[sub] / step_s:5.1f}%")
+    log(f"  {'the rest (logs, snapshots, Python)':45s} {1000 * rest:8.1f} ms  {100 * rest / step_s:5.1f}%")
     return dict(config=name, terms=terms, dtype=dtype, step_s=step_s, per_step_s=per_step, rest_s=rest)
 
 

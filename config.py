@@ -3,13 +3,14 @@ config.py - train.py's configuration: TrainConfig, the presets, the command line
 
     cfg, g_cfg, d_cfg, loss_cfg = parse_flags(["--preset", "small", "--g.self-attention", "false"])
 
-Order: dataclass defaults < preset (TRAIN_PRESETS, and UPSAMPLER_TRAIN_PRESETS with --stage
-upsampler) < flags. Every field of TrainConfig is a flag `--key value` or `--key=value` (dashes or
-underscores); the fields of the generator, discriminator, loss and upsampler configs (03-06) are
-`--g.FIELD`, `--d.FIELD`, `--loss.FIELD`, `--u.FIELD`. The flags are generated from the dataclass
-fields (add_dataclass_flags), each value coerced to its field's type; a bool takes true/false
-(or 1/0, yes/no, on/off), a bare `--resume` meaning true. Bad input is a FlagError: one line,
-exit status 2. sample.py parses its own flags with the same FlagParser.
+Order: dataclass defaults (the default run, `python train.py`) < preset (TRAIN_PRESETS, and
+UPSAMPLER_TRAIN_PRESETS with --stage upsampler: only what differs) < flags. Every field of
+TrainConfig is a flag `--key value` or `--key=value` (dashes or underscores), declared in one line
+with its rule and the stages that read it (`flag`). The model and loss configs of 03-06 become
+`--g.FIELD`, `--d.FIELD`, `--loss.FIELD`, `--u.FIELD` for the fields SUB_FLAGS names, one line each;
+their other fields are set by 03-06's presets. Each value is coerced to its field's type; a bool
+takes true/false (or 1/0, yes/no, on/off), a bare `--resume` meaning true. Bad input is a
+FlagError: one line, exit status 2. sample.py parses its own flags with the same FlagParser.
 """
 import argparse
 import dataclasses
@@ -27,106 +28,19 @@ losses = importlib.import_module("05_losses")
 upsampler = importlib.import_module("06_upsampler")
 
 # -----------------------------------------------------------------------------
-# The training configuration and its presets
-
-@dataclass
-class TrainConfig:
-    preset: str = "tiny"          # size preset of G, D, losses and this config: tiny | small | full
-    full: bool = False            # shorthand for --preset full (the paper's 64 px model)
-    stage: str = "base"           # clip (tiny CLIP only) | base (text-to-image GAN) | upsampler
-    data: str = "shapes"          # shapes | an image folder with captions | 'shards/{00000..00099}.tar'
-    out: str = ""                 # run directory; '' -> runs/<preset>
-    max_steps: int = 1500         # optimiser steps of G (and of D)
-    max_minutes: float = 0.0      # time budget of the whole run, CLIP training included: stop early, as at max_steps (0: none)
-    batch_size: int = 16          # global batch: all processes, all micro-batches
-    batch_gpu: int = 0            # micro-batch per forward pass; 0 -> batch_size / processes
-    lr_g: float = 0.0025          # AdamW learning rate of G (paper: 0.0025)
-    lr_d: float = 0.0025          # AdamW learning rate of D (paper: 0.0025)
-    beta1: float = 0.0            # Adam beta1 (paper: 0)
-    beta2: float = 0.99           # Adam beta2 (paper: 0.99)
-    ema_kimg: float = 10.0        # EMA half-life of G_ema in thousands of images (project's choice per preset; full: the paper's)
-    ema_rampup: float = 0.05      # half-life <= this fraction of images seen so far (StyleGAN2's ramp-up; project's choice)
-    seed: int = 0                 # seeds every random draw (per step and micro-batch)
-    device: str = "auto"          # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"        # float32 | bfloat16 (autocast of the forward passes)
-    compile: bool = False         # torch.compile G and D for the D and G steps (GPU speed-up; runs, slower, on CPU)
-    resume: bool = False          # continue from <out>/checkpoint.pt
-    overwrite: bool = False       # delete the run in --out first (checkpoint, CLIPs, log, snapshots) and start anew
-    clip: str = "tiny"            # tiny | tiny:PATH | NAME (with --clip-pretrained) | NAME/TAG
-    clip_pretrained: str = ""     # pretrained tag for NAME, or 'none' for random weights (benchmarks)
-    vision_clip: str = "auto"     # CLIP of the vision-aided D: auto | same (--clip's) | tiny:PATH | NAME/TAG (vision_clip_spec)
-    clip_steps: int = 1000        # training steps of each tiny CLIP (clip.pt, and vision_clip.pt with --vision-clip auto)
-    clip_tower: str = "auto"      # the tiny CLIP's image tower: auto (resnet for the base stage at a multiple of 32 px, else vit) | vit | resnet
-    clip_batch_size: int = 128    # batch of the tiny CLIP's contrastive training
-    workers: int = -1             # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
-    log_every: int = 25           # steps between log lines
-    snapshot_every: int = 250     # steps between sample grids of fixed prompts and z
-    eval_every: int = 500         # steps between alignment / CLIP-score evaluations (0: off)
-    eval_images: int = 128        # images generated per evaluation
-    eval_fid: bool = False        # also Inception FID at each eval (torchmetrics; weights download once; reference stats cached next to the data)
-    ckpt_every: int = 250         # steps between checkpoints
-    dry_run: bool = False         # build the models on the meta device, print sizes, exit
-    gpu_memory: float = 0.0       # --dry-run: the GPU's memory in GB -> the largest --batch-gpu that fits and the accumulation (0: off)
-    lpips: str = "vgg"            # upsampler stage: LPIPS backbone vgg (paper) | alex | random (no download)
-    warmup_steps: int = 0         # upsampler stage: the first steps train U on pixel MSE alone (no D; project's choice)
-    warmup_lr: float = 0.01       # their AdamW learning rate (beta1 0.9, beta2 0.99)
-    hard_negatives: float = 0.0   # share of Eq. 8's wrong captions that are one-word edits (shapes; project's choice)
-    hard_attribute: str = "any"   # the word they change: any | shape | color | background | size | position
-
-
-# Training-side presets: sizes and a few settings, never code. G and D sizes come from 03/04's
-# registries under the same names, the loss weights from 05's.
-TRAIN_PRESETS = {
-    # tiny: twice the paper's learning rate (project's choice), a fixed 3,000 steps: every attribute
-    # >= 0.94 on fresh captions, the same picture on every machine (NOTES.md, "Learning rate of G and D"
-    # and "Default run, fixed steps")
-    "tiny": dict(lr_g=0.005, lr_d=0.005, max_steps=3000),
-    # small: OpenAI's ViT-B/32 for the text and the vision-aided D (downloads once; --clip tiny trains one here)
-    "small": dict(max_steps=200_000, batch_size=64, ema_kimg=20.0, clip="ViT-B-32/openai", clip_batch_size=256,
-                  clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000, log_every=100),
-    # full: the paper's G EMA, decay 0.9999 per step at batch 1024 (update_ema's beta = 0.5 ** (batch /
-    # (ema_kimg * 1000))): ema_kimg = 1024 ln 0.5 / (1000 ln 0.9999) = 7097.47; the ramp-up over the
-    # first images (ema_rampup) is StyleGAN2's, the project's choice (the paper gives none); --batch-gpu 16
-    # fits an A100 80 GB (the dry run: about 63 GiB; 32 would need about 106)
-    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=16, ema_kimg=7097.47, dtype="bfloat16",
-                 clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
-                 snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
-}
-
-# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice; the
-# paper leaves them open). tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up
-# (ESRGAN's recipe, not the paper's), then GAN steps at the paper's 0.0025
-# (NOTES.md, "Tiny upsampler default", "What lets U learn on MSE" and "Upsampler warm-up")
-UPSAMPLER_TRAIN_PRESETS = {
-    "tiny": dict(max_steps=1500, max_minutes=0.0, warmup_steps=1300, warmup_lr=0.01, batch_size=8, lpips="random",
-                 eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200,
-                 lr_g=0.0025, lr_d=0.0025),
-    # full, full1024: the --batch-gpu that fits an A100 80 GB (the dry run: full about 57 GiB at 4, 8 needed
-    # about 101; full1024 about 53 GiB at 2)
-    "full": dict(batch_size=256, batch_gpu=4, lpips="vgg"),
-    "full1024": dict(batch_size=256, batch_gpu=2, lpips="vgg"),
-}
-# Upsampler presets with no base model of their own: their other train settings are those of the
-# named TRAIN_PRESETS entry (full1024: 128 -> 1024, ours; the paper shows such results, no model).
-UPSAMPLER_ONLY_PRESETS = {"full1024": "full"}
-LPIPS_NETS = ("vgg", "alex", "random")
-
-HARD_ATTRIBUTES = ("shape", "color", "background", "size", "position")  # data.shapes_hard_negatives' order
-
-# -----------------------------------------------------------------------------
-# The valid values of every flag: one rule per dataclass field, beside the dataclasses, checked by
-# check_values on the flags given, before anything runs (no CLIP training, no file, no model).
-# A rule is
+# Rules: the valid values of a flag, checked by check_values on the flags given, before anything
+# runs (no CLIP training, no file, no model). A rule is
 #   "[1, inf)"  an interval: [ ] includes its end, ( ) excludes it, inf is unbounded (so nan and inf
 #               are refused); for a tuple field, every entry;
 #   ("a", "b")  the words allowed;
 #   a function  value -> None if valid, else the whole one-line message;
 #   ANY         every value of the field's type (coerce checks the type); the comment says where the
 #               value itself is checked.
-# Every field must have a rule (asserted below, at import): a new flag cannot skip the checks.
 ANY = "any"
 SEED_MAX = 2**32 - 1  # seeds of train.py and sample.py: 0 .. 4294967295 (torch.manual_seed takes < 2**64)
 MAX_STEPS = 10**9     # --max-steps, --clip-steps: a billion steps, 30 years at one step a second (a run can reach it)
+STEPS = f"[1, {MAX_STEPS}]"
+LPIPS_NETS = ("vgg", "alex", "random")
 
 
 def device_rule(value):
@@ -139,16 +53,6 @@ def vision_clip_rule(value):
         return None
     return (f"bad --vision-clip {value!r}: choose auto | same | tiny:PATH | NAME/TAG "
             "(e.g. ViT-B-32/openai, or ViT-B-32/none for random weights)")
-
-
-def data_error(value):
-    """A folder given to --data must be there, also for a dry run (train.main; shard patterns may
-    live on the cluster the run is planned for; the folder's contents: data.build_dataset). Not a
-    rule of check_values: a command parses on any machine (tests/test_commands.py)."""
-    if value in ("", "shapes") or ".tar" in value or os.path.isdir(value):
-        return None
-    import data  # data.py: its own words for the flag
-    return f"--data '{value}' {'is a file' if os.path.exists(value) else 'does not exist'}; {data.DATA_SPEC_HELP}"
 
 
 def out_rule(value):
@@ -172,58 +76,146 @@ def writable_error(path, flag):
     return None
 
 
-TRAIN_RULES = {
-    "preset": tuple(TRAIN_PRESETS) + tuple(UPSAMPLER_ONLY_PRESETS),
-    "full": ANY, "resume": ANY, "overwrite": ANY, "compile": ANY, "dry_run": ANY, "eval_fid": ANY,
-    "stage": ("clip", "base", "upsampler"),
-    "data": ANY,                   # main: data_error (--dry-run too), data.build_dataset, before anything is written
-    "out": out_rule,
-    "max_steps": f"[1, {MAX_STEPS}]", "max_minutes": "[0, inf)",
-    "batch_size": "[1, inf)", "batch_gpu": "[0, inf)",   # and micro_batches: batch_gpu divides batch_size
-    "lr_g": "(0, inf)", "lr_d": "(0, inf)",
-    "beta1": "[0, 1)", "beta2": "[0, 1)",                  # AdamW's
-    "ema_kimg": "[0, inf)", "ema_rampup": "[0, inf)",
-    "seed": f"[0, {SEED_MAX}]",
-    "device": device_rule,
-    "dtype": ("float32", "bfloat16"),
-    "clip": ANY, "clip_pretrained": ANY,                  # clip_spec
-    "vision_clip": vision_clip_rule,
-    "clip_steps": f"[1, {MAX_STEPS}]",
-    "clip_tower": ("auto", "vit", "resnet"),
-    "clip_batch_size": "[2, inf)",                         # a contrastive batch needs two pairs
-    "workers": "[-1, inf)",
-    "log_every": "[1, inf)", "snapshot_every": "[1, inf)", "eval_every": "[0, inf)", "ckpt_every": "[1, inf)",
-    "eval_images": "[2, inf)",                             # a Frechet distance needs two images
-    "gpu_memory": "[0, inf)",
-    "lpips": LPIPS_NETS,
-    "warmup_steps": "[0, inf)", "warmup_lr": "(0, inf)",
-    "hard_negatives": "[0, 1]",
-    "hard_attribute": ("any",) + HARD_ATTRIBUTES,
+def data_error(value):
+    """A folder given to --data must be there, also for a dry run (train.main; shard patterns may
+    live on the cluster the run is planned for; the folder's contents: data.build_dataset). Not a
+    rule of check_values: a command parses on any machine (tests/test_commands.py)."""
+    if value in ("", "shapes") or ".tar" in value or os.path.isdir(value):
+        return None
+    import data  # data.py: its own words for the flag
+    return f"--data '{value}' {'is a file' if os.path.exists(value) else 'does not exist'}; {data.DATA_SPEC_HELP}"
+
+
+# Scopes: the stages that read a flag, and what the flag does (the words of check_scope's message
+# when it is given for another stage).
+CLIP_STAGE, BASE, UP = "clip", "base", "upsampler"
+EVERY, GAN = (CLIP_STAGE, BASE, UP), (BASE, UP)
+ALL = (EVERY, "")
+RUN = (GAN, "configures the GAN's training (the CLIP stage trains a tiny CLIP: --clip-steps, --clip-batch-size, "
+            "--clip-tower)")
+TINY_CLIP = (EVERY, "trains a tiny CLIP")  # the GAN stages: only with --clip tiny (check_scope)
+CLIP = (GAN, "picks the CLIP a GAN is conditioned on (the CLIP stage trains a tiny one)")
+PLAN = (GAN, "plans a GAN run (the CLIP stage trains a tiny CLIP, minutes on a CPU)")
+UP_ONLY = ((UP,), "is the upsampler stage's")
+
+
+def flag(default, rule, scope=RUN):
+    """A TrainConfig field: its default (the value `python train.py` runs with), its rule and scope."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "scope": scope})
+
+
+# -----------------------------------------------------------------------------
+# The training configuration and its presets
+
+@dataclass
+class TrainConfig:
+    preset: str = flag("tiny", ("tiny", "small", "full", "full1024"), ALL)  # size preset of G, D, losses and this config
+    full: bool = flag(False, ANY, ALL)                 # shorthand for --preset full (the paper's 64 px model)
+    stage: str = flag("base", (CLIP_STAGE, BASE, UP), ALL)  # clip (tiny CLIP only) | base (text-to-image GAN) | upsampler
+    data: str = flag("shapes", ANY, ALL)               # shapes | an image folder with captions | 'shards/{00000..00099}.tar' (data_error)
+    out: str = flag("", out_rule, ALL)                 # run directory; '' -> runs/<preset>
+    max_steps: int = flag(3000, STEPS)                 # optimiser steps of G (and of D)
+    max_minutes: float = flag(0.0, "[0, inf)")         # time budget of the whole run, CLIP training included (0: none)
+    batch_size: int = flag(16, "[1, inf)")             # global batch: all processes, all micro-batches
+    batch_gpu: int = flag(0, "[0, inf)")               # micro-batch per forward pass; 0 -> batch_size / processes
+    lr: float = flag(0.005, "(0, inf)")                # AdamW learning rate of G and D (paper: 0.0025; tiny: twice that)
+    ema_kimg: float = flag(10.0, "[0, inf)")           # EMA half-life of G_ema in thousands of images (full: the paper's)
+    seed: int = flag(0, f"[0, {SEED_MAX}]", ALL)       # seeds every random draw (per step and micro-batch)
+    device: str = flag("auto", device_rule, ALL)       # auto | cpu | cuda | cuda:N
+    dtype: str = flag("float32", ("float32", "bfloat16"))  # autocast of the forward passes
+    compile: bool = flag(False, ANY)                   # torch.compile G and D for the D and G steps (GPU speed-up)
+    resume: bool = flag(False, ANY, (GAN, "continues a GAN run's checkpoint (the CLIP stage has none)"))
+    overwrite: bool = flag(False, ANY, ALL)            # delete the run in --out first (checkpoint, CLIPs, log, snapshots)
+    clip: str = flag("tiny", ANY, CLIP)                # tiny | tiny:PATH | NAME/TAG (NAME/none: random weights) (clip_spec)
+    vision_clip: str = flag("auto", vision_clip_rule,  # CLIP of the vision-aided D: auto | same | tiny:PATH | NAME/TAG
+                            ((CLIP_STAGE, BASE), "picks the vision-aided D's CLIP (the upsampler has no vision-aided D)"))
+    clip_steps: int = flag(1000, STEPS, TINY_CLIP)     # training steps of each tiny CLIP
+    clip_tower: str = flag("auto", ("auto", "vit", "resnet"), TINY_CLIP)  # auto: resnet at a multiple of 32 px, else vit
+    clip_batch_size: int = flag(128, "[2, inf)", TINY_CLIP)  # batch of the tiny CLIP's contrastive training
+    workers: int = flag(-1, "[-1, inf)")               # DataLoader worker processes; -1 -> 0 on CPU, 4 on GPU
+    log_every: int = flag(25, "[1, inf)")              # steps between log lines
+    snapshot_every: int = flag(250, "[1, inf)")        # steps between sample grids of fixed prompts and z
+    eval_every: int = flag(500, "[0, inf)")            # steps between alignment / CLIP-score evaluations (0: off)
+    eval_images: int = flag(128, "[2, inf)")           # images generated per evaluation (a Frechet distance needs 2)
+    eval_fid: bool = flag(False, ANY, ((BASE,), "scores the base stage's periodic evals"))  # Inception FID at each eval
+    ckpt_every: int = flag(250, "[1, inf)")            # steps between checkpoints
+    dry_run: bool = flag(False, ANY, PLAN)             # build the models on the meta device, print sizes, exit
+    gpu_memory: float = flag(0.0, "[0, inf)", (GAN, "plans a GAN run's --batch-gpu"))  # --dry-run: GB -> the --batch-gpu that fits
+    lpips: str = flag("vgg", LPIPS_NETS, UP_ONLY)      # LPIPS backbone: vgg (paper) | alex | random (no download)
+    warmup_steps: int = flag(0, "[0, inf)", UP_ONLY)   # the first steps train U on pixel MSE alone (no D; project's choice)
+
+
+# Training-side presets: only what differs from TrainConfig's defaults (the tiny run). G and D
+# sizes come from 03/04's registries under the same names, the loss weights from 05's.
+TRAIN_PRESETS = {
+    # tiny: twice the paper's learning rate (project's choice), a fixed 3,000 steps: every attribute
+    # >= 0.94 on fresh captions, the same picture on every machine (NOTES.md, "Learning rate of G and D"
+    # and "Default run, fixed steps")
+    "tiny": dict(),
+    # small: OpenAI's ViT-B/32 for the text and the vision-aided D (downloads once; --clip tiny trains one here)
+    "small": dict(max_steps=200_000, batch_size=64, lr=0.0025, ema_kimg=20.0, clip="ViT-B-32/openai",
+                  clip_batch_size=256, clip_steps=5000, snapshot_every=1000, eval_every=5000, ckpt_every=1000,
+                  log_every=100),
+    # full: the paper's G EMA, decay 0.9999 per step at batch 1024 (update_ema's beta = 0.5 ** (batch /
+    # (ema_kimg * 1000))): ema_kimg = 1024 ln 0.5 / (1000 ln 0.9999) = 7097.47; the ramp-up over the
+    # first images (train.update_ema's rampup) is StyleGAN2's, the project's choice (the paper gives none); --batch-gpu 16
+    # fits an A100 80 GB (the dry run: about 63 GiB; 32 would need about 106)
+    "full": dict(max_steps=1_350_000, batch_size=1024, batch_gpu=16, lr=0.0025, ema_kimg=7097.47, dtype="bfloat16",
+                 clip="ViT-L-14/openai", vision_clip="ViT-B-32/openai", data="",
+                 snapshot_every=5000, eval_every=20000, ckpt_every=5000, log_every=100),
 }
 
-# --g.*, --d.*, --loss.*, --u.*: the ranges of single fields; what depends on several fields
-# (lengths per scale, powers of 2) is the configs' own __post_init__, and check_models builds them.
-WIDTH, COUNT, DEPTH = "[1, inf)", "[1, inf)", "[0, inf)"
-SUB_RULES = {
-    "g.": dict(resolution="[8, inf)", z_dim=WIDTH, w_dim=WIDTH, mapping_layers=COUNT, mapping_lr_mul="(0, inf)",
-               w_avg_beta="[0, 1]", text_width=WIDTH, text_depth=DEPTH, text_heads=COUNT, channels=WIDTH,
-               blocks_per_scale=COUNT, n_kernels=COUNT, attn_resolutions="[4, inf)", attn_heads=COUNT,
-               self_attention=ANY, attention_w_token=ANY, cross_attention=ANY, kernel_size="[1, inf)", noise=ANY,
-               synthesis_input=("const", "fourier"), z_path=("mixed", "separate")),
-    "d.": dict(resolution="[8, inf)", channel_base=WIDTH, channel_max=WIDTH, blocks_per_scale=COUNT, attention=ANY,
-               attn_resolutions="[4, inf)", attn_heads=COUNT, multi_scale=ANY, text_width=WIDTH, text_depth=DEPTH,
-               text_heads=COUNT, t_dim=WIDTH, psi_layers=COUNT, downsample=("blur", "max"), projection=ANY,
-               vision_hidden=WIDTH, vision_psi_layers=COUNT),
-    "loss.": dict(match_d=ANY, match_fake=ANY, match_g=ANY, match_weight="[0, inf)", clip_weight="[0, inf)",
-                  clip_temperature="(0, inf)", vision_weight="[0, inf)", vision_match=ANY, r1_gamma="[0, inf)",
-                  r1_interval="[1, inf)", lpips_weight="[0, inf)", pixel_weight="[0, inf)",
-                  mode_seeking_weight="[0, inf)", relativistic=ANY, r2_gamma="[0, inf)"),
-    "u.": dict(in_resolution="[4, inf)", out_resolution="[8, inf)", z_dim=WIDTH, w_dim=WIDTH, mapping_layers=COUNT,
-               mapping_lr_mul="(0, inf)", w_avg_beta="[0, 1]", text_width=WIDTH, text_depth=DEPTH, text_heads=COUNT,
-               channels=WIDTH, down_blocks=COUNT, up_blocks=COUNT, n_kernels=COUNT, attn_resolutions="[4, inf)",
-               attn_heads=COUNT, self_attention=ANY, cross_attention=ANY, kernel_size="[1, inf)",
-               noise_aug_sigma="[0, 1]", rgb_init="[0, inf)"),
+# The upsampler stage's own training settings per preset, over TRAIN_PRESETS (project's choice; the
+# paper leaves them open). tiny: a random LPIPS backbone (no download), a 1,300-step pixel-MSE warm-up
+# (ESRGAN's recipe, not the paper's), then GAN steps at the paper's 0.0025
+# (NOTES.md, "Tiny upsampler default", "What lets U learn on MSE" and "Upsampler warm-up")
+UPSAMPLER_TRAIN_PRESETS = {
+    "tiny": dict(max_steps=1500, warmup_steps=1300, batch_size=8, lpips="random", lr=0.0025,
+                 eval_images=64, log_every=20, snapshot_every=200, eval_every=200, ckpt_every=200),
+    # full, full1024: the --batch-gpu that fits an A100 80 GB (the dry run: full about 57 GiB at 4, 8 needed
+    # about 101; full1024 about 53 GiB at 2)
+    "full": dict(batch_size=256, batch_gpu=4, lpips="vgg"),
+    "full1024": dict(batch_size=256, batch_gpu=2, lpips="vgg"),
 }
+# Upsampler presets with no base model of their own: their other train settings are those of the
+# named TRAIN_PRESETS entry (full1024: 128 -> 1024, ours; the paper shows such results, no model).
+UPSAMPLER_ONLY_PRESETS = {"full1024": "full"}
+
+# -----------------------------------------------------------------------------
+# The flags of the model and loss configs (03-06): field -> (rule, scope), one line each. Their
+# other fields are the presets' (03's G_PRESETS, 04's D_PRESETS, 05's LOSS_PRESETS, 06's U_PRESETS).
+# What depends on several fields (lengths per scale, powers of 2) is the configs' own __post_init__,
+# and check_models builds the models.
+WIDTH = "[1, inf)"
+G = ((BASE,), "configures the base generator (the upsampler's fields are --u.*, 06_upsampler.py's UpsamplerConfig)")
+U = ((UP,), "configures the upsampler")
+D = (GAN, "configures the GAN's D")
+LOSS = (GAN, "is a GAN loss term")
+VISION_AIDED = ((BASE,), "configures the vision-aided D (the upsampler has none)")
+SUB_FLAGS = {
+    "g.": dict(resolution=("[8, inf)", G), channels=(WIDTH, G), w_dim=(WIDTH, G), text_width=(WIDTH, G),
+               blocks_per_scale=(WIDTH, G), n_kernels=(WIDTH, G),
+               attn_resolutions=("[4, inf)", G), self_attention=(ANY, G), cross_attention=(ANY, G), noise=(ANY, G)),
+    "d.": dict(channel_base=(WIDTH, D), channel_max=(WIDTH, D), attention=(ANY, D), multi_scale=(ANY, D)),
+    "loss.": dict(table1_matching=(tuple(losses.MATCHING), LOSS), match_weight=("[0, inf)", LOSS),
+                  clip_weight=("[0, inf)", LOSS), vision_weight=("[0, inf)", VISION_AIDED),
+                  r1_gamma=("[0, inf)", LOSS), r1_interval=("[1, inf)", LOSS),
+                  lpips_weight=("[0, inf)", ((UP,), "weighs the upsampler's LPIPS to the real image")),
+                  pixel_weight=("[0, inf)", ((UP,), "weighs the upsampler's pixel MSE to the real image"))),
+    "u.": dict(in_resolution=("[4, inf)", U), out_resolution=("[8, inf)", U), channels=(WIDTH, U),
+               noise_aug_sigma=("[0, 1]", U)),
+}
+SUB_CONFIGS = {"g.": generator.GeneratorConfig, "d.": discriminator.DiscriminatorConfig,
+               "loss.": losses.LossConfig, "u.": upsampler.UpsamplerConfig}
+for _prefix, _cls in SUB_CONFIGS.items():  # every flag names a field (a typo fails here, at import)
+    assert set(SUB_FLAGS[_prefix]) <= {f.name for f in dataclasses.fields(_cls)}, (_prefix, set(SUB_FLAGS[_prefix]))
+
+# The same, as tables: {field: rule} and {field: scope}, "" for TrainConfig's
+TRAIN_RULES = {f.name: f.metadata["rule"] for f in dataclasses.fields(TrainConfig)}
+TRAIN_SCOPE = {f.name: f.metadata["scope"] for f in dataclasses.fields(TrainConfig)}
+SUB_RULES = {p: {name: rule for name, (rule, _) in fields.items()} for p, fields in SUB_FLAGS.items()}
+SUB_SCOPE = {p: {name: scope for name, (_, scope) in fields.items()} for p, fields in SUB_FLAGS.items()}
+TINY_CLIP_FLAGS = tuple(name for name, scope in TRAIN_SCOPE.items() if scope is TINY_CLIP)
 
 
 def interval_words(rule):
@@ -266,52 +258,6 @@ def check_values(given, rules, prefix=""):
         message = rule_error(f"--{prefix}{name.replace('_', '-')}", value, rules[name])
         if message:
             raise FlagError(message)
-
-# -----------------------------------------------------------------------------
-# Where each flag does something: the stages that read it, beside the rules above. A flag given
-# for a stage that does not read it is refused (check_scope: one line, exit status 2), the same
-# for every flag. Every field of every config is classified (asserted below, at import): a new
-# flag cannot skip the check. An entry is (stages, what the flag does: the message's words).
-CLIP_STAGE, BASE, UP = "clip", "base", "upsampler"
-EVERY, GAN = (CLIP_STAGE, BASE, UP), (BASE, UP)
-TRAIN_SCOPE = {
-    **{name: (EVERY, "") for name in ("preset", "full", "stage", "data", "out", "seed", "device", "overwrite")},
-    # the tiny CLIP's training: every stage that trains one (the GAN stages: only with --clip tiny, TINY_CLIP_FLAGS)
-    **{name: (EVERY, "trains a tiny CLIP") for name in ("clip_steps", "clip_tower", "clip_batch_size")},
-    "vision_clip": ((CLIP_STAGE, BASE), "picks the vision-aided D's CLIP (the upsampler has no vision-aided D)"),
-    **{name: (GAN, "configures the GAN's training (the CLIP stage trains a tiny CLIP: --clip-steps, "
-                   "--clip-batch-size, --clip-tower)")
-       for name in ("max_steps", "max_minutes", "batch_size", "batch_gpu", "lr_g", "lr_d", "beta1", "beta2",
-                    "ema_kimg", "ema_rampup", "dtype", "compile", "workers", "log_every", "snapshot_every",
-                    "eval_every", "eval_images", "ckpt_every", "hard_negatives", "hard_attribute")},
-    "resume": (GAN, "continues a GAN run's checkpoint (the CLIP stage has none)"),
-    "dry_run": (GAN, "plans a GAN run (the CLIP stage trains a tiny CLIP, minutes on a CPU)"),
-    "gpu_memory": (GAN, "plans a GAN run's --batch-gpu"),
-    "clip": (GAN, "picks the CLIP a GAN is conditioned on (the CLIP stage trains a tiny one)"),
-    "clip_pretrained": (GAN, "picks the CLIP a GAN is conditioned on (the CLIP stage trains a tiny one)"),
-    "eval_fid": ((BASE,), "scores the base stage's periodic evals"),
-    "lpips": ((UP,), "picks the upsampler's LPIPS"),
-    "warmup_steps": ((UP,), "is the upsampler's pixel-MSE warm-up"),
-    "warmup_lr": ((UP,), "is the upsampler's pixel-MSE warm-up"),
-}
-TINY_CLIP_FLAGS = ("clip_steps", "clip_tower", "clip_batch_size")  # GAN stages: only with --clip tiny (trained here)
-VISION_AIDED = ((BASE,), "configures the vision-aided D (the upsampler has none)")
-SUB_SCOPE = {
-    "g.": {name: ((BASE,), "configures the base generator (the upsampler's fields are --u.*, 06_upsampler.py's "
-                           "UpsamplerConfig)") for name in SUB_RULES["g."]},
-    "u.": {name: ((UP,), "configures the upsampler") for name in SUB_RULES["u."]},
-    "d.": {**{name: (GAN, "configures the GAN's D") for name in SUB_RULES["d."]},
-           "vision_hidden": VISION_AIDED, "vision_psi_layers": VISION_AIDED},
-    "loss.": {**{name: (GAN, "is a GAN loss term") for name in SUB_RULES["loss."]},
-              "vision_weight": VISION_AIDED, "vision_match": VISION_AIDED,
-              "mode_seeking_weight": ((BASE,), "is a term of the base G (its z)"),
-              "lpips_weight": ((UP,), "weighs the upsampler's LPIPS to the real image"),
-              "pixel_weight": ((UP,), "weighs the upsampler's pixel MSE to the real image")},
-}
-# every field of every config is classified (a new field without a scope fails here, at import)
-assert set(TRAIN_SCOPE) == set(TRAIN_RULES), set(TRAIN_SCOPE) ^ set(TRAIN_RULES)
-assert all(set(SUB_SCOPE[p]) == set(SUB_RULES[p]) for p in SUB_RULES)
-
 
 def check_scope(values, stage, clip):
     """Refuse every flag given ({prefix: {field: value}}, read_flags) that does nothing for `stage`
@@ -387,11 +333,13 @@ class Coerce(argparse.Action):
         setattr(namespace, self.dest, coerce(value, self.annotation, self.option_strings[0]))
 
 
-def add_dataclass_flags(parser, cls, prefix=""):
-    """One flag per field of the dataclass `cls`: --PREFIXfield-name. Only the flags given land in
-    the parsed namespace (default SUPPRESS), under dest PREFIXfield_name."""
+def add_dataclass_flags(parser, cls, prefix="", names=None):
+    """One flag per field of the dataclass `cls` (or per field in `names`): --PREFIXfield-name. Only
+    the flags given land in the parsed namespace (default SUPPRESS), under dest PREFIXfield_name."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
         parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=prefix + f.name, action=Coerce,
                             annotation=hints[f.name], default=argparse.SUPPRESS)
 
@@ -404,21 +352,12 @@ def dashed(arg):
     return name.replace("_", "-") + eq + value
 
 
-SUB_CONFIGS = {"g.": generator.GeneratorConfig, "d.": discriminator.DiscriminatorConfig,
-               "loss.": losses.LossConfig, "u.": upsampler.UpsamplerConfig}
-# every field of every config has its rule (a new field without one fails here, at import)
-for _prefix, _cls in (("", TrainConfig), *SUB_CONFIGS.items()):
-    _rules = SUB_RULES[_prefix] if _prefix else TRAIN_RULES
-    assert set(_rules) == {f.name for f in dataclasses.fields(_cls)}, (
-        f"{_cls.__name__}: fields and rules differ: {set(_rules) ^ {f.name for f in dataclasses.fields(_cls)}}")
-
-
 def read_flags(argv):
     """argv -> {"": {field: value}, "g.": {...}, "d.": {...}, "loss.": {...}, "u.": {...}}: the flags given."""
     parser = FlagParser(prog="train.py", add_help=False, allow_abbrev=False)
     add_dataclass_flags(parser, TrainConfig)
     for prefix, cls in SUB_CONFIGS.items():
-        add_dataclass_flags(parser, cls, prefix)
+        add_dataclass_flags(parser, cls, prefix, SUB_FLAGS[prefix])
     given, rest = parser.parse_known_args([dashed(arg) for arg in argv])
     if rest:
         if rest[0].startswith("--") and rest[0] != "--":
@@ -463,9 +402,6 @@ def parse_flags(argv):
         g_cfg = configured(upsampler.U_PRESETS[preset], values["u."], "upsampler", "u")
         d_cfg = configured(upsampler.U_D_PRESETS[preset], {"resolution": g_cfg.out_resolution, **values["d."]},
                            "discriminator", "d")
-        if d_cfg.resolution != g_cfg.out_resolution:
-            raise FlagError(f"--d.resolution {d_cfg.resolution} must equal the upsampler's output "
-                            f"--u.out-resolution {g_cfg.out_resolution}")
         cfg.clip_tower = "vit" if cfg.clip_tower == "auto" else cfg.clip_tower  # its CLIP only reads text
         check_clip_tower(cfg, g_cfg.in_resolution)
         loss_cfg = configured(loss_preset("upsampler", preset), values["loss."], "loss", "loss")
@@ -476,7 +412,8 @@ def parse_flags(argv):
     check_clip_tower(cfg, g_cfg.resolution)
     if cfg.vision_clip == "auto" and g_cfg.resolution % 32:  # no ResNet-tower sibling below 32 px steps
         cfg.vision_clip = "same"
-    d_cfg = configured(discriminator.D_PRESETS[preset], values["d."], "discriminator", "d")
+    d_cfg = configured(discriminator.D_PRESETS[preset], {"resolution": g_cfg.resolution, **values["d."]},
+                       "discriminator", "d")  # D reads G's pyramid: G's resolution
     loss_cfg = configured(loss_preset("base", preset), values["loss."], "loss", "loss")
     return cfg, g_cfg, d_cfg, loss_cfg
 
@@ -489,9 +426,6 @@ def check_train_config(cfg):
     """What combines several TrainConfig fields (each field's own range: check_values)."""
     if cfg.warmup_steps and cfg.stage != "upsampler":
         raise FlagError("--warmup-steps: only the upsampler stage has a warm-up; add --stage upsampler")
-    if cfg.hard_negatives and (cfg.data != "shapes" or cfg.stage == "clip"):
-        raise FlagError("--hard-negatives edits captions of the shapes grammar: use it with --data shapes "
-                        "and --stage base or upsampler")
     if cfg.eval_fid and (cfg.stage != "base" or not cfg.eval_every):
         raise FlagError("--eval-fid scores the base stage's periodic evals: use it with --stage base and "
                         "--eval-every > 0, or drop it")
@@ -554,21 +488,6 @@ def loss_preset(stage, preset):
     return losses.LOSS_PRESETS.get(f"{stage}_{preset}", losses.LOSS_PRESETS[stage])
 
 
-def check_mode_seeking(cfg, loss_cfg, batch_gpu):
-    """Mode seeking pairs two z of one caption inside a micro-batch of the base G."""
-    if loss_cfg.mode_seeking_weight <= 0:
-        return
-    if cfg.stage != "base":
-        raise FlagError(f"--loss.mode-seeking-weight is a term of the base G (its z); the {cfg.stage} "
-                        "stage has none: drop the flag or use --stage base")
-    if batch_gpu < 2:
-        raise FlagError(f"--loss.mode-seeking-weight pairs images within a micro-batch of {batch_gpu}: "
-                        "use --batch-gpu 2 or more")
-    if loss_cfg.relativistic:
-        raise FlagError("--loss.mode-seeking-weight re-pairs the G step's captions, and --loss.relativistic "
-                        "pairs each generated image with the real image of its caption: use one of them")
-
-
 def check_clip_tower(cfg, resolution):
     """The tiny CLIP is trained at the data's resolution; a ResNet tower needs a multiple of 32."""
     if cfg.clip_tower == "resnet" and resolution % 32:
@@ -579,16 +498,16 @@ def check_clip_tower(cfg, resolution):
 def print_help(usage):
     """train.py --help: its docstring (usage), then every flag with the value `python train.py` runs with."""
     print(usage)
-    # the values `python train.py` runs with (the tiny preset), not the dataclasses' own defaults
     cfg, g_cfg, d_cfg, loss_cfg = parse_flags([])
     for title, prefix, values in (("train", "", cfg), ("generator", "g.", g_cfg), ("discriminator", "d.", d_cfg),
                                   ("losses", "loss.", loss_cfg),
                                   ("upsampler (--stage upsampler)", "u.", upsampler.U_PRESETS["tiny"])):
-        print(f"{title} flags (tiny defaults):")
+        print(f"{title} flags (the default run's values):")
         for f in dataclasses.fields(values):
-            print(f"  --{prefix}{f.name.replace('_', '-'):<24} {getattr(values, f.name)!r}")
-    print(f"presets: {', '.join(TRAIN_PRESETS)}; --stage upsampler: tiny, full, with these train "
-          f"settings changed: {json.dumps(UPSAMPLER_TRAIN_PRESETS)}")
+            if not prefix or f.name in SUB_FLAGS[prefix]:
+                print(f"  --{prefix}{f.name.replace('_', '-'):<24} {getattr(values, f.name)!r}")
+    print(f"presets: {', '.join(TRAIN_PRESETS)}, with these train settings changed: {json.dumps(TRAIN_PRESETS)}; "
+          f"--stage upsampler: {json.dumps(UPSAMPLER_TRAIN_PRESETS)}")
 
 
 # -----------------------------------------------------------------------------
@@ -596,16 +515,12 @@ def print_help(usage):
 
 
 def clip_spec(cfg):
-    """--clip/--clip-pretrained -> a load_clip spec. `tiny` is the run's own <out>/clip.pt."""
-    if cfg.clip_pretrained:
-        if "/" in cfg.clip or cfg.clip.startswith("tiny"):
-            raise FlagError(f"--clip-pretrained goes with a bare model name (e.g. --clip ViT-B-32), not --clip {cfg.clip}")
-        return f"{cfg.clip}/{cfg.clip_pretrained}"
+    """--clip -> a load_clip spec. `tiny` is the run's own <out>/clip.pt."""
     if cfg.clip == "tiny":
         return "tiny:" + os.path.join(cfg.out, "clip.pt")
     if "/" not in cfg.clip and not cfg.clip.startswith("tiny:"):
         raise FlagError(f"--clip {cfg.clip} needs a weights tag: --clip {cfg.clip}/TAG, or "
-                        "--clip-pretrained none for random weights, or --clip tiny")
+                        f"--clip {cfg.clip}/none for random weights, or --clip tiny")
     return cfg.clip
 
 

@@ -35,7 +35,7 @@ import shlex
 
 import torch
 
-from config import FlagError, parse_flags, text_width, vision_clip_spec
+from config import SUB_RULES, FlagError, parse_flags, text_width, vision_clip_spec
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
@@ -205,7 +205,8 @@ def launch_flags(cfg, g_cfg, d_cfg, loss_cfg, batch_gpu):
             value = getattr(ours, f.name)
             if not prefix and f.name == "data" and not value:  # where the flag goes when it is given
                 value = PLACEHOLDER_DATA
-            if (prefix or f.name not in planned_only) and value != getattr(theirs, f.name):
+            is_flag = f.name not in planned_only if not prefix else f.name in SUB_RULES[prefix]  # the rest follows
+            if is_flag and value != getattr(theirs, f.name):
                 flags += [f"--{prefix}{f.name.replace('_', '-')}", flag_text(value)]
     flags += ["--batch-gpu", str(batch_gpu)]
     return flags

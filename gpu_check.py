@@ -352,9 +352,7 @@ def build_full(ctx):
     G = generator.Generator(g_cfg, text_dim=dim).to(ctx.device)
     D = discriminator.Discriminator(d_cfg, text_dim=dim).to(ctx.device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    betas = (cfg.beta1, cfg.beta2)
-    opt_G = torch.optim.AdamW(attention.attention_param_groups(G), lr=cfg.lr_g, betas=betas)
-    opt_D = torch.optim.AdamW(attention.attention_param_groups(D), lr=cfg.lr_d, betas=betas)
+    opt_G, opt_D = train.optimisers(cfg, G, [D])
     # no frozen CLIP here: the CLIP and vision-aided terms are off (random text features stand in)
     loss_cfg = dataclasses.replace(loss_cfg, clip_weight=0.0, vision_weight=0.0)
     return cfg, g_cfg, d_cfg, loss_cfg, (G, G_ema, D, opt_G, opt_D), dim
@@ -367,7 +365,7 @@ def full_step(ctx, cfg, loss_cfg, models, dim, b):
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     autocast = lambda: torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
     text = tuple(t.to(ctx.device) for t in generator.random_text(b, D=dim, seed=b))  # (b, L, D), (b, L), (b,)
-    wrong = losses.permute_text(text, torch.roll(torch.arange(b), 1))            # Eq. 8's c^
+    caps = losses.Captions(text, losses.permute_text(text, torch.roll(torch.arange(b), 1)))  # c and Eq. 8's c^
     R = G.cfg.resolution
     reals = train.image_pyramid(torch.rand(b, 3, R, R, device=ctx.device) * 2 - 1, len(G.cfg.scales))
     z = torch.randn(b, G.cfg.z_dim, device=ctx.device)                            # (b, z_dim)
@@ -376,13 +374,13 @@ def full_step(ctx, cfg, loss_cfg, models, dim, b):
     with autocast(), torch.no_grad():
         fakes = G(z, *text)                                                       # pyramid, finest first
     with autocast():
-        loss, _ = losses.discriminator_loss(D, reals, fakes, text, wrong, loss_cfg)
+        loss, _ = losses.discriminator_loss(D, reals, fakes, caps, loss_cfg)
     loss.backward()
     opt_D.step()
     G.requires_grad_(True); D.requires_grad_(False)
     opt_G.zero_grad(set_to_none=True)
     with autocast():
-        loss, _ = losses.generator_loss(D, G(z, *text), text, wrong, loss_cfg)
+        loss, _ = losses.generator_loss(D, G(z, *text), caps, loss_cfg)
     loss.backward()
     opt_G.step()
     train.update_ema(G_ema, G, cfg, b)

@@ -12,6 +12,7 @@ A run stops at --max-steps, at the --max-minutes budget (out_of_time), on Ctrl-C
 step in progress (StopRequest: save, exit 130), or on a NaN/inf loss (exit 1, the last good
 checkpoint kept). Bad input is a FlagError: one line, exit status 2.
 """
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 import data
 from config import VISION_CLIP, FlagError, clip_spec, vision_clip_spec, writable_error
+from runtime import check_in_sync
 
 clip_lib = importlib.import_module("00_clip")
 generator = importlib.import_module("03_generator")
@@ -264,6 +266,99 @@ def write_config(cfg, g_cfg, d_cfg, loss_cfg):
     print("config: " + json.dumps(full_config))
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(full_config, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# What a training loop does around its steps (train.py's and train_upsampler.py's)
+
+
+def start_run_dir(cfg, rt, g_cfg, d_cfg, loss_cfg):
+    """<out>/ and its config.json, once the CLIPs loaded (a missing pretrained CLIP leaves no stray
+    run directory); --resume: the log rows of steps that will be trained again go."""
+    os.makedirs(cfg.out, exist_ok=True)
+    if rt.main:
+        write_config(cfg, g_cfg, d_cfg, loss_cfg)
+
+
+def save_run(cfg, step, nimg, parts, config, clips):
+    """<out>/checkpoint.pt, written atomically: the state of every model and optimiser in `parts`
+    (None: stored empty), the step, the configurations and which CLIPs the run reads (spec and
+    tiny-file fingerprint, checked on --resume)."""
+    state = {name: part.state_dict() if part is not None else {} for name, part in parts.items()}
+    state.update(step=step, nimg=nimg, config={k: v if isinstance(v, str) else dataclasses.asdict(v)
+                                               for k, v in config.items()},
+                 clip_sha={k: clip_lib.tiny_clip_fingerprint(spec) for k, spec in clips.items()},
+                 **{k: stored_clip_spec(spec, cfg.out) for k, spec in clips.items()})
+    save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), state)
+
+
+def resume(cfg, rt, ckpt, parts):
+    """Load a checkpoint (checked by open_resume; None: start at step 0) into `parts`, and with
+    --resume drop the log rows of the steps that will be trained again; -> (step, images seen)."""
+    step, nimg = (ckpt["step"], ckpt["nimg"]) if ckpt is not None else (0, 0)
+    for name, part in parts.items():
+        if ckpt is not None and part is not None and ckpt.get(name):
+            part.load_state_dict(ckpt[name])
+    if ckpt is not None and rt.main:
+        say(f"resumed {cfg.out}/checkpoint.pt at step {step}")
+    if cfg.resume and rt.main:
+        trim_log(cfg, step)
+    return step, nimg
+
+
+class Clock:
+    """img/s of the training steps alone: time spent on logs, snapshots and evals is left out."""
+
+    def __init__(self):
+        self.start, self.images = time.time(), 0
+
+    def rate(self):
+        return self.images / max(time.time() - self.start, 1e-9)
+
+
+def after_step(cfg, rt, step, nimg, last, stats, clock, bar, stop, snapshot, evaluate, checkpoint):
+    """The end of a step: a log line every log_every steps (loss means over the processes, img/s),
+    a snapshot, an evaluation and a checkpoint at their intervals (rank 0), and a Ctrl-C or SIGTERM
+    honoured by saving and exiting. The last step does all of them."""
+    bar.update(1)
+    clock.images += cfg.batch_size
+    if step % cfg.log_every == 0 or last:
+        means = mean_stats(stats, rt)                                   # every rank takes part
+        if rt.main:
+            log_train_row(cfg, step, nimg, clock.rate(), means)
+        stats.clear()
+        clock.start, clock.images = time.time(), 0
+    t_aux = time.time()
+    if rt.main and (step % cfg.snapshot_every == 0 or last):
+        snapshot()
+    if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+        bar.set_postfix_str("evaluating")
+        log_eval_row(cfg, step, evaluate())
+        bar.set_postfix_str("")
+    if rt.main and (step % cfg.ckpt_every == 0 or last):
+        checkpoint()
+    clock.start += time.time() - t_aux                                  # not training time
+    if stop.agreed(rt):
+        exit_interrupted(rt, checkpoint, step, os.path.join(cfg.out, "checkpoint.pt"))
+
+
+@contextlib.contextmanager
+def guard_nonfinite(cfg, rt):
+    """A NaN/inf loss ends the run (exit 1) with the last good checkpoint kept."""
+    try:
+        yield
+    except NonFiniteLoss as err:
+        exit_nonfinite(rt, err, os.path.join(cfg.out, "checkpoint.pt"))
+
+
+def finish(cfg, rt, step, modules, outputs):
+    """The end of a run: processes checked in sync, the loss curves plotted, one line of where things are."""
+    if rt.world > 1:
+        check_in_sync(modules, rt)
+    if rt.main:
+        plots = plot_losses(cfg)
+        print(f"done: {step} steps{budget_note(cfg, step)}. checkpoint {cfg.out}/checkpoint.pt; {outputs}; "
+              f"curves {' and '.join(plots) or '-'}; log {cfg.out}/log.jsonl")
 
 
 # -----------------------------------------------------------------------------

@@ -155,6 +155,20 @@ def read_checkpoint(path):
                          "restore it from a copy, or train again") from err
 
 
+# Options a generator had once and lost (NOTES.md names the commits): a checkpoint saved with
+# their default value loads as if they never existed; one that used them does not load.
+REMOVED_G_OPTIONS = {"synthesis_input": "const", "z_path": "mixed"}
+
+
+def stored_config(stored, path):
+    """A checkpoint's generator config, without the removed options it stored at their defaults."""
+    used = {k: v for k, v in stored.items() if k in REMOVED_G_OPTIONS and v != REMOVED_G_OPTIONS[k]}
+    if used:
+        raise ValueError(f"{path} was trained with {', '.join(f'{k}={v!r}' for k, v in used.items())}, an option "
+                         "this version no longer has (NOTES.md names the commit that had it)")
+    return {k: v for k, v in stored.items() if k not in REMOVED_G_OPTIONS}
+
+
 def load_generator(path, device="cpu"):
     """-> (G_ema in eval mode, the frozen CLIP it was trained with, the checkpoint dict).
     Raises FileNotFoundError / ValueError / RuntimeError with a one-line message."""
@@ -165,7 +179,7 @@ def load_generator(path, device="cpu"):
     if ckpt["config"].get("stage", "base") != "base":
         raise ValueError(f"{path} is an {ckpt['config'].get('stage')}-stage run: pass it with --upsampler, "
                          "and a base-stage run with --ckpt")
-    g_cfg = generator.GeneratorConfig(**ckpt["config"]["G"])
+    g_cfg = generator.GeneratorConfig(**stored_config(ckpt["config"]["G"], path))
     clip = run_clip(ckpt, path, device)
     G = generator.Generator(g_cfg, text_dim=clip.text_width)
     try:

@@ -1,5 +1,6 @@
 """Shared test setup: offline, deterministic, small thread count (CI has 2 cores); the session's
 one tiny CLIP and one tiny run; helpers used by several test files."""
+import contextlib
 import importlib
 import json
 import os
@@ -129,6 +130,22 @@ def double_backward(outputs, inputs, params):
     return len(got)
 
 
+class StepHook:
+    """train.main's `timer` for the tests: torch's RNG state at the end of every step (after its
+    EMA), and `action()` at the end of step `at` (e.g. a Ctrl-C)."""
+
+    def __init__(self, at=None, action=None):
+        self.rng, self.at, self.action = [], at, action
+
+    @contextlib.contextmanager
+    def __call__(self, label):
+        yield
+        if label == "EMA":
+            self.rng.append(torch.get_rng_state())
+            if len(self.rng) == self.at:
+                self.action()
+
+
 # The settings of every short upsampler run in the tests: batch 2 of 128 px, a random LPIPS
 # backbone (offline), step 1 the reconstruction warm-up, then GAN steps with R1 at each.
 UP_FAST = ["--stage", "upsampler", "--batch-size", "2", "--log-every", "1", "--snapshot-every", "1000",
@@ -142,12 +159,8 @@ def tiny_upsampler(tiny_run):
     CLIP, with a snapshot and an evaluation at step 2, in a directory beside the tiny run."""
     import train
     out = tiny_run.parent / "up"
-    rng, real_update = [], train.update_ema       # torch's RNG state at the end of every step, for
-    train.update_ema = lambda *a, **k: rng.append(torch.get_rng_state()) or real_update(*a, **k)  # resume tests
-    try:
-        train.main(["--out", str(out), "--clip", f"tiny:{tiny_run / 'clip.pt'}", *UP_FAST, "--max-steps", "2",
-                    "--snapshot-every", "2", "--eval-every", "2", "--eval-images", "4"])
-    finally:
-        train.update_ema = real_update
-    torch.save(rng, tiny_run.parent / "up_rng.pt")
+    hook = StepHook()                             # torch's RNG state at the end of every step, for resume tests
+    train.main(["--out", str(out), "--clip", f"tiny:{tiny_run / 'clip.pt'}", *UP_FAST, "--max-steps", "2",
+                "--snapshot-every", "2", "--eval-every", "2", "--eval-images", "4"], timer=hook)
+    torch.save(hook.rng, tiny_run.parent / "up_rng.pt")
     return out

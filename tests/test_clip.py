@@ -231,7 +231,7 @@ def test_missing_pretrained_weights_fail_in_one_line(monkeypatch):
         clip_lib.load_clip("ViT-B-32/laion2b_s34b_b79k")
     message = str(err.value)
     assert "ViT-B-32/laion2b_s34b_b79k" in message and "--clip tiny" in message
-    assert "--clip-pretrained none" in message and "\n" not in message
+    assert "--clip ViT-B-32/none" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("spec, match", [

@@ -232,34 +232,3 @@ def test_flatten_1x1_sees_where_features_are():
     y = h.flatten(1) @ (fc.weight * fc.weight_gain).T + fc.bias * fc.lr_mul  # EqualLinear by hand
     y = torch.nn.functional.leaky_relu(y, 0.2) * 2 ** 0.5
     torch.testing.assert_close(out.flatten(1), y, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("downsample,projection", [("max", False), ("blur", True), ("max", True)])
-def test_downsample_and_projection_options_keep_ms_io_properties(downsample, projection):
-    """Max-pool downsampling and the flattened projection term keep every MS-I/O property:
-    prediction (i, j) sees x_i only, it depends on the text, and R1's double backward works."""
-    D = dm.Discriminator(tiny_cfg(downsample=downsample, projection=projection), TEXT_DIM)
-    pyramid, text = random_inputs(D, seed=3)
-    _, other = random_inputs(D, seed=4)
-    pyramid = [x.requires_grad_() for x in pyramid]
-    preds = D(pyramid, *text)
-    assert len(preds) == 10 and all(p.shape == (2,) for p in preds)
-    for (i, j), p, q in zip(D.pairs, preds, D(pyramid, *other)):
-        assert (p - q).abs().min() > 1e-4, f"prediction {(i, j)} ignores the text"
-        grads = torch.autograd.grad(p.sum(), pyramid, retain_graph=True, allow_unused=True)
-        for k, g in enumerate(grads):
-            seen = g is not None and torch.count_nonzero(g) > 0
-            assert seen == (k == i), f"prediction {(i, j)}: level {k} seen={seen}"
-    assert double_backward(preds, pyramid, list(D.parameters())) > len(list(D.parameters())) // 2
-    if projection:
-        assert all(p.project is not None for p in D.predictors.values())
-
-
-def test_max_downsample_is_a_2x2_max_pool_and_bad_mode_is_rejected():
-    block = dm.DownBlock(4, 4, mode="max")
-    x = torch.randn(1, 4, 8, 8)
-    torch.testing.assert_close(block.halve(x), torch.nn.functional.max_pool2d(x, 2))
-    with pytest.raises(AssertionError, match="downsample"):
-        tiny_cfg(downsample="stride")
-    with pytest.raises(AssertionError, match="mode"):
-        dm.DownBlock(4, 4, mode="stride")

@@ -97,14 +97,14 @@ def comparable(argv):
 
 
 @pytest.mark.parametrize("argv", [
-    ["--preset", "small", "--clip", "ViT-B-32/laion2b_s34b_b79k", "--lr-g", "0.001", "--data", "DIR"],
+    ["--preset", "small", "--clip", "ViT-B-32/laion2b_s34b_b79k", "--lr", "0.001", "--data", "DIR"],
     ["--preset", "small", "--device", "cuda", "--g.channels", "64,64,64,32,16", "--loss.r1-gamma", "0.5",
      "--d.attention", "false", "--out", "runs/my run"],
     ["--full", "--batch-size", "96", "--batch-gpu", "8", "--g.attn-resolutions", ""],
     ["--stage", "upsampler", "--u.noise-aug-sigma", "0.1", "--lpips", "alex", "--seed", "3"],
     ["--stage", "upsampler", "--full", "--clip", "ViT-B-32/openai"],
     ["--g.resolution", "16", "--g.channels", "[64, 64, 32]", "--g.blocks-per-scale", "1,1,1", "--g.n-kernels", "1,2,2",
-     "--d.resolution", "16", "--hard-negatives", "0.5"],
+     "--loss.table1-matching", "d"],
 ])
 def test_launch_line_reads_back_as_the_planned_configuration(capsys, tmp_path, argv):
     """The printed torchrun line, parsed again by train.py, gives the configuration the dry run planned

@@ -386,55 +386,17 @@ def test_demo_runs():
     gen.demo()
 
 
-def test_fourier_input_is_sinusoids_of_moved_and_scaled_coordinates():
-    """--g.synthesis_input fourier: x = W sin(2 pi <omega, (p - t) e^{-s}> + phi), (t, s) = A(w),
-    checked against a loop over pixels; A starts at zero (an unmoved field), and a G built with it
-    runs and depends on w through the input."""
+def test_mapping_mixes_z_and_text_into_every_entry_of_w():
+    """w = MLP([normalised z, normalised embedding of t_global]) (checked against that formula);
+    every entry of w moves with z and with the text."""
     torch.manual_seed(0)
-    fi = gen.FourierInput(channels=8, w_dim=16, size=4, features=6)
-    w = torch.randn(3, 16)
-    assert torch.equal(fi.affine(w)[:, :2], torch.zeros(3, 2)) or fi.affine(w).abs().max() < 1e-6
-    with torch.no_grad():
-        fi.affine.weight.normal_()                       # move and scale every sample differently
-    t_s = fi.affine(w)                                   # (3, 3)
-    out = fi(w)                                          # (3, 8, 4, 4)
-    W = fi.mix / fi.mix.shape[1] ** 0.5
-    for b in range(3):
-        for i in range(4):
-            for j in range(4):
-                p = torch.tensor([(j + 0.5) / 4 - 0.5, (i + 0.5) / 4 - 0.5])   # (x, y) of pixel (i, j)
-                q = (p - t_s[b, :2]) * torch.exp(-t_s[b, 2])
-                f = torch.sin(2 * torch.pi * (fi.omega @ q) + fi.phi)            # (C_f,)
-                torch.testing.assert_close(out[b, :, i, j], W @ f, rtol=1e-4, atol=1e-5)
-    G = gen.Generator(dataclasses.replace(gen.G_PRESETS["tiny"], synthesis_input="fourier"), text_dim=D).eval()
-    assert not hasattr(G.synthesis, "const")
-    tokens, mask, eot = text(2)
-    assert run(G, torch.randn(2, 128), tokens, mask, eot)[0].shape == (2, 3, 32, 32)
-
-
-def test_separate_z_path_keeps_z_and_text_in_their_own_halves_of_w():
-    """--g.z_path separate: w = [MLP(normalised z), normalised embedding of t_global]; the first
-    S - S/2 entries depend on z only, the last S/2 on the text only (checked against that formula)."""
-    torch.manual_seed(0)
-    M = gen.MappingNetwork(z_dim=8, text_width=6, w_dim=10, num_layers=2, lr_mul=1.0, w_avg_beta=0.9,
-                           z_path="separate").eval()
+    M = gen.MappingNetwork(z_dim=8, text_width=6, w_dim=10, num_layers=2, lr_mul=1.0, w_avg_beta=0.9).eval()
     z, t = torch.randn(4, 8), torch.randn(4, 6)
     w = M(z, t)
     assert w.shape == (4, 10)
-    x = gen.normalize_2nd_moment(z)
+    x = torch.cat([gen.normalize_2nd_moment(z), gen.normalize_2nd_moment(M.embed(t))], dim=1)
     for layer in M.layers:
         x = layer(x)
-    torch.testing.assert_close(w, torch.cat([x, gen.normalize_2nd_moment(M.embed(t))], dim=1))
-    w_other_z, w_other_t = M(torch.randn(4, 8), t), M(z, torch.randn(4, 6))
-    torch.testing.assert_close(w_other_z[:, 5:], w[:, 5:])   # the text half ignores z
-    torch.testing.assert_close(w_other_t[:, :5], w[:, :5])   # the z half ignores the text
-    assert not torch.allclose(w_other_z[:, :5], w[:, :5]) and not torch.allclose(w_other_t[:, 5:], w[:, 5:])
-    # the default mixes them: every entry moves with z
-    mixed = gen.MappingNetwork(8, 6, 10, 2, 1.0, 0.9).eval()
-    assert (mixed(torch.randn(4, 8), t) - mixed(z, t)).abs().min() > 0
-    with pytest.raises(AssertionError, match="z_path"):
-        gen.MappingNetwork(8, 6, 10, 2, 1.0, 0.9, z_path="both")
-    # a whole G builds and runs with it
-    G = gen.Generator(dataclasses.replace(gen.G_PRESETS["tiny"], z_path="separate"), text_dim=6).eval()
-    tokens, mask, eot = torch.randn(2, 4, 6), torch.ones(2, 4, dtype=torch.bool), torch.full((2,), 3)
-    assert G(torch.randn(2, G.cfg.z_dim), tokens, mask, eot)[0].shape == (2, 3, 32, 32)
+    torch.testing.assert_close(w, x)
+    assert (M(torch.randn(4, 8), t) - w).abs().min() > 0
+    assert (M(z, torch.randn(4, 6)) - w).abs().min() > 0

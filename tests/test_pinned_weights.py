@@ -33,10 +33,10 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "
 TOL = 2e-3
 
 # base: tiny CLIP (4 steps), 3 steps of batch 4 in micro-batches of 2 (gradient accumulation),
-# R1 at step 0, hard negatives for half the rows, mode seeking (paired captions)
+# R1 at step 0
 BASE = ["--clip-steps", "4", "--clip-batch-size", "16", "--max-steps", "3", "--batch-size", "4",
         "--batch-gpu", "2", "--log-every", "1", "--snapshot-every", "2", "--eval-every", "0",
-        "--ckpt-every", "1000", "--hard-negatives", "0.5", "--loss.mode-seeking-weight", "1"]
+        "--ckpt-every", "1000"]
 # upsampler on that CLIP: one warm-up step, then 2 GAN steps with R1 each, random LPIPS
 UPSAMPLER = ["--stage", "upsampler", "--max-steps", "3", "--batch-size", "2", "--log-every", "1",
              "--snapshot-every", "1000", "--eval-every", "0", "--ckpt-every", "1000", "--lpips", "random",

@@ -17,17 +17,18 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for --store, run as a script
 import data  # noqa: E402
+import rundir  # noqa: E402
 import metrics  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from conftest import UP_FAST, assert_same, bad, load, log_rows, state  # noqa: E402
+from conftest import UP_FAST, StepHook, assert_same, bad, load, log_rows, state  # noqa: E402
 
 A = "a large red circle on the left of a blue background"
 PHOTO = str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
-def upsampler_run(out, clip, *extra):
-    train.main(["--out", str(out), "--clip", clip, *UP_FAST, *extra])
+def upsampler_run(out, clip, *extra, timer=None):
+    train.main(["--out", str(out), "--clip", clip, *UP_FAST, *extra], timer=timer)
     return out
 
 
@@ -69,10 +70,10 @@ def test_resume_equals_uninterrupted(runs, tmp_path, monkeypatch):
     in one go (its snapshot and eval draw no training noise): U, U_ema, D, the three optimiser
     states, step, nimg, the log rows (but img/s) and the RNG at the end of the resumed step."""
     clip, _, whole = runs
-    rng, real_update = [], train.update_ema
-    monkeypatch.setattr(train, "update_ema", lambda *a, **k: rng.append(torch.get_rng_state()) or real_update(*a, **k))
-    part = upsampler_run(tmp_path / "part", clip, "--max-steps", "1")
-    upsampler_run(tmp_path / "part", clip, "--max-steps", "2", "--resume")
+    hook = StepHook()
+    part = upsampler_run(tmp_path / "part", clip, "--max-steps", "1", timer=hook)
+    upsampler_run(tmp_path / "part", clip, "--max-steps", "2", "--resume", timer=hook)
+    rng = hook.rng
     a, b = state(whole), state(part)
     assert (b["step"], b["nimg"]) == (2, 4) and b["opt_W"]["state"] and b["opt_G"]["state"]
     keys = ("G", "G_ema", "D", "opt_G", "opt_D", "opt_W", "step", "nimg")
@@ -95,20 +96,6 @@ def test_warm_up_trains_u_alone_on_pixel_mse(runs, tmp_path):
     assert train.parse_flags([])[0].warmup_steps == 0                          # the base stage has none
 
 
-def test_upsampler_stage_trains_with_hard_negatives(runs, tmp_path, monkeypatch):
-    """--hard-negatives 1: at the GAN step, D's and G's wrong captions are all one-word edits of
-    the rows' own captions (the warm-up step has no wrong captions)."""
-    import data
-    clip, _, _ = runs
-    calls, real = [], train.wrong_captions
-    monkeypatch.setattr(train, "wrong_captions", lambda c, p, cfg: calls.append((c, real(c, p, cfg))) or calls[-1][1])
-    out = upsampler_run(tmp_path / "hard", clip, "--max-steps", "2", "--hard-negatives", "1")
-    (gan_row,) = [r for r in log_rows(out) if "D/match" in r]
-    assert gan_row["step"] == 2 and len(calls) == 2                  # the D and the G step of step 2
-    for captions, (wrong, valid) in calls:
-        assert valid.all() and all(w in sum(data.shapes_hard_negatives(c), []) for c, w in zip(captions, wrong))
-
-
 def test_dry_run_prints_upsampler_counts(capsys):
     train.main(["--stage", "upsampler", "--dry-run"])
     printed = capsys.readouterr().out.strip().splitlines()
@@ -129,11 +116,11 @@ def test_tiny_defaults_to_a_random_lpips_backbone_with_a_note():
 
 
 def test_a_tiny_clip_is_named_relative_to_the_run_when_beside_it():
-    assert train.stored_clip_spec("tiny:runs/up/clip.pt", "runs/up") == "tiny:clip.pt"
-    assert train.stored_clip_spec("tiny:runs/tiny/clip.pt", "runs/up") == "tiny:../tiny/clip.pt"
+    assert rundir.stored_clip_spec("tiny:runs/up/clip.pt", "runs/up") == "tiny:clip.pt"
+    assert rundir.stored_clip_spec("tiny:runs/tiny/clip.pt", "runs/up") == "tiny:../tiny/clip.pt"
     far = os.path.abspath(os.path.join(os.sep, "elsewhere", "clip.pt"))
-    assert train.stored_clip_spec(f"tiny:{far}", "runs/up") == f"tiny:{far}"  # absolute: no ../../..
-    assert train.stored_clip_spec("ViT-B-32/openai", "runs/up") == "ViT-B-32/openai"
+    assert rundir.stored_clip_spec(f"tiny:{far}", "runs/up") == f"tiny:{far}"  # absolute: no ../../..
+    assert rundir.stored_clip_spec("ViT-B-32/openai", "runs/up") == "ViT-B-32/openai"
 
 
 def test_resuming_another_stage_or_config_is_one_line(runs, capsys):
@@ -142,8 +129,8 @@ def test_resuming_another_stage_or_config_is_one_line(runs, capsys):
                                                      "--max-steps", "3", "--resume"], capsys, "train.py")
     assert "is an upsampler-stage run" in bad(train.main, ["--out", str(up), "--clip", clip, "--max-steps", "3",
                                                            "--batch-size", "2", "--resume"], capsys, "train.py")
-    assert "(rgb_init 0.001 -> 0.5): resume it with the same --u.* flags" in bad(
-        train.main, ["--out", str(up), "--clip", clip, *UP_FAST, "--max-steps", "3", "--resume", "--u.rgb-init", "0.5"],
+    assert "(noise_aug_sigma 0.02 -> 0.1): resume it with the same --u.* flags" in bad(
+        train.main, ["--out", str(up), "--clip", clip, *UP_FAST, "--max-steps", "3", "--resume", "--u.noise-aug-sigma", "0.1"],
         capsys, "train.py")
 
 
