@@ -55,11 +55,12 @@ log2(R) - 1 levels (R .. 4 px), the same as this file's output. U_D_PRESETS belo
 DiscriminatorConfig with each upsampler preset. The real pyramid is train.py's
 image_pyramid(real, levels) of the high-res image.
 
-Metrics (upsampling_metrics here, on U's own clean path; train.py --stage upsampler logs
-sample.py's evaluate_upsampler at eval intervals, the path a user takes, default input noise
-and none): mean absolute error to the real high-res image against bicubic's, and sharpness (RMS
-gradient magnitude) of the output, of bicubic and of the real image. A GAN upsampler should beat
-bicubic on both: lower error and sharper, close to the real image's sharpness.
+Metrics (restoration_metrics here; upsampling_metrics runs it on U's own clean path, and
+train.py --stage upsampler logs sample.py's evaluate_upsampler at eval intervals, the path a
+user takes, default input noise and none): mean absolute error to the real high-res image
+against bicubic's, and sharpness (RMS gradient magnitude) of the output, of bicubic and of the
+real image. A GAN upsampler should beat bicubic on both: lower error and sharper, close to
+the real image's sharpness.
 
 Run:  python 06_upsampler.py    (tiny 32 -> 128 upsampler on random text, seconds on a CPU)
 
@@ -499,15 +500,31 @@ def sharpness(images):
 
 
 @torch.no_grad()
+def restoration_metrics(out, lowres, highres):
+    """An upsampler's output (B, 3, R, R), clamped to [-1, 1], against the real high-res images
+    and against bicubic resize(lowres), the baseline -> dict of floats:
+        mae, mae_bicubic         mean |x - highres| of the output and of bicubic
+        sharpness, sharpness_bicubic, sharpness_real   RMS gradient magnitude (sharpness())
+    Shared by upsampling_metrics below and sample.py's evaluate_upsampler (the user's path)."""
+    R = highres.shape[-1]
+    assert out.shape == highres.shape, (out.shape, highres.shape)
+    highres = highres.to(out.device)
+    bicubic = resize(lowres.to(out.device), R).clamp(-1, 1)  # (B, 3, R, R) the baseline
+    return {"mae": (out - highres).abs().mean().item(),
+            "mae_bicubic": (bicubic - highres).abs().mean().item(),
+            "sharpness": sharpness(out),
+            "sharpness_bicubic": sharpness(bicubic),
+            "sharpness_real": sharpness(highres)}
+
+
+@torch.no_grad()
 def upsampling_metrics(U, lowres, highres, tokens, mask, eot, seed=0):
     """How well U restores real high-res images from their low-res versions -> dict of floats.
 
     lowres (B, 3, r, r) = make_lowres(highres), highres (B, 3, R, R) the real images,
     tokens/mask/eot their captions' CLIP features. U runs in eval mode (no noise
     augmentation), with constant noise and z from `seed`; outputs are clamped to [-1, 1]
-    as saved images are. Returns
-        mae, mae_bicubic         mean |x - highres| of U's output and of bicubic resize(lowres)
-        sharpness, sharpness_bicubic, sharpness_real   RMS gradient magnitude (sharpness())
+    as saved images are. Returns restoration_metrics(U's output, lowres, highres).
     The training target: mae well below mae_bicubic, sharpness near sharpness_real.
     """
     B, R = lowres.shape[0], U.cfg.out_resolution
@@ -519,12 +536,7 @@ def upsampling_metrics(U, lowres, highres, tokens, mask, eot, seed=0):
         out = U(lowres, z, tokens, mask, eot, noise_mode="const")[0].clamp(-1, 1)  # (B, 3, R, R)
     finally:
         U.train(was_training)
-    bicubic = resize(lowres, R).clamp(-1, 1)                  # (B, 3, R, R) the baseline
-    return {"mae": (out - highres).abs().mean().item(),
-            "mae_bicubic": (bicubic - highres).abs().mean().item(),
-            "sharpness": sharpness(out),
-            "sharpness_bicubic": sharpness(bicubic),
-            "sharpness_real": sharpness(highres)}
+    return restoration_metrics(out, lowres, highres)
 
 
 # -----------------------------------------------------------------------------

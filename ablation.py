@@ -17,7 +17,7 @@ it is in) the same command picks up where it stopped.
 
 Per run, measured on G_ema at its last step (result.json in its directory):
   - accuracy of each shapes attribute (and their mean): sample.evaluate on --eval-images real
-    captions, judged from pixels by data.judge_shapes_image;
+    captions, judged from pixels by metrics.judge_shapes_image;
   - CLIP score and the CLIP-feature Frechet distance to real images (sample.evaluate);
   - seed spread: how much the images of one caption vary with z, relative to real images of
     that caption: sample.evaluate's spread_x, spread_y, spread_size (metrics.seed_spread on

@@ -5,9 +5,9 @@ GigaGAN is trained on LAION-scale (image, caption) pairs (paper Sec. 4.1, App. B
 gives three sources with one interface, `ds[i] -> (image (3, R, R) in [-1, 1], caption)`:
 
 1. `shapes`: a procedural toy set (one solid shape on a solid background), so the whole
-   pipeline trains on a laptop CPU in minutes and its results can be *checked*: the
-   captions name five attributes and `judge_shapes_image` reads them back from pixels by
-   plain geometry, which is how we score whether generated images follow their prompts.
+   pipeline trains on a laptop CPU in minutes and its results can be *checked*: the captions
+   name five attributes and `metrics.judge_shapes_image` reads them back from pixels by plain
+   geometry, which is how we score whether generated images follow their prompts.
 2. `ImageCaptionFolder`: a folder of images with captions (.txt beside each image, or a
    captions.jsonl / captions.csv), centre-cropped and resized; `CocoCaptions`: an image folder
    with COCO-format captions_*.json (COCO 2017 as downloaded), a random caption per epoch.
@@ -18,8 +18,8 @@ gives three sources with one interface, `ds[i] -> (image (3, R, R) in [-1, 1], c
 feeds it to the training loop in an order fixed by (seed, step), the same for any number of
 processes and after a resume.
 
-Run `python data.py` for a demo: captions, the judge on fresh images, the loader's images/s
-and a grid PNG in a temp folder.
+Run `python data.py` for a demo: captions, metrics.py's judge on fresh images, the loader's
+images/s and a grid PNG in a temp folder.
 
 The `shapes` spec (what `ShapesDataset` draws; the constants below hold the numbers)
 - One solid shape on a solid background, rendered anti-aliased at any resolution R >= 8,
@@ -320,109 +320,6 @@ def jittered_shapes(attrs, n, resolution, seed=0, supersample=4):
         rgb = bg[:, None, None] + cov[None] * (fg - bg)[:, None, None]                 # (3, R, R)
         images.append(torch.from_numpy((rgb / 127.5 - 1.0).astype(np.float32)))
     return torch.stack(images)                                                        # (n, 3, R, R)
-
-
-# -----------------------------------------------------------------------------
-# The judge: read the five attributes back from pixels, by plain geometry
-#
-# Used to score generated images against their prompts, so it measures soft quantities that
-# survive blur and noise rather than hard pixel counts:
-#   background = median of the border pixels (a shape covers at most ~17% of the border);
-#   shape colour = median of the pixels farthest from the background (edges are mixtures);
-#   alpha = each pixel's position on the line background -> shape colour, in [0, 1];
-#   extent along an axis = sum of the alpha profile's max (a soft bounding-box side);
-#   kind by fill ratio area / (width * height): square 1, circle pi/4 = 0.785, triangle 0.5,
-#        plus the triangle's tell: its mass centroid sits h/6 below its box centre;
-#   size by the box height (never clipped: |cy - 0.5| + extent/2 < 0.5), threshold 0.45;
-#   position by the alpha centroid x, thresholds 0.4 / 0.6.
-
-# Thresholds are this project's choice, set from measured feature ranges (1000 images each):
-# clean, 32 px: fill circle 0.72..0.86, square >= 0.985, triangle 0.51..0.63 with skew >= 0.12,
-# |skew| <= 0.03 for the others; blur sigma 1 px + noise std 0.1 at 32 px: circle fill <= 0.83,
-# square >= 0.87, triangle skew >= 0.056. Clean images at >= 32 px are judged 100% correctly.
-_NOISY = 3.0                 # median border distance (RGB) above which we smooth first
-_FAR = 40.0                  # a pixel this far (RGB distance) from the background is "shape"
-_SMALL_LARGE = 0.45          # between small (0.27..0.33) and large (0.54..0.66)
-_LEFT_CENTER, _CENTER_RIGHT = 0.4, 0.6
-_SQUARE_FILL, _TRIANGLE_FILL, _TRIANGLE_SKEW = 0.88, 0.62, 0.05
-
-
-def _nearest_color(rgb, exclude=None):
-    """Palette name nearest to an RGB triple (optionally never `exclude`)."""
-    d = ((_PALETTE - rgb[None]) ** 2).sum(1)        # (8,)
-    if exclude is not None:
-        d[_COLOR_NAMES.index(exclude)] = np.inf
-    return _COLOR_NAMES[int(np.argmin(d))]
-
-
-def _judge_one(image):
-    rgb = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).numpy().astype(np.float64)
-    rgb = np.nan_to_num(rgb, nan=127.5)                                       # (3, H, W)
-    _, H, W = rgb.shape
-    border = np.concatenate([rgb[:, 0], rgb[:, -1], rgb[:, :, 0], rgb[:, :, -1]], axis=1)  # (3, 2H+2W)
-    bg = np.median(border, axis=1)                                            # (3,)
-    background = _nearest_color(bg)
-    # Noise (a generator's texture) shows up as scatter among the border pixels; if there is
-    # any, average 3x3 neighbourhoods first. A box filter keeps area, and keeps the soft box
-    # sides below (a straight edge's 1/3 + 2/3 still sums to one pixel).
-    # (Not below 24 px: there a small shape is ~5 px wide and averaging would erase it.)
-    noisy = np.median(np.sqrt(((border - bg[:, None]) ** 2).sum(0))) > _NOISY
-    if noisy and min(H, W) >= 24:
-        padded = np.pad(rgb, ((0, 0), (1, 1), (1, 1)), mode="edge")          # (3, H+2, W+2)
-        rgb = sum(padded[:, i:i + H, j:j + W] for i in range(3) for j in range(3)) / 9.0
-    diff = rgb - bg[:, None, None]                                            # (3, H, W)
-    dist = np.sqrt((diff ** 2).sum(0))                                        # (H, W)
-    far = dist > _FAR
-    details = dict(fill=0.0, height=0.0, cx=0.5, cy=0.5, skew=0.0, found=bool(far.any()))
-    if not far.any():  # nothing stands out: a blank image. Best guess, never a crash.
-        guess = dict(shape="circle", color=_nearest_color(bg, exclude=background),
-                     background=background, size="small", position="center")
-        return guess, details
-    core = dist >= 0.8 * np.percentile(dist[far], 90)                         # solid interior
-    fg = np.median(rgb[:, core], axis=1)                                      # (3,)
-    color = _nearest_color(fg, exclude=background)  # the spec guarantees they differ
-    v = fg - bg
-    alpha = (diff * v[:, None, None]).sum(0) / max(float(v @ v), 1e-6)       # (H, W) projection
-    # a ramp 0.25..0.75 zeroes faint noise; it is symmetric about 0.5, so edge pixels
-    # (anti-aliasing, blur) keep the shape's area on average
-    alpha = np.clip((alpha - 0.25) / 0.5, 0.0, 1.0)
-    area = max(alpha.sum(), 1e-6)
-    rows, cols = alpha.max(1), alpha.max(0)                                   # (H,), (W,)
-    height, width = max(rows.sum(), 1e-6), max(cols.sum(), 1e-6)              # soft box sides
-    ys, xs = np.arange(H) + 0.5, np.arange(W) + 0.5
-    cx = (alpha.sum(0) * xs).sum() / area / W                                 # centroid x / W
-    y_mass = (alpha.sum(1) * ys).sum() / area
-    y_box = (rows * ys).sum() / height
-    fill = area / (width * height)
-    skew = (y_mass - y_box) / height      # triangle: 2/3 - 1/2 = 1/6; circle, square: 0
-    if skew > _TRIANGLE_SKEW or fill < _TRIANGLE_FILL:
-        shape = "triangle"
-    elif fill > _SQUARE_FILL:
-        shape = "square"
-    else:
-        shape = "circle"
-    size = "small" if height / H < _SMALL_LARGE else "large"
-    position = "left" if cx < _LEFT_CENTER else ("right" if cx > _CENTER_RIGHT else "center")
-    details.update(fill=float(fill), height=float(height / H), cx=float(cx), cy=float(y_box / H),
-                   skew=float(skew))                 # cy: the soft box's centre, as the spec places it
-    return dict(shape=shape, color=color, background=background, size=size,
-                position=position), details
-
-
-def judge_shapes_image(image, details=False):
-    """Attributes of a shapes image by pixel geometry (no learning).
-
-    image: (3, H, W) or (B, 3, H, W) in [-1, 1] -> attrs dict, or a list of B dicts.
-    details=True also returns the measurements (fill, height, cx, cy, skew, found) per image.
-    Never raises on odd content (noise, blank, NaN): it returns its best guess.
-    """
-    image = torch.as_tensor(image)
-    if image.dim() == 4:
-        out = [judge_shapes_image(x, details) for x in image]
-        return out
-    assert image.dim() == 3 and image.shape[0] == 3, f"expected (3, H, W), got {tuple(image.shape)}"
-    attrs, info = _judge_one(image)
-    return (attrs, info) if details else attrs
 
 
 # -----------------------------------------------------------------------------
@@ -933,6 +830,7 @@ def save_image_grid(images, path, ncol=8):
 
 
 def demo():
+    import metrics  # imported here: metrics imports data at module level
     ds = ShapesDataset(32, seed=0)
     for i in range(4):
         print(f"  {i}: {ds[i][1]!r}  -> {ds.attributes(i)}")
@@ -940,7 +838,7 @@ def demo():
     print("image", tuple(image.shape), f"range [{image.min():.2f}, {image.max():.2f}]")
     for res in (32, 64):
         d = ShapesDataset(res, seed=1)
-        ok = sum(judge_shapes_image(d[i][0]) == d.attributes(i) for i in range(200))
+        ok = sum(metrics.judge_shapes_image(d[i][0]) == d.attributes(i) for i in range(200))
         print(f"judge at {res} px: {ok}/200 correct")
         assert ok >= 199
     rate = measure_images_per_second(ds, num_workers=2)

@@ -285,6 +285,7 @@ def evaluate_upsampler(U, clip, highres, captions, seeds=None, noise_aug=None, b
         mae_clean, mae_ratio_clean     the same with no input noise
         mae_bicubic                    bicubic upsampling of the small image (upsampler.resize)
         sharpness, sharpness_clean, sharpness_bicubic, sharpness_real   RMS gradient (06's sharpness)
+    (the MAEs and sharpness by 06's restoration_metrics, as its upsampling_metrics computes them)
     The target: both ratios well below 1 (NOTES.md, "Upsampler input noise"), sharpness near real.
     """
     n, R = highres.shape[0], U.cfg.out_resolution
@@ -299,16 +300,14 @@ def evaluate_upsampler(U, clip, highres, captions, seeds=None, noise_aug=None, b
         clean = upsample(U, clip, lowres, captions, seeds, batch, 0.0)      # (n, 3, R, R) --noise-aug 0
     finally:
         U.train(was_training)
-    highres = highres.to(out.device)
-    bicubic = upsampler.resize(lowres.to(out.device), R).clamp(-1, 1)      # (n, 3, R, R) the baseline
-    mae_bicubic = (bicubic - highres).abs().mean().item()
-    mae, mae_clean = ((x - highres).abs().mean().item() for x in (out, clean))
+    m, m_clean = (upsampler.restoration_metrics(x, lowres, highres) for x in (out, clean))
+    mae_bicubic = m["mae_bicubic"]                                          # the same baseline for both
     return {"noise_aug": sigma,
-            "mae": mae, "mae_ratio": mae / max(mae_bicubic, 1e-12),
-            "mae_clean": mae_clean, "mae_ratio_clean": mae_clean / max(mae_bicubic, 1e-12),
+            "mae": m["mae"], "mae_ratio": m["mae"] / max(mae_bicubic, 1e-12),
+            "mae_clean": m_clean["mae"], "mae_ratio_clean": m_clean["mae"] / max(mae_bicubic, 1e-12),
             "mae_bicubic": mae_bicubic,
-            "sharpness": upsampler.sharpness(out), "sharpness_clean": upsampler.sharpness(clean),
-            "sharpness_bicubic": upsampler.sharpness(bicubic), "sharpness_real": upsampler.sharpness(highres)}
+            "sharpness": m["sharpness"], "sharpness_clean": m_clean["sharpness"],
+            "sharpness_bicubic": m["sharpness_bicubic"], "sharpness_real": m["sharpness_real"]}
 
 
 def text_condition(G, clip, prompts, length=None):
@@ -643,7 +642,7 @@ def run_truncation_sweep(G, clip, args, prompts, shapes=False):
     """Rows = (prompt, seed), prompt-major; cols = psi from 1 to 0 (--truncation-sweep K values)
     toward --truncation-target. Column psi is `generate` at psi: the first is plain sampling.
     shapes (a run on the shapes data) and n >= 2: also prints the spread of the shapes' height
-    over the seeds per psi (data.judge_shapes_image's centre y: the std over seeds, averaged
+    over the seeds per psi (metrics.judge_shapes_image's centre y: the std over seeds, averaged
     over the prompts), which truncation shrinks to 0 at psi 0."""
     psis = psi_sweep(args.truncation_sweep)
     pairs = [(p, args.seed + k) for p in prompts for k in range(args.n)]
@@ -651,7 +650,7 @@ def run_truncation_sweep(G, clip, args, prompts, shapes=False):
                         args.truncation_target) for psi in psis]             # K x (P n, 3, R, R)
     images = torch.stack(per_psi, dim=1).flatten(0, 1)                       # (P n K, 3, R, R) pair-major
     if shapes and args.n >= 2:
-        heights = [torch.tensor([info["cy"] for _, info in data.judge_shapes_image(x, details=True)])
+        heights = [torch.tensor([info["cy"] for _, info in metrics.judge_shapes_image(x, details=True)])
                    for x in per_psi]                                         # K x (P n,)
         spread = [h.view(len(prompts), args.n).std(dim=1).mean().item() for h in heights]
         print("height spread over seeds (std of the centre's y): " +
@@ -706,9 +705,9 @@ def run_analogies(G, clip, args):
     plain = [generate(G, clip, p, seeds, args.truncation, args.batch, args.truncation_target) for p in (a, b, c, d)]
     spaces = {space: arithmetic_images(G, clip, a, b, c, seeds, space, **kw) for space in ARITHMETIC_SPACES}
     targets = [data.parse_shapes_caption(t) for t in d]
-    judged = {"d drawn from its prompt": data.judge_shapes_image(plain[3]),
-              "c drawn from its prompt": data.judge_shapes_image(plain[2]),
-              **{space: data.judge_shapes_image(x) for space, x in spaces.items()}}
+    judged = {"d drawn from its prompt": metrics.judge_shapes_image(plain[3]),
+              "c drawn from its prompt": metrics.judge_shapes_image(plain[2]),
+              **{space: metrics.judge_shapes_image(x) for space, x in spaces.items()}}
     scores = {name: {**analogy_scores(attrs, targets, carried),
                      "carried_by_attribute": carried_by_attribute(attrs, targets, carried)}
               for name, attrs in judged.items()}

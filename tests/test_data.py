@@ -1,4 +1,4 @@
-"""Tests for data.py: the shapes spec, the judge, folder and shard loaders, bad input.
+"""Tests for data.py: the shapes spec, folder and shard loaders, bad input.
 
 Fixtures (images, captions, tar shards) are written by the tests into tmp_path.
 """
@@ -15,10 +15,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import data
+import metrics
 
 # -----------------------------------------------------------------------------
 # shapes: vocabulary and spec conformance
@@ -58,7 +58,7 @@ def test_the_caption_leaves_the_height_open():
     assert np.abs(thirds - 1 / 3).max() < 0.05, thirds
     # one caption's own draws (the reference of metrics.seed_spread) spread as widely
     attrs = dict(shape="circle", color="red", background="blue", size="small", position="left")
-    info = [i for _, i in data.judge_shapes_image(data.jittered_shapes(attrs, 32, 32), details=True)]
+    info = [i for _, i in metrics.judge_shapes_image(data.jittered_shapes(attrs, 32, 32), details=True)]
     assert np.std([i["cy"] for i in info]) > 0.1
     assert data.ShapesDataset(32, seed=5, jitter=False).render_params(0)["cy"] == 0.5
 
@@ -223,55 +223,6 @@ def test_snapshot_prompts_are_fixed_and_varied():
     assert {p["shape"] for p in parsed} == set(data.SHAPES)
     assert {p["position"] for p in parsed} == set(data.POSITIONS)
     assert {p["size"] for p in parsed} == set(data.SIZES)
-
-
-# -----------------------------------------------------------------------------
-# the judge
-
-
-@pytest.mark.parametrize("resolution", [32, 64])
-def test_judge_accuracy_on_clean_images(resolution):
-    ds = data.ShapesDataset(resolution, seed=11)     # a seed no threshold was tuned on
-    images = torch.stack([ds[i][0] for i in range(400)])
-    judged = data.judge_shapes_image(images)
-    correct = sum(j == ds.attributes(i) for i, j in enumerate(judged))
-    print(f"judge accuracy at {resolution} px: {correct}/400")
-    assert correct / 400 >= 0.995
-
-
-def _blur(x, sigma):
-    k = 2 * int(math.ceil(3 * sigma)) + 1
-    t = torch.arange(k) - k // 2
-    g = torch.exp(-t.double() ** 2 / (2 * sigma ** 2)).float()
-    g = g / g.sum()
-    x = F.pad(x, (k // 2,) * 4, mode="replicate")
-    x = F.conv2d(x, g.view(1, 1, 1, k).repeat(3, 1, 1, 1), groups=3)
-    return F.conv2d(x, g.view(1, 1, k, 1).repeat(3, 1, 1, 1), groups=3)
-
-
-@pytest.mark.parametrize("resolution", [32, 64])
-def test_judge_tolerates_blur_and_noise(resolution):
-    ds = data.ShapesDataset(resolution, seed=12)
-    images = torch.stack([ds[i][0] for i in range(200)])
-    images = _blur(images, 0.6 * resolution / 32)
-    images = (images + 0.05 * torch.randn_like(images)).clamp(-1, 1)
-    judged = data.judge_shapes_image(images)
-    correct = sum(j == ds.attributes(i) for i, j in enumerate(judged))
-    assert correct / 200 >= 0.95
-
-
-def test_judge_never_crashes_on_garbage():
-    garbage = [torch.rand(3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32), torch.ones(3, 64, 64),
-               torch.full((3, 32, 32), float("nan")), torch.rand(3, 1, 1), torch.rand(3, 2, 7),
-               torch.randn(3, 32, 32) * 100]
-    for x in garbage:
-        a, info = data.judge_shapes_image(x, details=True)
-        assert a["shape"] in data.SHAPES and a["color"] in data.COLORS
-        assert a["background"] in data.COLORS and a["color"] != a["background"]
-        assert a["size"] in data.SIZES and a["position"] in data.POSITIONS
-        assert set(info) >= {"fill", "height", "cx", "skew", "found"}
-    assert data.judge_shapes_image(torch.zeros(3, 32, 32), details=True)[1]["found"] is False
-    assert len(data.judge_shapes_image(torch.zeros(2, 3, 16, 16))) == 2
 
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """metrics.py: Inception FID plumbing (torchmetrics with a small random feature network, so no
-weights download), clean-fid's resize, the cached reference statistics, and the offline answer."""
+weights download), clean-fid's resize, the cached reference statistics, the offline answer, the
+pixel judge of the shapes data and the seed spread."""
 import json
+import math
 import os
 import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -165,6 +168,54 @@ def test_sample_reexports_the_metrics():
     for name in ("frechet_distance", "shapes_alignment", "SHAPES_ATTRIBUTES", "eval_pairs", "eval_metrics",
                  "clip_score", "embed_images", "EVAL_SEED"):
         assert getattr(sample, name) is getattr(metrics, name), name
+
+
+# ---------------------------------------------------------------------------- the pixel judge
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_judge_accuracy_on_clean_images(resolution):
+    ds = data.ShapesDataset(resolution, seed=11)     # a seed no threshold was tuned on
+    images = torch.stack([ds[i][0] for i in range(400)])
+    judged = metrics.judge_shapes_image(images)
+    correct = sum(j == ds.attributes(i) for i, j in enumerate(judged))
+    print(f"judge accuracy at {resolution} px: {correct}/400")
+    assert correct / 400 >= 0.995
+
+
+def _blur(x, sigma):
+    k = 2 * int(math.ceil(3 * sigma)) + 1
+    t = torch.arange(k) - k // 2
+    g = torch.exp(-t.double() ** 2 / (2 * sigma ** 2)).float()
+    g = g / g.sum()
+    x = F.pad(x, (k // 2,) * 4, mode="replicate")
+    x = F.conv2d(x, g.view(1, 1, 1, k).repeat(3, 1, 1, 1), groups=3)
+    return F.conv2d(x, g.view(1, 1, k, 1).repeat(3, 1, 1, 1), groups=3)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_judge_tolerates_blur_and_noise(resolution):
+    ds = data.ShapesDataset(resolution, seed=12)
+    images = torch.stack([ds[i][0] for i in range(200)])
+    images = _blur(images, 0.6 * resolution / 32)
+    images = (images + 0.05 * torch.randn_like(images)).clamp(-1, 1)
+    judged = metrics.judge_shapes_image(images)
+    correct = sum(j == ds.attributes(i) for i, j in enumerate(judged))
+    assert correct / 200 >= 0.95
+
+
+def test_judge_never_crashes_on_garbage():
+    garbage = [torch.rand(3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32), torch.ones(3, 64, 64),
+               torch.full((3, 32, 32), float("nan")), torch.rand(3, 1, 1), torch.rand(3, 2, 7),
+               torch.randn(3, 32, 32) * 100]
+    for x in garbage:
+        a, info = metrics.judge_shapes_image(x, details=True)
+        assert a["shape"] in data.SHAPES and a["color"] in data.COLORS
+        assert a["background"] in data.COLORS and a["color"] != a["background"]
+        assert a["size"] in data.SIZES and a["position"] in data.POSITIONS
+        assert set(info) >= {"fill", "height", "cx", "skew", "found"}
+    assert metrics.judge_shapes_image(torch.zeros(3, 32, 32), details=True)[1]["found"] is False
+    assert len(metrics.judge_shapes_image(torch.zeros(2, 3, 16, 16))) == 2
 
 
 # ---------------------------------------------------------------------------- seed spread

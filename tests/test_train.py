@@ -453,7 +453,7 @@ def test_resume_of_a_run_written_before_a_config_field_existed(tmp_path, tiny_cl
 @pytest.mark.slow
 def test_short_tiny_run_learns_the_background_colour(tmp_path):
     """The learning test: the default tiny CLIP (ResNet tower) of 300 steps, then 250 GAN steps of
-    batch 8 (2,000 images; about 2 minutes on 2 cores). The pixel judge of data.py reads the
+    batch 8 (2,000 images; about 2 minutes on 2 cores). The pixel judge of metrics.py reads the
     background colour of G_ema's images back: after one step it is near chance (1 in 7), after 250
     it must be right far more often. (The shape, its colour, size and position take longer: see
     the README.)"""
