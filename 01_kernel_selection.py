@@ -34,7 +34,9 @@ A modulated conv can be run two ways (a naive reference first, a faster path tes
            F.conv2d for a shared kernel (N = 1), or the batch folded into conv groups
            (groups=B) for per-sample mixed kernels (fast; the default); a 2x-upsampling
            layer as a transposed conv, which skips the zeros the upsampling inserts
-tests/test_kernel_selection.py checks that they agree.
+Training runs the fused path only (AdaptiveConv2d.fused is True): _modulated_conv2d_fused, or
+upsample_modulated_conv2d for up=2, each scaling its output by demodulation(). The naive path
+is the reference that tests/test_kernel_selection.py holds the fused one to.
 
 Run:  python 01_kernel_selection.py      (a CPU demo, about a second)
 
@@ -241,17 +243,15 @@ def modulate_weight(weight, styles, demodulate=True, eps=1e-8):
 
 
 def _modulated_conv2d_naive(x, weight, styles, demodulate, padding, eps):
-    """Reference: one ordinary conv per sample, the formulas written out directly."""
+    """Reference: one ordinary conv per sample, the formulas written out directly. Training
+    never runs it (AdaptiveConv2d.fused is True); the tests hold the fused path to it."""
     outs = []
     for b in range(x.shape[0]):
         wb = weight[b] if weight.dim() == 5 else weight      # (C_out, C_in, K, K) this sample's kernel
-        # EXERCISE: modulate, w' = s_i * w, and demodulate, w'' = w' / sqrt(sum_ikl w'^2 + eps)
-        ### BEGIN SOLUTION
         wb = wb * styles[b].view(1, -1, 1, 1)                # w'_oikl = s_i * w_oikl
         if demodulate:
             # w''_oikl = w'_oikl / sqrt(sum_ikl w'_oikl^2 + eps)
             wb = wb / torch.sqrt((wb ** 2).sum(dim=(1, 2, 3), keepdim=True) + eps)
-        ### END SOLUTION
         outs.append(F.conv2d(x[b : b + 1], wb, padding=padding))  # (1, C_out, H', W')
     return torch.cat(outs)                                   # (B, C_out, H', W')
 
@@ -287,9 +287,18 @@ def _modulated_conv2d_fused(x, weight, styles, demodulate, padding, eps, energy=
 
 
 def demodulation(energy, styles, eps=1e-8):
-    """d_o = 1 / sqrt(sum_i s_i^2 * energy_oi + eps), energy_oi = sum_kl w_oikl^2 of the
-    unmodulated kernel, (C_out, C_in) shared or (B, C_out, C_in); styles (B, C_in) -> (B, C_out)."""
-    return ((energy * styles.square().unsqueeze(1)).sum(-1) + eps).rsqrt()
+    """The demodulation of the fused path, the one training runs (both its convs, up=1 and up=2,
+    scale their output by it): d_o = 1 / sqrt(sum_ikl w'_oikl^2 + eps) of Eq. 2, with
+    w'_oikl = s_i * w_oikl, so sum_ikl w'_oikl^2 = sum_i s_i^2 * energy_oi, where
+    energy_oi = sum_kl w_oikl^2 of the unmodulated kernel: no modulated kernel is formed.
+
+    energy (C_out, C_in) shared or (B, C_out, C_in); styles (B, C_in) -> (B, C_out).
+    """
+    # EXERCISE: the demodulation d_o = 1 / sqrt(sum_i s_i^2 * energy_oi + eps), per sample (Eq. 2)
+    ### BEGIN SOLUTION
+    sq = energy * styles.square().unsqueeze(1)               # (B, C_out, C_in) s_i^2 * sum_kl w_oikl^2
+    return (sq.sum(-1) + eps).rsqrt()                        # (B, C_out) d_o
+    ### END SOLUTION
 
 
 def modulated_conv2d(x, weight, styles, demodulate=True, padding=None, fused=True, eps=1e-8, up=1, energy=None):
@@ -589,7 +598,8 @@ if __name__ == "__main__":
 # -----------------------------------------------------------------------------
 # Exercises. Each says what to change, what to look for, and which test or demo checks it.
 # (The ### BEGIN / END SOLUTION regions above are the other kind: `python make_student_copy.py`
-# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them.)
+# cuts them out for students, and tests/test_student_copy.py lists the tests that grade them. All
+# three are on the path G trains on: with any one cut, `python train.py` stops at its hint.)
 #
 # 1. N = 1 is StyleGAN2. Build AdaptiveConv2d(8, 16, 3, w_dim=32, n_kernels=1) and write the
 #    StyleGAN2 layer yourself: per sample, w' = s * K, demodulate, F.conv2d, + bias, lrelu * sqrt(2).

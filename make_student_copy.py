@@ -8,7 +8,7 @@ make_student_copy.py - a copy of this repository for a course, with the exercise
 An exercise region is marked in a numbered file as nbgrader and otter-grader mark one, under a
 one-line hint:
 
-    # EXERCISE: selection weights softmax(W_filter^T w + b_filter) over the N kernels (Eq. 2)
+    # EXERCISE: selection weights softmax(W_filter^T w + b_filter) over the N kernels (Eq. 1)
     ### BEGIN SOLUTION
     logits = self.affine_select(w)
     return logits.softmax(dim=1)

@@ -176,17 +176,33 @@ def test_full_copy_passes_every_grading_test(round_trips):
     assert status == 0, output[-3000:]
 
 
-def test_train_in_a_student_copy_blames_the_unwritten_exercise(tmp_path):
-    """`python train.py --max-steps 2` in a copy with 01's regions cut: the NotImplementedError and its
-    hint, not "bad generator configuration" (train.py builds G on the meta device first), and no run
-    directory written."""
+def cut_one_region(text, k, name="<text>"):
+    """A file's text with only its k-th exercise region cut (as strip_regions cuts each)."""
+    lines = text.splitlines(keepends=True)
+    r = msc.find_regions(text, name)[k]
+    return "".join(lines[:r.begin] + [f"{r.indent}raise NotImplementedError({r.hint!r})\n"] + lines[r.end + 1:])
+
+
+KERNELS = "01_kernel_selection.py"
+KERNEL_HINTS = [r.hint for r in msc.find_regions(open(os.path.join(ROOT, KERNELS)).read())]
+
+
+@pytest.mark.parametrize("k", range(len(KERNEL_HINTS)), ids=lambda k: f"region{k}")
+def test_train_in_a_student_copy_blames_each_unwritten_exercise_of_01(k, tmp_path):
+    """`python train.py --max-steps 2` in a copy with one of 01's regions cut: its
+    NotImplementedError and hint, not "bad generator configuration" (train.py builds G on the meta
+    device first), and no run directory written. So every region of 01 is code that training runs
+    (the fused modulated conv, not only the naive reference that the tests compare it with)."""
     out = tmp_path / "copy"
-    msc.make_copy(str(out), ["01_kernel_selection.py"])
-    hints = [r.hint for r in msc.find_regions(open(os.path.join(ROOT, "01_kernel_selection.py")).read())]
+    msc.make_copy(str(out), [])
+    (out / KERNELS).write_text(cut_one_region(open(os.path.join(ROOT, KERNELS)).read(), k, KERNELS))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    done = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", "runs/x"], cwd=out,
-                          capture_output=True, text=True, env=env, timeout=600)
+    try:  # the failure comes in seconds, from G's meta-device forward; a region off the path trains on
+        done = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", "runs/x"], cwd=out,
+                              capture_output=True, text=True, env=env, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"train.py ran 5 minutes without reaching the region {KERNEL_HINTS[k]!r}: not on the path G trains on?")
     assert done.returncode != 0 and "bad generator configuration" not in done.stderr, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("NotImplementedError: ") and any(h in last for h in hints), done.stderr[-2000:]
+    assert last == f"NotImplementedError: {KERNEL_HINTS[k]}", done.stderr[-2000:]
     assert not (out / "runs").exists()
