@@ -1,7 +1,7 @@
 """
 make_student_copy.py - a copy of this repository for a course, with the exercise regions cut out.
 
-    python make_student_copy.py --out student/                           # every numbered file
+    python make_student_copy.py --out student/                           # every numbered file and train.py
     python make_student_copy.py --out student/ 01_kernel_selection.py    # only 01's regions cut
     python make_student_copy.py --list                                   # the regions, and the tests grading each file
 
@@ -80,6 +80,10 @@ GRADING_TESTS = {
         "tests/test_losses.py::test_r1_equals_the_analytic_value_for_a_linear_d",
         "tests/test_losses.py::test_demo_runs",
     ],
+    "train.py": [  # a short run: the student's D step must give the pinned weights of 3 steps
+        "tests/test_pinned_weights.py::test_a_few_steps_of_each_stage_give_the_pinned_weights",
+        "tests/test_train.py::test_base_stage_writes_everything",
+    ],
     "06_upsampler.py": [
         "tests/test_upsampler.py::test_sharpness_drops_with_blur_and_is_zero_on_flat_images",
         "tests/test_upsampler.py::test_init_output_is_the_bicubic_upsampling_plus_a_small_residual",
@@ -150,8 +154,9 @@ def strip_regions(text, name="<text>"):
 
 
 def numbered_files(root=ROOT):
-    """The concept files 00_*.py .. 99_*.py of the repository, sorted."""
-    return sorted(f for f in os.listdir(root) if fnmatch.fnmatch(f, "[0-9][0-9]_*.py"))
+    """The files with exercise regions: the concept files 00_*.py .. 99_*.py, sorted, then train.py
+    (the loop's exercise: its D step)."""
+    return sorted(f for f in os.listdir(root) if fnmatch.fnmatch(f, "[0-9][0-9]_*.py")) + ["train.py"]
 
 
 def repository_files(root=ROOT):
