@@ -461,7 +461,7 @@ def prompts_and_seeds(n):
 def compiled(module, ctx):
     """torch.compile with static shapes: one graph per batch size, as a sampler runs. (Dynamic
     shapes fail on the upsampler: its input noise, torch.randn(x.shape, generator=...), needs
-    concrete sizes; seen with torch 2.14 on a CPU, 2026-12-07.)"""
+    concrete sizes with torch 2.14: NOTES.md, "torch.compile of the upsampler at a second batch size".)"""
     return torch.compile(module, backend=ctx.sizes.compile_backend, dynamic=False)
 
 

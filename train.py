@@ -130,9 +130,10 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=None):
         clock = Clock()
         while step < cfg.max_steps:
             with timer("data"):  # the micro-batches of this step: the same images and captions serve D and G
-                work = [(micro, *next(batches)) for micro in micros]
-                work = [(micro, images.to(device, non_blocking=True), list(captions))   # (b, 3, R, R), b captions
-                        for micro, images, captions in work]
+                work = []
+                for micro in micros:
+                    images, captions = next(batches)
+                    work.append((micro, images.to(device, non_blocking=True), list(captions)))  # (b, 3, R, R), b captions
 
             # ---- D step: real images with their own captions are real; generated images, and
             # real images with a wrong caption (matching-aware, Eq. 8), are fake. Then lazy R1.
@@ -144,7 +145,8 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=None):
             # caption's image (matching-aware), match it in CLIP space (Eq. 9), fool the vision-aided D.
             with timer("G step"):
                 G.requires_grad_(True)
-                [m.requires_grad_(False) for m in d_modules]
+                for m in d_modules:
+                    m.requires_grad_(False)
                 opt_G.zero_grad(set_to_none=True)
                 for micro, reals, captions in work:
                     seed_for(cfg, step, micro, phase=1)
@@ -183,7 +185,8 @@ def d_step(D, opt_D, work, captions_of, generate, cfg, loss_cfg, rt, step, stats
     the upsampler's from the real image made small). Each micro-batch's loss is scaled by its share
     of the global batch, so the summed gradients are the global batch's mean."""
     d_modules = [m for m in (D, VD) if m is not None]
-    [m.requires_grad_(True) for m in d_modules]
+    for m in d_modules:
+        m.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
     for micro, reals, captions in work:
         # EXERCISE: seed (phase 0), caps, fakes without a gradient, 05's discriminator_loss (autocast), scaled backward
