@@ -18,7 +18,7 @@ sample.py - prompts -> images with a trained GigaGAN, the paper's sampling trick
 --ckpt takes a run directory of train.py (its checkpoint.pt) or a checkpoint file; G_ema is
 used, with the frozen CLIP the run was trained with. Modes (one at a time, else plain sampling):
     plain           --n images per prompt, image k from seed --seed + k; --grid: rows = prompts,
-                    cols = seeds
+                    cols = seeds; --beside-data: then the data's own --n draws of each caption
     --style-mix [ROW]  one prompt; rows of ws [0, ROW) (coarse) from seeds S..S+n-1, the rest
                     (fine) from seeds S+n..S+2n-1; grid as in StyleGAN: a header row of the
                     fine-seed images, a header column of the coarse-seed ones, mixtures inside.
@@ -591,7 +591,14 @@ def run_plain(G, clip, args, prompts):
     images = generate(G, clip, [p for p, _ in pairs], [s for _, s in pairs], args.truncation, args.batch,
                       args.truncation_target)
     rows = [{"caption": p, "seed": s} for p, s in pairs]
-    return images, rows, (images if args.grid else None), args.n
+    if not args.beside_data:
+        return images, rows, (images if args.grid else None), args.n
+    # --beside-data: each grid row holds the prompt's n samples, then n draws of the data's own
+    # jitter for that caption (data.jittered_shapes): how much the caption leaves open
+    n = args.n
+    draws = [data.jittered_shapes(data.parse_shapes_caption(p), n, G.cfg.resolution, seed=args.seed) for p in prompts]
+    grid = torch.cat([torch.cat([images[i * n:(i + 1) * n].cpu(), d]) for i, d in enumerate(draws)])
+    return images, rows, grid, 2 * n
 
 
 def run_style_mix(G, clip, args, prompt, row):
@@ -806,6 +813,8 @@ def build_parser():
                         "w_avg, or (1 - G) w_c + G w_avg (App. C: between the two)")
     p.add_argument("--out", help="output directory (default <run dir>/samples, or <run dir>/<mode>)")
     p.add_argument("--grid", action="store_true", help="also write grid.png (rows = prompts, cols = seeds)")
+    p.add_argument("--beside-data", action="store_true", help="grid.png: each prompt's samples, then the data's "
+                                                               "own --n draws of that caption (shapes runs)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch", type=int, default=32, help="images per forward pass")
     p.add_argument("--data", help="--eval: real images to compare with (default: the run's --data)")
@@ -856,7 +865,7 @@ SAMPLE_RULES = {
     "truncation_target": lambda v: None if v in generator.TRUNCATION_TARGETS or 0 <= v <= 1 else
     f"--truncation-target {v}: prompt, global, or a number in [0, 1]",
     "out": ANY,                             # check_args: not a file; earlier_outputs
-    "grid": ANY, "eval": ANY, "fid": ANY,
+    "grid": ANY, "eval": ANY, "fid": ANY, "beside_data": ANY,  # check_args: plain sampling of shapes prompts
     "device": device_rule,
     "batch": "[1, inf)",
     "data": ANY,                            # run_eval: data.build_dataset
@@ -912,6 +921,14 @@ def check_args(args, mode, prompts):
         prompts = [""]  # the count check below is met: the prompt is optional here
     elif args.upsampler is not None and mode != "samples":
         raise UsageError(f"--upsampler works with plain sampling, not --{mode.replace('_', '-')}")
+    if args.beside_data:
+        if mode != "samples" or args.lowres is not None or args.upsampler is not None:
+            raise UsageError("--beside-data puts the data's draws beside plain samples: drop the other mode flags")
+        unparsed = [p for p in prompts if None in data.parse_shapes_caption(p).values()]
+        if unparsed:
+            raise UsageError(f"--beside-data draws the shapes data of a caption, and {unparsed[0]!r} does not name "
+                             "all five attributes (shape, colour, background, size, position)")
+        args.grid = True
     if args.ckpt is None and args.lowres is None:
         raise UsageError("--ckpt is required: a run directory of train.py, e.g. --ckpt runs/tiny"
                          + (" (--upsampler upsamples its images; or give --lowres IMAGE)" if args.upsampler else ""))

@@ -65,6 +65,23 @@ def test_plain_files_captions_grid_and_last_line(run_dir, tmp_path, capsys):
     assert str(out) in last and "captions.jsonl" in last and "grid.png" in last
 
 
+def test_beside_data_puts_the_datas_own_draws_of_each_caption_right_of_the_samples(run_dir, tmp_path):
+    """--beside-data: a grid row per prompt, its --n samples then data.jittered_shapes' --n draws of
+    the same caption (seed --seed); the samples themselves are unchanged."""
+    out, rows = cli(run_dir, tmp_path / "b", "--prompt", A, "--prompt", B, "--n", "3", "--beside-data")
+    assert len(rows) == 6 and Image.open(out / "grid.png").size == (6 * 32, 2 * 32)
+    grid = pixels(out / "grid.png")
+    for i, prompt in enumerate((A, B)):
+        draws = data.jittered_shapes(data.parse_shapes_caption(prompt), 3, 32, seed=0)       # (3, 3, 32, 32)
+        for k in range(3):
+            sampled = grid[32 * i:32 * (i + 1), 32 * k:32 * (k + 1)]
+            drawn = grid[32 * i:32 * (i + 1), 32 * (3 + k):32 * (4 + k)]
+            assert same(sampled, pixels(out / rows[3 * i + k]["file"]))
+            expected = ((draws[k].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            assert same(drawn, expected.astype(np.int16))
+    assert not same(grid[:, 96:128], grid[:, 128:160])                     # two draws differ (the height)
+
+
 def test_default_out_is_run_samples(run_dir, tmp_path):
     run_dir = shutil.copytree(run_dir, tmp_path / "run")                   # not into the shared run
     sample.main(["--ckpt", str(run_dir / "checkpoint.pt"), "--prompt", A, "--device", "cpu"])
@@ -226,6 +243,8 @@ BAD = [  # (argv with RUN for the run directory, a piece of the one-line hint)
     (["--ckpt", "RUN", "--prompts", "EMPTY"], "holds no prompts"),
     (["--ckpt", "RUN", "--prompts", "RUN/missing.txt"], "no such file"),
     (["--ckpt", "RUN", "--prompt", ""], "empty --prompt"),
+    (["--ckpt", "RUN", "--prompt", "a red circle", "--beside-data"], "does not name all five attributes"),
+    (["--ckpt", "RUN", "--prompt", A, "--beside-data", "--z-interpolate", "3"], "--beside-data puts the data's draws"),
     (["--ckpt", "RUN", "--prompt", A, "--n", "0"], "must be >= 1"),
     (["--ckpt", "RUN", "--prompt", A, "--n", "two"], "invalid int value"),
     (["--ckpt", "RUN", "--prompt", A, "--truncation", "1.5"], "--truncation must be in [0, 1]"),
