@@ -281,6 +281,7 @@ SAMPLE_TEXT = {
             (["--ckpt", "RUN", "--prompt", A, "--out", "/proc/x"], "cannot write in /proc"),
             (["--ckpt", "RUN", "--prompt", A, "--out", "FOREIGN"], "no captions.jsonl of sample.py")],
     "grid": [(["--ckpt", "RUN", "--prompt", A, "--grid", "maybe"], "unrecognized arguments: maybe")],
+    "beside_data": [(["--ckpt", "RUN", "--prompt", "a red circle", "--beside-data"], "all five attributes")],
     "eval": [(["--ckpt", "RUN", "--eval", "--prompt", A], "--eval uses the data set's captions")],
     "fid": [(["--ckpt", "RUN", "--prompt", A, "--fid"], "--fid is part of --eval")],
     "data": [(["--ckpt", "RUN", "--eval", "--n", "2", "--data", "RUN/none"], "--data")],
