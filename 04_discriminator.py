@@ -106,6 +106,7 @@ class DiscriminatorConfig:
     projection: bool = False          # add <A(flatten h), t_D> to every MS-I/O exit (project's choice, see Predictor)
     vision_hidden: int = 64           # width of each vision-aided head (project's choice)
     vision_psi_layers: int = 2        # modulated 1x1 convs per vision-aided head (project's choice)
+    pack: int = 1                     # PacGAN (Lin et al. 2018): m draws of one caption judged as one 3m-channel input
 
     def __post_init__(self):
         # a tuple may arrive as a list (a checkpoint's plain-dict config, a JSON CLI flag)
@@ -113,6 +114,7 @@ class DiscriminatorConfig:
         assert self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0, (
             f"resolution {self.resolution}: a power of 2, >= 8")
         assert self.blocks_per_scale >= 1 and self.psi_layers >= 1
+        assert self.pack >= 1, f"pack {self.pack}: >= 1 (1: no packing)"
         assert self.downsample in ("blur", "max"), f"downsample {self.downsample!r}: 'blur' or 'max'"
 
     @property
@@ -391,7 +393,7 @@ class Discriminator(nn.Module):
 
         # image branch phi: fromRGB per entry level, one Scale per resolution
         self.from_rgb = nn.ModuleDict({
-            str(i): EqualConv2d(3, width(self.resolutions[i]), 1, activation="lrelu") for i in self.entries})
+            str(i): EqualConv2d(3 * cfg.pack, width(self.resolutions[i]), 1, activation="lrelu") for i in self.entries})
         # (the last one, at 4 px, flattens to 1x1 instead of halving)
         self.scales = nn.ModuleList([
             Scale(width(r), width(r // 2), cfg.blocks_per_scale,
@@ -415,7 +417,24 @@ class Discriminator(nn.Module):
         return self.text_mlp(t_global)                        # (B, C_t)
 
     def forward(self, pyramid, tokens, mask, eot):
-        B = pyramid[0].shape[0]                               # images
+        m = self.cfg.pack
+        if m == 1:
+            return self._forward(pyramid, tokens, mask, eot)
+        # PacGAN (Lin et al. 2018), with a caption: images m*g .. m*g+m-1 (draws of ONE caption, other
+        # heights or z) enter as one (3m)-channel image with caption row m*g; each pack's logit comes
+        # back on its m rows, so the losses' means over rows are means over packs.
+        B = pyramid[0].shape[0]
+        k = tokens.shape[0] // B                              # captions per image (text groups)
+        assert B % m == 0, f"--d.pack {m}: a batch of {B} images is not whole packs"
+        packed = [x.reshape(B // m, 3 * m, *x.shape[2:]) for x in pyramid]  # (B/m, 3m, r, r) per level
+
+        def first(t):                                         # (k*B, ...) -> (k*B/m, ...) each pack's caption
+            return t.reshape(k, B // m, m, *t.shape[1:])[:, :, 0].reshape(k * B // m, *t.shape[1:])
+        preds = self._forward(packed, first(tokens), first(mask), first(eot))  # P x (k*B/m,)
+        return [p.view(k, B // m, 1).expand(k, B // m, m).reshape(k * B) for p in preds]  # P x (k*B,)
+
+    def _forward(self, pyramid, tokens, mask, eot):
+        B = pyramid[0].shape[0]                               # images (packs with cfg.pack > 1)
         k = tokens.shape[0] // B                              # captions per image (text groups)
         assert isinstance(pyramid, (list, tuple)), "pyramid: a list of images, finest first"
         assert tokens.shape[0] == k * B and k >= 1, f"{tokens.shape[0]} captions for {B} images"
@@ -423,7 +442,8 @@ class Discriminator(nn.Module):
             f"expected {self.cfg.levels} pyramid levels, got {len(pyramid)}")
         for i in self.entries:
             r = self.resolutions[i]
-            assert pyramid[i].shape == (B, 3, r, r), f"level {i}: {tuple(pyramid[i].shape)} != {(B, 3, r, r)}"
+            c = 3 * self.cfg.pack
+            assert pyramid[i].shape == (B, c, r, r), f"level {i}: {tuple(pyramid[i].shape)} != {(B, c, r, r)}"
 
         t_D = self.text_descriptor(tokens, mask, eot)         # (k*B, C_t)
         h, streams, out = None, [], {}

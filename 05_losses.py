@@ -408,6 +408,9 @@ def lazy_r1_loss(D, real_pyr, text, cfg, fake_pyr=None):
         leaves = [x.detach().requires_grad_(True) for x in pyramid]  # finest first, leaves
         preds = D(leaves, *text)  # P predictions
         penalty = r1_penalty(leaves, preds)
+        # a packed D (--d.pack m) returns each pack's logit on its m rows: the sum over rows is m times
+        # the sum over packs, so the penalty comes out m times that at the packed input; undo it
+        penalty = penalty / getattr(getattr(D, "cfg", None), "pack", 1)
         term = gamma / 2 * penalty * cfg.r1_interval  # gamma/2 * penalty, times the interval (lazy)
         loss = loss + term
         logs.update({f"{name}/penalty": _num(penalty), f"{name}/loss": _num(term)})

@@ -213,7 +213,7 @@ SUB_RULES = {
     "d.": dict(resolution="[8, inf)", channel_base=WIDTH, channel_max=WIDTH, blocks_per_scale=COUNT, attention=ANY,
                attn_resolutions="[4, inf)", attn_heads=COUNT, multi_scale=ANY, text_width=WIDTH, text_depth=DEPTH,
                text_heads=COUNT, t_dim=WIDTH, psi_layers=COUNT, downsample=("blur", "max"), projection=ANY,
-               vision_hidden=WIDTH, vision_psi_layers=COUNT),
+               vision_hidden=WIDTH, vision_psi_layers=COUNT, pack=COUNT),
     "loss.": dict(match_d=ANY, match_fake=ANY, match_g=ANY, match_weight="[0, inf)", clip_weight="[0, inf)",
                   clip_temperature="(0, inf)", vision_weight="[0, inf)", vision_match=ANY, r1_gamma="[0, inf)",
                   r1_interval="[1, inf)", lpips_weight="[0, inf)", pixel_weight="[0, inf)",
@@ -301,7 +301,8 @@ SUB_SCOPE = {
                            "UpsamplerConfig)") for name in SUB_RULES["g."]},
     "u.": {name: ((UP,), "configures the upsampler") for name in SUB_RULES["u."]},
     "d.": {**{name: (GAN, "configures the GAN's D") for name in SUB_RULES["d."]},
-           "vision_hidden": VISION_AIDED, "vision_psi_layers": VISION_AIDED},
+           "vision_hidden": VISION_AIDED, "vision_psi_layers": VISION_AIDED,
+           "pack": ((BASE,), "packs draws of one caption for the base D (shapes batches of captions x draws)")},
     "loss.": {**{name: (GAN, "is a GAN loss term") for name in SUB_RULES["loss."]},
               "vision_weight": VISION_AIDED, "vision_match": VISION_AIDED,
               "mode_seeking_weight": ((BASE,), "is a term of the base G (its z)"),
@@ -516,15 +517,16 @@ def check_models(cfg, g_cfg, d_cfg):
     what = "upsampler configuration (--u.*)" if cfg.stage == "upsampler" else "generator configuration (--g.*)"
     try:
         with torch.device("meta"):
-            tokens, mask = torch.zeros(1, 4, dim), torch.ones(1, 4, dtype=torch.bool)
-            eot = torch.full((1,), 3, dtype=torch.long)
+            n = d_cfg.pack if cfg.stage == "base" else 1   # a packed D needs whole packs
+            tokens, mask = torch.zeros(n, 4, dim), torch.ones(n, 4, dtype=torch.bool)
+            eot = torch.full((n,), 3, dtype=torch.long)
             if cfg.stage == "upsampler":
                 G = upsampler.Upsampler(g_cfg, text_dim=dim)
                 lowres = torch.zeros(1, 3, g_cfg.in_resolution, g_cfg.in_resolution)
                 pyramid = G(lowres, torch.zeros(1, g_cfg.z_dim), tokens, mask, eot)
             else:
                 G = generator.Generator(g_cfg, text_dim=dim)
-                pyramid = G(torch.zeros(1, g_cfg.z_dim), tokens, mask, eot)
+                pyramid = G(torch.zeros(n, g_cfg.z_dim), tokens, mask, eot)
     except NotImplementedError:  # an unwritten exercise of a student copy (make_student_copy.py): its hint
         raise
     except (AssertionError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
@@ -567,6 +569,17 @@ def check_mode_seeking(cfg, loss_cfg, batch_gpu):
     if loss_cfg.relativistic:
         raise FlagError("--loss.mode-seeking-weight re-pairs the G step's captions, and --loss.relativistic "
                         "pairs each generated image with the real image of its caption: use one of them")
+
+
+def check_pack(cfg, d_cfg, batch_gpu):
+    """--d.pack m: every micro-batch is whole groups of m draws of one caption (shapes only)."""
+    m = d_cfg.pack
+    if m == 1 or cfg.stage != "base":
+        return
+    if cfg.data != "shapes":
+        raise FlagError(f"--d.pack {m} needs batches of m draws of one caption: only --data shapes builds them")
+    if batch_gpu % m:
+        raise FlagError(f"--d.pack {m} needs a micro-batch that it divides (--batch-gpu is {batch_gpu})")
 
 
 def check_clip_tower(cfg, resolution):

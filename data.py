@@ -252,13 +252,14 @@ class ShapesDataset(Dataset):
         length=100_000,      # nominal epoch length (the set itself is unlimited)
         jitter=True,         # jitter size, position and colours within the spec bounds
         supersample=4,       # anti-aliasing: sub-samples per pixel side (16 per pixel)
+        group=1,             # k: indices g*k .. g*k+k-1 share one caption, each its own jitter and height
     ):
         if resolution < 8:
             raise ValueError(f"ShapesDataset resolution {resolution}: use at least 8 px")
-        if seed < 0 or length < 1:
-            raise ValueError(f"ShapesDataset needs seed >= 0 and length >= 1 (got {seed}, {length})")
+        if seed < 0 or length < 1 or group < 1:
+            raise ValueError(f"ShapesDataset needs seed >= 0, length >= 1 and group >= 1 (got {seed}, {length}, {group})")
         self.resolution, self.seed, self.length = resolution, seed, length
-        self.jitter, self.supersample = jitter, supersample
+        self.jitter, self.supersample, self.group = jitter, supersample, group
 
     def __len__(self):
         return self.length
@@ -269,12 +270,16 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
         index %= self.length
         rng = np.random.default_rng([self.seed, index])    # per-index stream: worker-independent
+        if self.group > 1:  # the caption from the group's stream (that of index // k), the rest per index
+            rng_jitter, rng = rng, np.random.default_rng([self.seed, index // self.group])
         color = int(rng.integers(len(COLORS)))
         background = (color + 1 + int(rng.integers(len(COLORS) - 1))) % len(COLORS)  # != color
         attrs = dict(shape=SHAPES[rng.integers(len(SHAPES))], color=_COLOR_NAMES[color],
                      background=_COLOR_NAMES[background], size=list(SIZES)[rng.integers(len(SIZES))],
                      position=list(POSITIONS)[rng.integers(len(POSITIONS))])
         template = int(rng.integers(len(CAPTION_TEMPLATES)))
+        if self.group > 1:
+            rng = rng_jitter
         j = 1.0 if self.jitter else 0.0                     # draws happen either way: same attrs
         extent = SIZES[attrs["size"]] * (1 + j * rng.uniform(-SIZE_JITTER, SIZE_JITTER))
         cx = POSITIONS[attrs["position"]] + j * rng.uniform(-POSITION_JITTER, POSITION_JITTER)
@@ -865,12 +870,13 @@ def webdataset_shards(pattern, resolution, shuffle=1000, seed=0, min_size=0):
 # -----------------------------------------------------------------------------
 # The `--data` flag and the loader
 
-def build_dataset(spec, resolution, seed=0):
+def build_dataset(spec, resolution, seed=0, group=1):
     """--data value -> data set: 'shapes' | an existing folder (COCO captions if it has them, see
-    coco_caption_files) | a pattern containing '.tar'."""
+    coco_caption_files) | a pattern containing '.tar'. group (shapes only): k consecutive indices
+    share a caption (ShapesDataset); the other sources have one image per caption."""
     spec = os.fspath(spec)
     if spec == "shapes":
-        return ShapesDataset(resolution, seed=seed)
+        return ShapesDataset(resolution, seed=seed, group=group)
     if ".tar" in spec:
         return webdataset_shards(spec, resolution, seed=seed)
     if os.path.isdir(spec):

@@ -83,19 +83,23 @@ class StepSampler(torch.utils.data.Sampler):
 
     Sample number k of the run (k = step * batch_size + micro * batch_gpu + j) is dataset index
     perm_epoch[k % n], with a fresh seeded permutation per epoch, so the data order depends on
-    (seed, step) only: the same for 1 or N processes and after --resume."""
+    (seed, step) only: the same for 1 or N processes and after --resume. group > 1 (a data set whose
+    indices g*group .. g*group+group-1 share a caption): the permutation is over groups, and a
+    group's members come one after the other (a micro-batch holds whole groups if group divides it)."""
 
-    def __init__(self, n_items, cfg, batch_gpu, micros, start_step, with_epoch=False):
-        self.n, self.cfg, self.batch_gpu, self.micros, self.start = n_items, cfg, batch_gpu, micros, start_step
+    def __init__(self, n_items, cfg, batch_gpu, micros, start_step, with_epoch=False, group=1):
+        self.group = group
+        self.n, self.cfg, self.batch_gpu, self.micros, self.start = n_items // group, cfg, batch_gpu, micros, start_step
         self.with_epoch = with_epoch  # yield (index, epoch): data sets that draw per epoch (CocoCaptions' caption)
         self._epoch, self._perm = -1, None
 
     def _index(self, k):
+        member, k = k % self.group, k // self.group           # k: sample number -> group number
         epoch, i = divmod(k, self.n)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return int(self._perm[i])
+        return int(self._perm[i]) * self.group + member
 
     def __iter__(self):
         step = self.start
@@ -103,7 +107,7 @@ class StepSampler(torch.utils.data.Sampler):
             for micro in self.micros:
                 first = step * self.cfg.batch_size + micro * self.batch_gpu
                 ks = range(first, first + self.batch_gpu)
-                yield [(self._index(k), k // self.n) if self.with_epoch else self._index(k) for k in ks]
+                yield [(self._index(k), k // (self.n * self.group)) if self.with_epoch else self._index(k) for k in ks]
             step += 1
 
 
@@ -118,7 +122,8 @@ def make_batches(dataset, cfg, rt, batch_gpu, micros, start_step):
         for epoch in itertools.count():
             dataset.set_epoch(epoch)  # a new, still seeded, shard order every pass
             yield from loader
-    sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step, with_epoch=hasattr(dataset, "set_epoch"))
+    sampler = StepSampler(len(dataset), cfg, batch_gpu, micros, start_step, with_epoch=hasattr(dataset, "set_epoch"),
+                          group=getattr(dataset, "group", 1))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=rt.device.type == "cuda",
                                          persistent_workers=workers > 0)

@@ -56,7 +56,7 @@ import data
 import metrics
 # config.py: TrainConfig, the presets and flags; rundir.py: checkpoints, logs, snapshots, stopping
 from config import (HARD_ATTRIBUTES, UPSAMPLER_TRAIN_PRESETS, VISION_CLIP, FlagError, TrainConfig,  # noqa: F401
-                    check_mode_seeking, check_models, clip_spec, data_error, parse_flags, print_help,
+                    check_mode_seeking, check_models, check_pack, clip_spec, data_error, parse_flags, print_help,
                     vision_clip_spec)
 from rundir import (NonFiniteLoss, StopRequest, budget_note, check_finite, check_run_dir, clear_run_dir,
                     exit_interrupted, exit_nonfinite, log_eval_row, log_train_row, mean_stats, open_resume,
@@ -162,7 +162,10 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
     if rt.main:
         print_models(cfg, g_cfg, loss_cfg, rt, spec, clip, vspec, G, D, VD)
     batch_gpu, micros = micro_batches(cfg, rt)
-    batches = make_batches(dataset, cfg, rt, batch_gpu, micros, step)
+    train_set = dataset  # --d.pack m: shapes batches of P captions x m draws (the packs); evals keep `dataset`
+    if d_cfg.pack > 1 and not up:
+        train_set = data.ShapesDataset(dataset.resolution, seed=dataset.seed, length=dataset.length, group=d_cfg.pack)
+    batches = make_batches(train_set, cfg, rt, batch_gpu, micros, step)
     levels = g_cfg.levels if up else len(g_cfg.scales)            # pyramid levels: 4 at 32 px, 6 at 128 px
     r = g_cfg.in_resolution if up else None                        # the upsampler's input size
     if up:  # fixed snapshot and eval inputs: held-out images (fresh shapes, another seed; else a seeded subset)
@@ -182,7 +185,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None):
 
     def condition(captions):
         """Everything the losses need to know about a micro-batch's captions, from the caches."""
-        text, wrong, valid, wrong_caps = caption_pairs(clip, captions, cfg)
+        text, wrong, valid, wrong_caps = caption_pairs(clip, captions, cfg, 1 if up else d_cfg.pack)
         embed, wrong_embed = clip.embed_text(captions), clip.embed_text(wrong_caps)  # (b, E) each
         vision = None
         if VD is not None:  # the vision-aided D reads its own CLIP's embeddings (one CLIP may serve both)
@@ -433,11 +436,17 @@ def wrong_captions(captions, perm, cfg):
     return wrong, valid
 
 
-def caption_pairs(clip, captions, cfg):
+def caption_pairs(clip, captions, cfg, pack=1):
     """Eq. 8's pairs of a micro-batch, from the text-feature cache: the right (tokens, mask, eot)
     triple, the wrong one, the (B,) mask of rows that really got a wrong caption, and the wrong
-    captions themselves (for their CLIP embeddings, cached too)."""
-    perm, valid = losses.mismatched_permutation(captions, return_valid=True)
+    captions themselves (for their CLIP embeddings, cached too). pack m (--d.pack): rows m*g ..
+    m*g+m-1 share a caption, and the permutation moves whole packs (one wrong caption per pack)."""
+    if pack > 1:
+        perm, valid = losses.mismatched_permutation(captions[::pack], return_valid=True)  # over packs
+        perm = (perm[:, None] * pack + torch.arange(pack)).flatten()                     # (B,) rows
+        valid = valid.repeat_interleave(pack)
+    else:
+        perm, valid = losses.mismatched_permutation(captions, return_valid=True)
     if not cfg.hard_negatives:                                  # the paper's: a shuffled batch
         text = clip.text_features(captions)                     # (b, L, D), (b, L), (b,)
         return text, losses.permute_text(text, perm), valid, [captions[j] for j in perm.tolist()]
@@ -550,10 +559,12 @@ def main(argv=None):
         if cfg.dry_run:  # a plan for any machine: no device is touched, nothing is loaded or written
             planned = Runtime(torch.device("meta"), 0, 1, None, time.time())
             check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, planned)[0])
+            check_pack(cfg, d_cfg, micro_batches(cfg, planned)[0])
             return dry_run(cfg, g_cfg, d_cfg, loss_cfg)
         doomed = check_run_dir(cfg)  # --out: writable, and no other run's files there (--resume, --overwrite)
         rt = setup_runtime(cfg)
         check_mode_seeking(cfg, loss_cfg, micro_batches(cfg, rt)[0])
+        check_pack(cfg, d_cfg, micro_batches(cfg, rt)[0])
         if not cfg.data:
             raise FlagError("--data is required for this preset: an image folder or 'shards/{00000..00099}.tar'")
         if cfg.eval_fid and rt.main:  # the Inception weights first: offline, one line in about a second

@@ -670,3 +670,19 @@ def test_each_undecodable_file_is_warned_once(tmp_path, caplog):
         captions = [ds[i % len(ds)][1] for i in range(40)]
     assert caplog.text.count("could not decode") == 1 and "1.jpg" in caplog.text
     assert "image 1" not in captions and {"image 0", "image 2"} <= set(captions)
+
+
+def test_shapes_groups_share_a_caption_and_differ_in_height():
+    """ShapesDataset(group=k): indices g*k .. g*k+k-1 share the caption (that of index g of the
+    grouped stream), each with its own jitter and height; group=1 is the plain set."""
+    plain, grouped = data.ShapesDataset(32, seed=2), data.ShapesDataset(32, seed=2, group=4)
+    for g in range(5):
+        members = [grouped[4 * g + m] for m in range(4)]
+        assert len({caption for _, caption in members}) == 1
+        heights = [grouped.render_params(4 * g + m)["cy"] for m in range(4)]
+        assert len(set(heights)) == 4
+        assert not torch.equal(members[0][0], members[1][0])
+    assert [plain[i][1] for i in range(6)] == [data.ShapesDataset(32, seed=2, group=1)[i][1] for i in range(6)]
+    assert data.build_dataset("shapes", 32, seed=2, group=4).group == 4
+    with pytest.raises(ValueError, match="group >= 1"):
+        data.ShapesDataset(32, group=0)

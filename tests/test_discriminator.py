@@ -263,3 +263,24 @@ def test_max_downsample_is_a_2x2_max_pool_and_bad_mode_is_rejected():
         tiny_cfg(downsample="stride")
     with pytest.raises(AssertionError, match="mode"):
         dm.DownBlock(4, 4, mode="stride")
+
+
+def test_pack_judges_m_images_of_one_caption_together():
+    """--d.pack 2 (PacGAN): images 2g, 2g+1 enter as one 6-channel input with caption row 2g; the
+    pack's logit comes back on both rows, reads both images and no other pack; with two caption
+    groups (Eq. 8's wrong captions) the rows stay (group, image)."""
+    torch.manual_seed(0)
+    D = dm.Discriminator(tiny_cfg(pack=2), TEXT_DIM).eval()
+    assert D.from_rgb["0"].weight.shape[1] == 6
+    pyramid, text = random_inputs(D, B=4)
+    leaves = [x.requires_grad_(True) for x in pyramid]
+    preds = D(leaves, *text)
+    assert len(preds) == D.num_predictions and all(p.shape == (4,) for p in preds)
+    assert all(torch.equal(p[0], p[1]) and torch.equal(p[2], p[3]) for p in preds)
+    grad = torch.autograd.grad(preds[D.pairs.index((0, 3))][0], leaves[0])[0]
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0 and grad[2:].abs().sum() == 0
+    tokens, mask, eot = text
+    two = D(pyramid, torch.cat([tokens, tokens.flip(0)]), torch.cat([mask, mask.flip(0)]), torch.cat([eot, eot.flip(0)]))
+    assert all(p.shape == (8,) and torch.allclose(p[:4], q, atol=1e-5) for p, q in zip(two, preds))
+    with pytest.raises(AssertionError, match="whole packs"):
+        D([x[:3] for x in pyramid], *(t[:3] for t in text))

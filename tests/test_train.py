@@ -878,3 +878,24 @@ def test_tiny_upsampler_lpips_note_says_it_is_the_preset(capsys):
     train.build_lpips(cfg, train.Runtime(torch.device("cpu"), 0, 1, None, 0.0))
     note = capsys.readouterr().out
     assert "the tiny upsampler's preset" in note and "cannot be downloaded" not in note
+
+
+def test_pack_batches_and_wrong_captions_move_whole_packs():
+    """--d.pack 2 on shapes: each micro-batch is captions x 2 draws, and Eq. 8's permutation
+    gives both rows of a pack one wrong caption; a micro-batch the pack does not divide is refused."""
+    import config
+    import runtime
+    cfg, _, d_cfg, _ = config.parse_flags(["--d.pack", "2", "--batch-size", "8"])
+    dataset = data.ShapesDataset(32, seed=0, group=2)
+    rt = runtime.Runtime(torch.device("cpu"), 0, 1, None, 0.0)
+    captions = list(next(runtime.make_batches(dataset, cfg, rt, 8, [0], 0))[1])
+    assert all(captions[2 * g] == captions[2 * g + 1] for g in range(4))
+
+    class Text:  # text_features stand-in: one row per caption
+        def text_features(self, caps):
+            return torch.arange(len(caps))[:, None, None].float(), torch.ones(len(caps), 1, dtype=torch.bool), \
+                torch.zeros(len(caps), dtype=torch.long)
+    _, _, valid, wrong = train.caption_pairs(Text(), captions, cfg, pack=2)
+    assert all(wrong[2 * g] == wrong[2 * g + 1] != captions[2 * g] for g in range(4)) and bool(valid.all())
+    with pytest.raises(config.FlagError, match="pack 2"):
+        config.check_pack(cfg, d_cfg, 3)
