@@ -1,7 +1,7 @@
 """
 make_student_copy.py - a copy of this repository for a course, with the exercise regions cut out.
 
-    python make_student_copy.py --out student/                           # every numbered file and train.py
+    python make_student_copy.py --out student/                           # every numbered file and the loop
     python make_student_copy.py --out student/ 01_kernel_selection.py    # only 01's regions cut
     python make_student_copy.py --list                                   # the regions, and the tests grading each file
 
