@@ -307,7 +307,8 @@ def resume(cfg, rt, ckpt, parts):
 
 
 class Clock:
-    """img/s of the training steps alone: time spent on logs, snapshots and evals is left out."""
+    """img/s of the training steps alone: time inside `paused()` (snapshots, evals, checkpoints)
+    is left out."""
 
     def __init__(self):
         self.start, self.images = time.time(), 0
@@ -315,11 +316,16 @@ class Clock:
     def rate(self):
         return self.images / max(time.time() - self.start, 1e-9)
 
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.time()
+        yield
+        self.start += time.time() - t0
 
-def after_step(cfg, rt, step, nimg, last, stats, clock, bar, stop, snapshot, evaluate, checkpoint):
-    """The end of a step: a log line every log_every steps (loss means over the processes, img/s),
-    a snapshot, an evaluation and a checkpoint at their intervals (rank 0), and a Ctrl-C or SIGTERM
-    honoured by saving and exiting. The last step does all of them."""
+
+def log_step(cfg, rt, step, nimg, last, stats, clock, bar):
+    """The end of a step's bookkeeping: the progress bar, and every log_every steps (and at the
+    last) a log line of the loss means over every process and the img/s since the last line."""
     bar.update(1)
     clock.images += cfg.batch_size
     if step % cfg.log_every == 0 or last:
@@ -328,18 +334,6 @@ def after_step(cfg, rt, step, nimg, last, stats, clock, bar, stop, snapshot, eva
             log_train_row(cfg, step, nimg, clock.rate(), means)
         stats.clear()
         clock.start, clock.images = time.time(), 0
-    t_aux = time.time()
-    if rt.main and (step % cfg.snapshot_every == 0 or last):
-        snapshot()
-    if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
-        bar.set_postfix_str("evaluating")
-        log_eval_row(cfg, step, evaluate())
-        bar.set_postfix_str("")
-    if rt.main and (step % cfg.ckpt_every == 0 or last):
-        checkpoint()
-    clock.start += time.time() - t_aux                                  # not training time
-    if stop.agreed(rt):
-        exit_interrupted(rt, checkpoint, step, os.path.join(cfg.out, "checkpoint.pt"))
 
 
 @contextlib.contextmanager
@@ -553,10 +547,10 @@ def budget_note(cfg, step):
             f"`--resume` trains on from here")
 
 
-def exit_interrupted(rt, checkpoint, step, ckpt_path):
-    """Ctrl-C / SIGTERM, agreed by every process after a finished step: save, then exit 130."""
+def exit_interrupted(rt, step, ckpt_path):
+    """Ctrl-C / SIGTERM, agreed by every process after a finished step, whose checkpoint the loop
+    has just saved: say so, then exit 130."""
     if rt.main:
-        checkpoint()
         say(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
     raise SystemExit(130)
 

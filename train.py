@@ -37,9 +37,9 @@ import data
 import metrics
 from config import VISION_CLIP, FlagError, check_models, clip_spec, data_error, parse_flags, print_help, vision_clip_spec
 from dry_run import dry_run
-from rundir import (Clock, after_step, check_finite, check_run_dir, clear_run_dir, finish, guard_nonfinite,
-                    open_resume, progress_bar, resume, save_run, save_snapshot, snapshot_prompts, start_run_dir,
-                    StopRequest, out_of_time, write_config)
+from rundir import (Clock, StopRequest, check_finite, check_run_dir, clear_run_dir, exit_interrupted, finish,
+                    guard_nonfinite, log_eval_row, log_step, open_resume, out_of_time, progress_bar, resume, save_run,
+                    save_snapshot, snapshot_prompts, start_run_dir, write_config)
 from runtime import MicroBuffers, Runtime, make_batches, micro_batches, reduce_grads, seed_for, setup_runtime, sync_buffers
 
 clip_lib = importlib.import_module("00_clip")
@@ -110,12 +110,6 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=None):
         w_avgs.leave(micro)
         return fakes
 
-    def snapshot():
-        save_snapshot(cfg, G_ema, clip, snap_prompts, snap_z, step)
-
-    def evaluate():
-        return sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images, shapes=cfg.data == "shapes", fid=fid)
-
     def checkpoint():
         save_run(cfg, step, nimg, parts, config={"train": cfg, "G": g_cfg, "D": d_cfg, "loss": loss_cfg},
                  clips={"clip": clip_spec(cfg), "vision_clip": vspec or clip_spec(cfg)})
@@ -166,7 +160,19 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=None):
                 update_ema(G_ema, G, cfg, nimg)
             # ---- logs, snapshots, evaluation, checkpoints (rank 0); a Ctrl-C saves and exits
             last = step == cfg.max_steps or out_of_time(cfg, rt)  # --max-minutes ends a run early
-            after_step(cfg, rt, step, nimg, last, stats, clock, bar, stop, snapshot, evaluate, checkpoint)
+            log_step(cfg, rt, step, nimg, last, stats, clock, bar)
+            with clock.paused():                                  # not training time: left out of img/s
+                if rt.main and (step % cfg.snapshot_every == 0 or last):
+                    save_snapshot(cfg, G_ema, clip, snap_prompts, snap_z, step)
+                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                    log_eval_row(cfg, step, sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
+                                                                  shapes=cfg.data == "shapes", fid=fid))
+                if rt.main and (step % cfg.ckpt_every == 0 or last):
+                    checkpoint()
+            if stop.agreed(rt):                                   # Ctrl-C / SIGTERM, after a whole step
+                if rt.main:
+                    checkpoint()
+                exit_interrupted(rt, step, os.path.join(cfg.out, "checkpoint.pt"))
             if last:
                 break
     finish(cfg, rt, step, [G, D], f"samples {cfg.out}/samples_*.png (prompts in samples_prompts.txt)")

@@ -22,8 +22,8 @@ import torch
 
 import data
 from config import UPSAMPLER_TRAIN_PRESETS, clip_spec
-from rundir import (Clock, StopRequest, after_step, finish, guard_nonfinite, out_of_time, progress_bar, resume,
-                    save_run, save_upsampler_snapshot, start_run_dir)
+from rundir import (Clock, StopRequest, exit_interrupted, finish, guard_nonfinite, log_eval_row, log_step,
+                    out_of_time, progress_bar, resume, save_run, save_upsampler_snapshot, start_run_dir)
 from runtime import MicroBuffers, make_batches, micro_batches, reduce_grads, seed_for, sync_buffers
 from train import backward, count, d_step, frozen_clips, optimisers, sample_lib, update_ema
 
@@ -94,12 +94,6 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=N
     eval_hr = eval_hr.to(device)                                        # (n, 3, R, R)
     eval_lr = upsampler.make_lowres(eval_hr, r)                         # (n, 3, r, r)
 
-    def snapshot():
-        save_upsampler_snapshot(cfg, U_ema, clip, eval_lr[:4], eval_hr[:4], eval_captions[:4], step)
-
-    def evaluate():  # the path a user gets (sample.py --lowres: default input noise), and with none
-        return sample_lib().evaluate_upsampler(U_ema, clip, eval_hr, eval_captions)
-
     def checkpoint():
         save_run(cfg, step, nimg, parts, config={"train": cfg, "U": u_cfg, "D": d_cfg, "loss": loss_cfg,
                                                  "stage": "upsampler"}, clips={"clip": clip_spec(cfg)})
@@ -162,7 +156,19 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=N
                 step, nimg = step + 1, nimg + cfg.batch_size
                 update_ema(U_ema, U, cfg, nimg)
             last = step == cfg.max_steps or out_of_time(cfg, rt)
-            after_step(cfg, rt, step, nimg, last, stats, clock, bar, stop, snapshot, evaluate, checkpoint)
+            log_step(cfg, rt, step, nimg, last, stats, clock, bar)
+            with clock.paused():
+                if rt.main and (step % cfg.snapshot_every == 0 or last):
+                    save_upsampler_snapshot(cfg, U_ema, clip, eval_lr[:4], eval_hr[:4], eval_captions[:4], step)
+                if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                    # the path a user gets (sample.py --lowres: default input noise), and with none
+                    log_eval_row(cfg, step, sample_lib().evaluate_upsampler(U_ema, clip, eval_hr, eval_captions))
+                if rt.main and (step % cfg.ckpt_every == 0 or last):
+                    checkpoint()
+            if stop.agreed(rt):
+                if rt.main:
+                    checkpoint()
+                exit_interrupted(rt, step, os.path.join(cfg.out, "checkpoint.pt"))
             if last:
                 break
     finish(cfg, rt, step, [U, D], f"snapshots {cfg.out}/samples_*.png (bicubic | upsampled | real)")
