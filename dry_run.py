@@ -80,7 +80,8 @@ def frozen_clip_bytes(specs, dtype):
             continue
         logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": here on purpose, only counted
         try:
-            model = clip_lib.open_clip.create_model(name, pretrained=None, device="meta")
+            with torch.device("meta"):  # built there, not on the CPU and then moved (ViT-L/14: seconds)
+                model = clip_lib.open_clip.create_model(name, pretrained=None, device="meta")
         finally:
             logging.disable(logging.NOTSET)
         n_image = sum(p.numel() for p in model.visual.parameters())

@@ -36,14 +36,37 @@ FAST = ["--batch-size", "4", "--log-every", "1", "--snapshot-every", "1000", "--
         "--ckpt-every", "1000"]
 
 
+# Tiny CLIPs trained for plumbing (a few steps) draw their batches from this many pairs.
+SMALL_CLIP_POOL = 256
+
+
+@contextlib.contextmanager
+def small_clip_pool(size=SMALL_CLIP_POOL):
+    """train.py's tiny CLIPs, inside: their in-memory pool of pairs holds `size` pairs, not 8,192.
+    Rendering, tokenising and listing the hard negatives of 8,192 pairs takes about 7 s of CPU per
+    tower, before the first step; a run of 4 steps of 16 draws 64 pairs from it. For tests whose
+    CLIP is plumbing, never for a CLIP a test judges by what it learned (nor the pinned weights)."""
+    clip_lib = importlib.import_module("00_clip")
+    real = clip_lib.train_tiny_clip
+
+    def train_tiny_clip(*args, **kwargs):
+        kwargs.setdefault("pool_size", size)
+        return real(*args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(clip_lib, "train_tiny_clip", train_tiny_clip)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """One tiny ViT CLIP and its ResNet-tower sibling (vision_clip.pt, for the vision-aided D) for
-    the whole session, 4 steps each: the tests check plumbing, not accuracy. -> 'tiny:PATH'."""
+    the whole session, 4 steps each on a small pool: the tests check plumbing, not accuracy.
+    -> 'tiny:PATH'."""
     import train
     out = tmp_path_factory.mktemp("clip")
-    train.main(["--stage", "clip", "--out", str(out), "--clip-tower", "vit", "--clip-steps", "4",
-                "--clip-batch-size", "16"])
+    with small_clip_pool():
+        train.main(["--stage", "clip", "--out", str(out), "--clip-tower", "vit", "--clip-steps", "4",
+                    "--clip-batch-size", "16"])
     assert (out / "clip.pt").is_file() and (out / "vision_clip.pt").is_file()
     return f"tiny:{out / 'clip.pt'}"
 

@@ -12,6 +12,7 @@ import pytest
 import config
 import sample
 import train
+from conftest import small_clip_pool
 
 A = "a large red circle on the left of a blue background"
 
@@ -262,8 +263,9 @@ def test_eval_fid_offline_is_one_line_before_data_or_clip(tmp_path, capsys, monk
 def run_dir(tmp_path_factory):
     """A tiny run (4 CLIP steps, 1 GAN step) for the checks that need a loaded G."""
     out = tmp_path_factory.mktemp("run")
-    train.main(["--out", str(out), "--clip-steps", "4", "--clip-batch-size", "16", "--max-steps", "1",
-                "--batch-size", "4", "--snapshot-every", "1000", "--eval-every", "0", "--ckpt-every", "1000"])
+    with small_clip_pool():
+        train.main(["--out", str(out), "--clip-steps", "4", "--clip-batch-size", "16", "--max-steps", "1",
+                    "--batch-size", "4", "--snapshot-every", "1000", "--eval-every", "0", "--ckpt-every", "1000"])
     return out
 
 
