@@ -111,6 +111,9 @@ class DiscriminatorConfig:
         assert self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0, (
             f"resolution {self.resolution}: a power of 2, >= 8")
         assert self.blocks_per_scale >= 1 and self.psi_layers >= 1
+        assert self.channel_base >= self.resolution, (  # C(R) = channel_base // R must be >= 1
+            f"channel_base {self.channel_base} leaves D no channels at {self.resolution} px: "
+            f"set --d.channel-base to at least {self.resolution}")
 
     @property
     def levels(self):

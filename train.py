@@ -165,8 +165,10 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=None):
                 if rt.main and (step % cfg.snapshot_every == 0 or last):
                     save_snapshot(cfg, G_ema, clip, snap_prompts, snap_z, step)
                 if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                    bar.set_postfix_str("evaluating")
                     log_eval_row(cfg, step, sample_lib().evaluate(G_ema, clip, dataset, n=cfg.eval_images,
                                                                   shapes=cfg.data == "shapes", fid=fid))
+                    bar.set_postfix_str("")
                 if rt.main and (step % cfg.ckpt_every == 0 or last):
                     checkpoint()
             if stop.agreed(rt):                                   # Ctrl-C / SIGTERM, after a whole step

@@ -162,7 +162,9 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=N
                     save_upsampler_snapshot(cfg, U_ema, clip, eval_lr[:4], eval_hr[:4], eval_captions[:4], step)
                 if rt.main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                     # the path a user gets (sample.py --lowres: default input noise), and with none
+                    bar.set_postfix_str("evaluating")
                     log_eval_row(cfg, step, sample_lib().evaluate_upsampler(U_ema, clip, eval_hr, eval_captions))
+                    bar.set_postfix_str("")
                 if rt.main and (step % cfg.ckpt_every == 0 or last):
                     checkpoint()
             if stop.agreed(rt):

@@ -120,7 +120,7 @@ def test_train_flag_bad_value(tmp_path, capsys, flag, value, stage):
     (["--g.channels", "64,0,64,32"], "every entry of --g.channels must be >= 1, got 0"),
     (["--seed", "18446744073709551615"], "--seed must be in [0, 4294967295]"),
     (["--g.channels", "64,64,64"], "bad generator configuration (--g.*)"),
-    (["--d.channel-base", "8"], "bad discriminator configuration (--d.*)"),
+    (["--d.channel-base", "8"], "set --d.channel-base to at least 32"),
     (["--stage", "upsampler", "--u.channels", "64,64"], "bad upsampler configuration (--u.*)"),
     (["--eval-fid", "true", "--eval-every", "0"], "--eval-fid scores the base stage's periodic evals"),
     (["--gpu-memory", "12"], "--gpu-memory plans a run: add --dry-run"),
