@@ -433,7 +433,8 @@ def plot_log(cfg, kind, filename):
         ax.set_title(key, fontsize=9)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.tight_layout()
+    inch = 1 / fig.get_figheight()  # fixed margins: tight_layout would cost about 0.4 s a plot
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.3 * inch, top=1 - 0.3 * inch, hspace=0.5, wspace=0.25)
     path = os.path.join(cfg.out, filename)
     fig.savefig(path, dpi=80)
     plt.close(fig)
