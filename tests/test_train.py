@@ -273,6 +273,18 @@ def test_help_lists_every_flag(capsys):
     assert 30 <= len(re.findall(r"^  --", text, flags=re.M)) <= 60
 
 
+def test_the_base_loop_reads_in_one_sitting():
+    """train.py is the base stage's loop, read top to bottom: at most 400 lines, the step loop
+    starting in the file's first third, and no branch on the upsampler stage (train_upsampler.py)."""
+    lines = open(os.path.join(os.path.dirname(train.__file__), "train.py")).read().splitlines()
+    assert len(lines) <= 400
+    loop = next(i for i, line in enumerate(lines) if line.strip() == "while step < cfg.max_steps:")
+    assert loop < len(lines) / 3, (loop, len(lines))
+    start = next(i for i, line in enumerate(lines) if line.startswith("def train("))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("def "))
+    assert not [line for line in lines[start:end] if "upsampler" in line and line.startswith(" ")]
+
+
 def test_tuple_flags_take_commas_or_json():
     for value in ("48,48,32,16", "[48, 48, 32, 16]"):
         _, g_cfg, _, _ = train.parse_flags(["--g.channels", value])[:4]
