@@ -30,10 +30,8 @@ def test_quick_run_writes_every_figure(tmp_path, capsys, monkeypatch):
         for key in ("flops_per_step", "step_s", "img_s", "utilisation"):
             assert r[key] > 0, (key, r)
         assert r["batch"] == 16 and r["img_s"] == pytest.approx(r["batch"] / r["step_s"])
-    # a FLOP count depends on the shapes, not the dtype; the CLIP and vision-aided terms add
-    # frozen-CLIP image passes to the same G and D work
-    for terms in bench.TERMS:
-        assert rows[("tiny", terms, "float32")]["flops_per_step"] == rows[("tiny", terms, "bfloat16")]["flops_per_step"]
+    # the CLIP and vision-aided terms add frozen-CLIP image passes to the same G and D work
+    # (bench counts a step's FLOPs once per terms: they depend on the shapes, not the dtype)
     assert rows[("tiny", "all", "float32")]["flops_per_step"] > rows[("tiny", "no_clip", "float32")]["flops_per_step"]
     assert [r["batch"] for r in result["sample"]] == [1, 4]
     for r in result["sample"]:
