@@ -82,8 +82,7 @@ def check_resumable(ckpt, path, stage, preset, models):
     found = ckpt["config"].get("stage", "base")
     if found != stage:
         raise FlagError(f"{path} is {article(found)} {found}-stage run, not {article(stage)} {stage}-stage one: "
-                        f"resume it with "
-                        f"--stage {found}, or use another --out")
+                        f"resume it with --stage {found}, or use another --out")
     stored_preset = ckpt["config"]["train"]["preset"]
     if stored_preset != preset:
         raise FlagError(f"{path} is a {stored_preset!r} run, not a {preset!r} one: resume it with "
@@ -100,7 +99,6 @@ def check_resumable(ckpt, path, stage, preset, models):
             flag = {"G": "--g", "U": "--u", "D": "--d"}[key]
             raise FlagError(f"{path} is a {stored_preset!r} run with another {key} configuration "
                             f"({', '.join(changed)}): resume it with the same {flag}.* flags, or use another --out")
-
 
 
 def open_resume(cfg, g_cfg, d_cfg, loss_cfg):
@@ -143,7 +141,7 @@ def open_resume(cfg, g_cfg, d_cfg, loss_cfg):
         if spec.startswith("tiny:") and not os.path.isfile(spec[5:]):
             raise FlagError(f"{spec[5:]} is missing: {path} was trained on the features of that tiny CLIP, "
                             "and one trained anew would not give them; put the file back to resume")
-        fingerprint = ckpt.get("clip_sha", {}).get(key)  # None in runs saved before fingerprints existed
+        fingerprint = ckpt.get("clip_sha", {}).get(key)  # None for an open_clip model: its name says the weights
         if fingerprint is not None and fingerprint != clip_lib.tiny_clip_fingerprint(spec):
             raise FlagError(f"{spec[5:]} is not the tiny CLIP {path} was trained with (its file changed since, "
                             "e.g. trained anew): put the run's own file back to resume")
@@ -274,7 +272,7 @@ def write_config(cfg, g_cfg, d_cfg, loss_cfg):
 
 def start_run_dir(cfg, rt, g_cfg, d_cfg, loss_cfg):
     """<out>/ and its config.json, once the CLIPs loaded (a missing pretrained CLIP leaves no stray
-    run directory); --resume: the log rows of steps that will be trained again go."""
+    run directory). (On --resume, resume() trims the log rows of steps that will be trained again.)"""
     os.makedirs(cfg.out, exist_ok=True)
     if rt.main:
         write_config(cfg, g_cfg, d_cfg, loss_cfg)
@@ -421,7 +419,7 @@ def plot_log(cfg, kind, filename):
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(os.path.join(cfg.out, "log.jsonl"))]
     rows = [r for r in rows if r.get("kind") == kind]
-    skip = ("kind", "step", "kimg", "time", "img_s", "eta_s", "spread_captions")
+    skip = ("kind", "step", "kimg", "img_s", "eta_s", "spread_captions")
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in skip))  # first-seen order
     if not keys:
         return None
@@ -560,7 +558,7 @@ def exit_nonfinite(rt, err, ckpt_path):
     """A NaN/inf loss: keep the last good checkpoint (nothing is saved now), say what to try, exit 1."""
     if rt.main:
         print(f"stopping: {err}. The last good checkpoint ({ckpt_path}) is kept; try a lower "
-              "--lr-g/--lr-d, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
+              "--lr, --dtype float32, or a larger --loss.r1-gamma", file=sys.stderr)
     raise SystemExit(1)
 
 

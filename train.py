@@ -14,8 +14,9 @@ One optimisation step (Sec. 3.3 and the Appendix of the paper), written out in t
     D step (adversarial + matching-aware + vision-aided, 05's discriminator_loss)
     -> lazy R1 every r1_interval steps -> G step (adversarial + matching-aware + CLIP +
     vision-aided, 05's generator_loss) -> EMA of G -> logs, snapshots, evaluation, checkpoint.
-The upsampler stage (Sec. 3.4) has its own loop in train_upsampler.py; it calls the same D step,
-EMA and checkpoint functions defined here.
+The upsampler stage (Sec. 3.4) has its own loop in train_upsampler.py; it calls this file's D
+step, EMA and optimisers, and rundir.py's checkpoint, log and stop functions.
+Shapes: b micro-batch (--batch-gpu), R image side, L text tokens, D text width, E CLIP embedding width.
 
 Flags: `python train.py --help` lists them, with the values `python train.py` runs with (config.py:
 the dataclass defaults are the default run; presets change a few; each value's rule sits beside
@@ -148,7 +149,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=None):
                     fakes = generate(micro, caps)
                     with rt.autocast():
                         loss, logs = losses.generator_loss(D_fwd, fakes, caps, loss_cfg, clip=clip)
-                    backward(loss * len(captions) / cfg.batch_size, "G", step, logs, stats)
+                    backward(loss * len(captions) / cfg.batch_size, "G", step, logs, stats)  # its share, as in d_step
                 reduce_grads([G], rt)
                 opt_G.step()
                 w_avgs.merge()
@@ -182,7 +183,7 @@ def train(cfg, g_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=None):
 
 
 # -----------------------------------------------------------------------------
-# What both loops share (this one and train_upsampler.py's): the D step, EMA, checkpoints, logs
+# What both loops share (this one and train_upsampler.py's): the D step, backward, EMA, pyramid, optimisers
 
 
 def d_step(D, opt_D, work, captions_of, generate, cfg, loss_cfg, rt, step, stats, VD=None, D_fwd=None):
@@ -214,6 +215,7 @@ def d_step(D, opt_D, work, captions_of, generate, cfg, loss_cfg, rt, step, stats
         opt_D.zero_grad(set_to_none=True)
         for micro, reals, captions in work:
             with rt.autocast():
+                # only the real pairs' text: the permutation captions_of also draws goes unused
                 loss, logs = losses.lazy_r1_loss(D, image_pyramid(reals, D.cfg.levels), captions_of(captions).text,
                                                  loss_cfg)
             backward(loss * len(captions) / cfg.batch_size, "R1", step, logs, stats)
@@ -235,7 +237,7 @@ def update_ema(G_ema, G, cfg, nimg, rampup=0.05):
     `rampup` times the images seen so far (StyleGAN2's ramp-up; project's choice, the paper gives
     none); buffers such as w_avg are copied."""
     half_life = min(cfg.ema_kimg * 1000, nimg * rampup) if rampup > 0 else cfg.ema_kimg * 1000
-    beta = 0.5 ** (cfg.batch_size / max(half_life, 1e-8))
+    beta = 0.5 ** (cfg.batch_size / max(half_life, 1e-8))  # beta^(half_life / batch) = 1/2
     for p_ema, p in zip(G_ema.parameters(), G.parameters()):
         p_ema.lerp_(p.detach(), 1 - beta)
     for b_ema, b in zip(G_ema.buffers(), G.buffers()):
@@ -246,7 +248,7 @@ def update_ema(G_ema, G, cfg, nimg, rampup=0.05):
 def image_pyramid(images, levels):
     """Real images -> the pyramid D sees, finest first: repeated anti-aliased 2x downsampling."""
     pyramid = [images]                                                   # (b, 3, R, R)
-    for _ in range(levels - 1):
+    for i in range(1, levels):
         pyramid.append(kernels.downsample2x(pyramid[-1]))                 # (b, 3, R/2^i, R/2^i)
     return pyramid
 
@@ -340,9 +342,10 @@ def main(argv=None, timer=None):
         if data_error(cfg.data):  # a missing --data folder, before the dry run's plan too
             raise FlagError(data_error(cfg.data))
         if cfg.dry_run:  # a plan for any machine: no device is touched, nothing is loaded or written
-            micro_batches(cfg, Runtime(torch.device("meta"), 0, 1, None, time.time()))
+            # only its check: --batch-size splits into --batch-gpu micro-batches
+            micro_batches(cfg, Runtime(torch.device("meta"), rank=0, world=1, autocast=None, started=time.time()))
             return dry_run(cfg, g_cfg, d_cfg, loss_cfg)
-        doomed = check_run_dir(cfg)  # --out: writable, and no other run's files there (--resume, --overwrite)
+        overwritten = check_run_dir(cfg)  # --out writable, no other run's files; the files --overwrite deletes
         rt = setup_runtime(cfg)
         micro_batches(cfg, rt)
         if not cfg.data:
@@ -357,7 +360,7 @@ def main(argv=None, timer=None):
             dataset = data.build_dataset(cfg.data, g_cfg.out_resolution if up else g_cfg.resolution, seed=cfg.seed)
         except (FileNotFoundError, ValueError) as err:
             raise FlagError(str(err)) from None
-        clear_run_dir(cfg, doomed, rt)  # --overwrite: the earlier run's files go, after every check passed
+        clear_run_dir(cfg, overwritten, rt)  # --overwrite: the earlier run's files go, after every check passed
         ckpt = open_resume(cfg, g_cfg, d_cfg, loss_cfg)  # before any CLIP is trained or config.json rewritten
         if cfg.stage == "clip":
             os.makedirs(cfg.out, exist_ok=True)

@@ -10,8 +10,9 @@ The same GAN step as train.py's, with three differences:
 - the G step adds lpips_weight * LPIPS(U(...), x) (and pixel_weight * MSE) to the real image, and
   there is no vision-aided D (--lpips vgg | alex | random picks LPIPS's backbone);
 - the first --warmup-steps steps (tiny: 1300; not in the paper) are a reconstruction warm-up:
-  U alone on pixel MSE, with its own Adam and no random detail, as ESRGAN pretrains its generator.
-The D step, EMA, checkpoints and the bookkeeping of a step are train.py's functions.
+  U alone on pixel MSE, with its own AdamW and no random detail, as ESRGAN pretrains its generator.
+The D step, EMA and optimisers are train.py's; checkpoints, logs and stopping are rundir.py's.
+Shapes: b micro-batch (--batch-gpu), R U's output side, r its input side, L text tokens, D text width.
 """
 import contextlib
 import copy
@@ -57,7 +58,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=N
     D = discriminator.Discriminator(d_cfg, text_dim=clip.text_width).to(device)
     U_ema = copy.deepcopy(U).eval().requires_grad_(False)
     opt_U, opt_D = optimisers(cfg, U, [D])
-    opt_W = torch.optim.AdamW(attention.attention_param_groups(U), lr=WARMUP_LR, betas=(0.9, 0.99))  # the warm-up's
+    opt_W = torch.optim.AdamW(attention.attention_param_groups(U), lr=WARMUP_LR, betas=(0.9, 0.99))  # the warm-up's own
     U_fwd, D_fwd = (torch.compile(U), torch.compile(D)) if cfg.compile else (U, D)
     parts = dict(G=U, G_ema=U_ema, D=D, opt_G=opt_U, opt_D=opt_D, opt_W=opt_W)  # one checkpoint layout: U as G
     step, nimg = resume(cfg, rt, ckpt, parts)
@@ -90,7 +91,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=N
 
     # fixed snapshot and eval inputs: held-out images (fresh shapes, another seed; else a seeded subset)
     held = data.build_dataset(cfg.data, u_cfg.out_resolution, seed=cfg.seed + 1) if cfg.data == "shapes" else dataset
-    eval_hr, eval_captions = sample_lib().eval_pairs(held, max(cfg.eval_images, 4))
+    eval_hr, eval_captions = sample_lib().eval_pairs(held, max(cfg.eval_images, 4))  # >= the snapshot's 4 rows
     eval_hr = eval_hr.to(device)                                        # (n, 3, R, R)
     eval_lr = upsampler.make_lowres(eval_hr, r)                         # (n, 3, r, r)
 
@@ -111,7 +112,7 @@ def train_upsampler(cfg, u_cfg, d_cfg, loss_cfg, rt, dataset, ckpt=None, timer=N
 
             if step < cfg.warmup_steps:
                 # ---- reconstruction warm-up (ESRGAN-style; the paper leaves it open): U alone, pixel
-                # MSE to the real image, its own Adam. Its input carries the noise of the GAN steps
+                # MSE to the real image, its own AdamW. Its input carries the noise of the GAN steps
                 # and of inference from step one (augment_lowres): trained on clean inputs, U
                 # sharpens sample.py's noise instead of removing it
                 # (NOTES.md, "Upsampler input noise"). No noise inputs: a pixel loss cannot predict
