@@ -113,7 +113,9 @@ def test_smoke_study_trains_skips_finished_runs_and_resumes(tmp_path, capsys, mo
         assert result["step"] == 2 and 0 <= result["align_shape"] <= 1 and result["img_s"] > 0
         assert result["minutes"] > 0 and np.isfinite(result["clip_fd"])
         assert {"spread_x", "spread_y", "spread_size", "spread_captions"} <= set(result)  # sample.evaluate's
-        assert result["spread_mean"] is None if result["spread_captions"] == 0 else result["spread_mean"] >= 0
+        spreads = [result[f"spread_{k}"] for k in ("x", "y", "size")]
+        assert (result["spread_mean"] is None if result["spread_captions"] == 0
+                else result["spread_mean"] == pytest.approx(sum(spreads) / 3))
     table = (out / "ablation.md").read_text()
     assert "| all on |" in table and "| no CLIP loss |" in table and (out / "ablation.png").exists()
     # the same command again: nothing is trained

@@ -296,7 +296,8 @@ def test_train_tiny_clip_lowers_loss_and_round_trips(tmp_path, capsys):
     floor = math.log(5)  # each held caption has 5 copies: the best possible loss is log 5
     assert after - floor < 0.6 * (before - floor), (before, after)
     assert "clip step" in capsys.readouterr().out  # progress is printed
-    # the file: plain data, weights_only-loadable, no temp file left; loading it twice gives the same CLIP
+    # the file: plain data, weights_only-loadable, no temp file left; the CLIP returned (whose loss fell
+    # above) is the file loaded back, and loading it again gives the same one
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["config"] == vars(SMALL) and "visual.conv1.weight" in ckpt["state_dict"]
     assert os.listdir(tmp_path) == ["clip.pt"]

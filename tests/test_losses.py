@@ -283,13 +283,13 @@ def test_default_matching_is_the_g_and_d_row_plus_the_projects_g_term():
     cfg = L.LossConfig()
     assert cfg.table1_matching == "g_and_d+g"
     assert cfg.match_d and cfg.match_fake and cfg.match_g
-    assert set(L.MATCHING) == {"off", "d", "g_and_d", "g_and_d+g"}
-    for row in ("off", "d", "g_and_d"):
+    # Table 1's rows, written out: (D's (x, c^) pairs, D's (G(c), c^) pairs, the G-side term)
+    rows = {"off": (False, False, False), "d": (True, False, False), "g_and_d": (True, True, False),
+            "g_and_d+g": (True, True, True)}                # the last: not a paper row, the project's G term
+    for row, want in rows.items():
         row_cfg = dataclasses.replace(cfg, table1_matching=row)
-        assert not row_cfg.match_g  # the G-side term is not a paper row
-        assert (row_cfg.match_d, row_cfg.match_fake, row_cfg.match_g) == L.MATCHING[row]
-    assert not dataclasses.replace(cfg, table1_matching="off").match_d
-    assert not dataclasses.replace(cfg, table1_matching="d").match_fake  # "d": no (G(c), c^) pair
+        assert (row_cfg.match_d, row_cfg.match_fake, row_cfg.match_g) == want, row
+    assert set(L.MATCHING) == set(rows)
     with pytest.raises(KeyError):
         dataclasses.replace(cfg, table1_matching="g").match_g  # not a row (config.py rejects it as a flag)
 
@@ -501,10 +501,15 @@ def test_pixel_term_adds_weight_times_mse_and_pulls_towards_the_target():
     torch.testing.assert_close(on - off, 2.5 * mse)
     assert "G/pixel" in logs_on and "G/pixel" not in logs_off
     assert L.LOSS_PRESETS["upsampler"].pixel_weight == 0.0        # the paper's losses by default
-    # its gradient moves the image towards the target: a small step lowers the error
+    # through generator_loss, the term's gradient on the finest level is 2.5 * 2 (x - target) / n:
+    # a step against it moves the image towards the target
     image = fake[0].detach().requires_grad_(True)
-    (2.5 * ((image - target) ** 2).mean()).backward()
-    assert ((image - 10.0 * image.grad - target).abs().mean() < (image - target).abs().mean()).item()
+    fakes = [image, *(x.detach() for x in fake[1:])]
+    on, _ = L.generator_loss(D, fakes, L.Captions(text, text), dataclasses.replace(cfg, pixel_weight=2.5), target=target)
+    off, _ = L.generator_loss(D, fakes, L.Captions(text, text), cfg, target=target)
+    grad, = torch.autograd.grad(on - off, image)
+    torch.testing.assert_close(grad, 2.5 * 2 * (image.detach() - target) / image.numel())
+    assert ((image - 10.0 * grad - target).abs().mean() < (image - target).abs().mean()).item()
 
 
 # -----------------------------------------------------------------------------

@@ -544,7 +544,8 @@ def test_arithmetic_is_a_minus_b_plus_c_in_each_space(run_dir):
     tokens = feats[0][0] - feats[1][0] + feats[2][0]
     t_ref, _, g_ref = G.text_encoder(tokens, feats[0][1], feats[0][2])
     w, t_local = code("clip")
-    torch.testing.assert_close(w, G.mapping(z, g_ref)) and torch.testing.assert_close(t_local, t_ref)
+    torch.testing.assert_close(w, G.mapping(z, g_ref))
+    torch.testing.assert_close(t_local, t_ref)
     with pytest.raises(ValueError, match="equal token counts"):
         sample.arithmetic_code(G, clip, [A], [C], [B3], z, "t")
 
