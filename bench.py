@@ -30,10 +30,10 @@ skipped and the next r1_interval steps are averaged (total images / total time),
 lazy R1 step is in the window, as in a long run. As in a long run, too, the captions' text
 features come from the frozen CLIP's cache: one untimed run of each size fills it first. img/s is train.py's own logged figure (snapshots
 and checkpoints are kept out of it by train.py).
-FLOPs per step: torch.utils.flop_counter.FlopCounterMode around two train.main runs of k and k+1
-steps (forward, backward and R1's double backward, matmuls and convolutions only); their
-difference is one step without R1. The same with --loss.r1_interval 1 gives a step with R1, and
-the figure is the average over an R1 period. FLOPs do not depend on the dtype.
+FLOPs per step: torch.utils.flop_counter.FlopCounterMode around one step of a train.main run,
+opened and closed by the loop's timer (forward, backward and R1's double backward, matmuls and
+convolutions only): a step without R1. The same with --loss.r1_interval 1 gives a step with R1,
+and the figure is the average over an R1 period. FLOPs do not depend on the dtype.
 
 Machines differ by a third from hour to hour and more when other processes share the cores:
 compare figures only within one run of this script (the ratios it prints), never across days.
@@ -209,38 +209,66 @@ def flop_counter():
     return counter
 
 
-def count_flops(base, workdir, steps):
-    """FLOPs of a train.py run of `steps` steps (everything: CLIP loading, steps, last snapshot),
-    less the frozen CLIP's encoding of captions it has not seen: a short run meets new captions at
-    every step, a long one finds them in the text cache (ViT-B/32: about 1 GFLOP a caption)."""
+class StepFlops:
+    """train.main's `timer`: a FlopCounterMode open from the `data` part of step index `step` to the
+    end of its EMA part (the parts open and close in order, so the counter's mode stays on top of
+    torch's mode stack for the whole step): one step's FLOPs, nothing before or after it."""
+
+    def __init__(self, step):
+        self.step, self.done, self.counter = step, 0, None
+
+    @property
+    def active(self):
+        return self.counter is not None and self.done == self.step
+
+    @contextlib.contextmanager
+    def __call__(self, label):
+        if label == "data" and self.done == self.step:
+            self.counter = flop_counter()
+            self.counter.__enter__()
+        try:
+            yield
+        except BaseException:
+            if self.active:
+                self.counter.__exit__(None, None, None)
+            self.counter = None
+            raise
+        if label == "EMA":
+            if self.active:
+                self.counter.__exit__(None, None, None)
+            self.done += 1
+
+
+def count_flops(base, workdir, step=1):
+    """FLOPs of step index `step` of a train.py run, less the frozen CLIP's encoding of captions
+    it has not seen in that step: a long run finds them in the text cache (ViT-B/32: about
+    1 GFLOP a caption). Step 1: R1 falls on step 0 unless --loss.r1_interval is 1."""
     out = tempfile.mkdtemp(dir=workdir)
-    encode, encoding = getattr(clip_lib.FrozenCLIP, "_encode", None), []
-    if encode is None:                                           # renamed: count the encoding too
-        with flop_counter() as counter:
-            run_train([*base, "--max-steps", str(steps), "--log-every", "1000", "--out", out])
-        return counter.get_total_flops()
+    window, encoding = StepFlops(step), []
+    encode = getattr(clip_lib.FrozenCLIP, "_encode", None)
 
     def counted_encode(self, captions):
-        with flop_counter() as inner:                            # nested: the outer counter counts it too
+        with flop_counter() as inner:                            # nested: the step's counter counts it too
             result = encode(self, captions)
-        encoding.append(inner.get_total_flops())
+        if window.active:
+            encoding.append(inner.get_total_flops())
         return result
-    clip_lib.FrozenCLIP._encode = counted_encode
+    if encode is not None:                                       # renamed: the encoding is counted too
+        clip_lib.FrozenCLIP._encode = counted_encode
     try:
-        with flop_counter() as counter:
-            run_train([*base, "--max-steps", str(steps), "--log-every", "1000", "--out", out])
+        run_train([*base, "--max-steps", str(step + 1), "--log-every", "1000", "--out", out], timer=window)
     finally:
-        clip_lib.FrozenCLIP._encode = encode
-    return counter.get_total_flops() - sum(encoding)
+        if encode is not None:
+            clip_lib.FrozenCLIP._encode = encode
+    return window.counter.get_total_flops() - sum(encoding)
 
 
 def step_flops(base, workdir, r1_interval, amortise=True):
     """FLOPs of one training step, averaged over an R1 period (see the docstring)."""
-    plain = count_flops(base, workdir, 3) - count_flops(base, workdir, 2)   # step index 2: no R1 (interval >= 3)
+    plain = count_flops(base, workdir)                                    # step index 1: no R1 (interval >= 2)
     if not amortise or r1_interval <= 1:
         return plain
-    r1 = [*base, "--loss.r1_interval", "1"]
-    with_r1 = count_flops(r1, workdir, 3) - count_flops(r1, workdir, 2)     # step index 2 with R1
+    with_r1 = count_flops([*base, "--loss.r1_interval", "1"], workdir)   # step index 1 with R1
     return plain + (with_r1 - plain) / r1_interval
 
 
