@@ -81,6 +81,7 @@ ImageSelfAttention = _attention.ImageSelfAttention  # L2-distance self-attention
 
 _generator = importlib.import_module("03_generator")
 TextEncoder = _generator.TextEncoder          # learned attention layers T on CLIP tokens
+random_text = _generator.random_text          # random stand-in for CLIP token features (the demo)
 
 
 # -----------------------------------------------------------------------------
@@ -490,15 +491,6 @@ class VisionAidedDiscriminator(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-
-
-def random_text(B, L=77, D=128, seed=0):
-    """Random stand-in for CLIP token features: tokens (B, L, D), mask (B, L), eot (B,)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(B, L, D, generator=g)                # (B, L, D)
-    eot = torch.randint(3, L, (B,), generator=g)              # (B,) end-of-text positions
-    mask = torch.arange(L)[None, :] <= eot[:, None]           # (B, L) True at 0..eot
-    return tokens, mask, eot
 
 
 def demo():
