@@ -148,9 +148,9 @@ class TrainConfig:
 # Training-side presets: only what differs from TrainConfig's defaults (the tiny run). G and D
 # sizes come from 03/04's registries under the same names, the loss weights from 05's.
 TRAIN_PRESETS = {
-    # tiny: twice the paper's learning rate (project's choice), a fixed 3,000 steps: every attribute
-    # >= 0.94 on fresh captions, the same picture on every machine (NOTES.md, "Learning rate of G and D"
-    # and "Default run, fixed steps")
+    # tiny: TrainConfig's defaults, twice the paper's learning rate (project's choice) and a fixed
+    # 3,000 steps: every attribute >= 0.94 on fresh captions, the same picture on every machine
+    # (NOTES.md, "Learning rate of G and D" and "Default run, fixed steps")
     "tiny": dict(),
     # small: OpenAI's ViT-B/32 for the text and the vision-aided D (downloads once; --clip tiny trains one here)
     "small": dict(max_steps=200_000, batch_size=64, lr=0.0025, ema_kimg=20.0, clip="ViT-B-32/openai",

@@ -40,7 +40,7 @@ from config import VISION_CLIP, FlagError, check_models, clip_spec, data_error, 
 from dry_run import dry_run
 from rundir import (Clock, StopRequest, check_finite, check_run_dir, clear_run_dir, exit_interrupted, finish,
                     guard_nonfinite, log_eval_row, log_step, open_resume, out_of_time, progress_bar, resume, save_run,
-                    save_snapshot, snapshot_prompts, start_run_dir, write_config)
+                    save_snapshot, snapshot_prompts, start_run_dir)
 from runtime import MicroBuffers, Runtime, make_batches, micro_batches, reduce_grads, seed_for, setup_runtime, sync_buffers
 
 clip_lib = importlib.import_module("00_clip")
@@ -197,6 +197,7 @@ def d_step(D, opt_D, work, captions_of, generate, cfg, loss_cfg, rt, step, stats
     for m in d_modules:
         m.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
+    texts = []  # each micro-batch's caption features, for R1 below
     for micro, reals, captions in work:
         # EXERCISE: seed (phase 0), caps, fakes without a gradient, 05's discriminator_loss (autocast), scaled backward
         ### BEGIN SOLUTION
@@ -209,15 +210,14 @@ def d_step(D, opt_D, work, captions_of, generate, cfg, loss_cfg, rt, step, stats
                                                    loss_cfg)
         backward(loss * len(captions) / cfg.batch_size, "D", step, logs, stats)
         ### END SOLUTION
+        texts.append(caps.text)
     reduce_grads(d_modules, rt)
     opt_D.step()
     if loss_cfg.r1_gamma > 0 and step % loss_cfg.r1_interval == 0:    # lazy R1: the eager D
         opt_D.zero_grad(set_to_none=True)
-        for micro, reals, captions in work:
+        for (micro, reals, captions), text in zip(work, texts):
             with rt.autocast():
-                # only the real pairs' text: the permutation captions_of also draws goes unused
-                loss, logs = losses.lazy_r1_loss(D, image_pyramid(reals, D.cfg.levels), captions_of(captions).text,
-                                                 loss_cfg)
+                loss, logs = losses.lazy_r1_loss(D, image_pyramid(reals, D.cfg.levels), text, loss_cfg)
             backward(loss * len(captions) / cfg.batch_size, "R1", step, logs, stats)
         reduce_grads([D], rt)
         opt_D.step()
@@ -363,9 +363,7 @@ def main(argv=None, timer=None):
         clear_run_dir(cfg, overwritten, rt)  # --overwrite: the earlier run's files go, after every check passed
         ckpt = open_resume(cfg, g_cfg, d_cfg, loss_cfg)  # before any CLIP is trained or config.json rewritten
         if cfg.stage == "clip":
-            os.makedirs(cfg.out, exist_ok=True)
-            if rt.main:
-                write_config(cfg, g_cfg, d_cfg, loss_cfg)
+            start_run_dir(cfg, rt, g_cfg, d_cfg, loss_cfg)
             return train_clip_stage(cfg, g_cfg.resolution, rt, dataset)
         if up:
             return importlib.import_module("train_upsampler").train_upsampler(
